@@ -1,0 +1,193 @@
+"""``llm-runtime`` / ``python -m llm_runtime``: launch, train and info.
+
+Every subcommand checks its input (cluster files, config, launch options) before any
+process or process group exists, and turns a bad input into one line on stderr and
+exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import netenv
+from .cluster import ClusterError, ClusterInfo, detect_here
+from .cluster import sagemaker as sm
+from .config import Config, ConfigError, load_config, parse_cli_overrides
+from .launch import LaunchError, Target, execute, mpi_export_names, plan_launch, sagemaker_target
+from .secrets import is_secret
+
+__all__ = ["main"]
+
+USAGE = """usage: llm-runtime COMMAND [options]
+
+commands:
+  launch [--nproc-per-node N] [--max-restarts K] [--cluster KIND] [--mpi]
+         [--config FILE.toml] [--group-command GROUP=CMD] (train | -m MODULE | SCRIPT.py) [ARGS...]
+      start the job's workers on this host (SageMaker, torchrun, MPI or local)
+  train [--nproc-per-node N] [--cluster KIND] [--config FILE.toml] [--section.key=VALUE ...]
+      the built-in trainer: a small Llama-style model on the bundled text
+  info [--json] [--cluster KIND]
+      the detected cluster and the network environment plan
+"""
+
+# Launcher options shared by `launch` and `train`, mapped onto config keys.
+_LAUNCH_OPTIONS = {"--nproc-per-node": "launch.nproc_per_node", "--max-restarts": "launch.max_restarts",
+                   "--cluster": "launch.cluster"}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _split_launcher_options(args: Sequence[str], *, stop_at_target: bool):
+    """Take the launcher's own options off the front; return (cli pairs, toml, extras, rest)."""
+    pairs: list[tuple[str, str]] = []
+    toml: str | None = None
+    flags: dict[str, object] = {"mpi": False, "group_commands": {}}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        takes_value = name in _LAUNCH_OPTIONS or name in ("--config", "--group-command")
+        if takes_value:
+            if not eq:
+                if i + 1 >= len(args):
+                    raise UsageError(f"{name} needs a value")
+                i += 1
+                value = args[i]
+            if name == "--config":
+                toml = value
+            elif name == "--group-command":
+                group, sep, command = value.partition("=")
+                if not sep or not group or not command:
+                    raise UsageError(f"--group-command expects GROUP=COMMAND, got {value!r}")
+                flags["group_commands"][group] = command
+            else:
+                pairs.append((_LAUNCH_OPTIONS[name], value))
+        elif arg == "--mpi":
+            flags["mpi"] = True
+        elif stop_at_target:
+            rest = list(args[i:])
+            break
+        else:
+            rest.append(arg)
+        i += 1
+    return pairs, toml, flags, rest
+
+
+def _target_from(rest: list[str]) -> Target:
+    if not rest:
+        raise UsageError("launch needs a target: train, -m MODULE or SCRIPT.py")
+    if rest[0] == "-m":
+        if len(rest) < 2:
+            raise UsageError("-m needs a module name")
+        return Target(module=rest[1], args=tuple(rest[2:]))
+    if rest[0].startswith("-"):
+        raise UsageError(f"unknown launch option {rest[0]!r}")
+    if not Path(rest[0]).is_file():
+        raise UsageError(f"script {rest[0]!r} does not exist")
+    return Target(script=rest[0], args=tuple(rest[1:]))
+
+
+def _detect(config: Config) -> ClusterInfo:
+    return detect_here(kind=config.launch.cluster or None)
+
+
+def _env_plan(info: ClusterInfo, config: Config) -> tuple[netenv.EnvPlan, netenv.Fabric]:
+    fabric = netenv.probe_fabric(overrides=netenv.config_overrides(**vars(config.netenv)))
+    return netenv.plan(info, fabric), fabric
+
+
+def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict) -> int:
+    hyper = sm.read_hyperparameters(os.environ) if info.kind == "sagemaker" else {}
+    mpi = config.launch.mpi or flags["mpi"] or bool(hyper.get("sagemaker_mpi_enabled"))
+    nproc = config.launch.nproc_per_node or int(hyper.get("sagemaker_mpi_num_of_processes_per_host") or 0)
+    env_plan, fabric = _env_plan(info, config)
+    plan = plan_launch(info, target, nproc=nproc, max_restarts=config.launch.max_restarts, mpi=mpi,
+                       env_exports=mpi_export_names(os.environ, netenv.mpi_exports(env_plan)),
+                       group_commands=flags["group_commands"])
+    if plan.action not in ("exec", "idle"):
+        for line in netenv.notes(info, fabric):
+            print(f"llm-runtime: {line}", file=sys.stderr)
+        netenv.apply(env_plan, os.environ)
+    return execute(plan, info, mpi_wait_timeout_s=config.launch.mpi_wait_timeout_s)
+
+
+def cmd_launch(args: Sequence[str]) -> int:
+    pairs, toml, flags, rest = _split_launcher_options(args, stop_at_target=True)
+    hyper = sm.read_hyperparameters(os.environ)
+    config = load_config(toml_path=toml, env=os.environ, hyperparameters=hyper, cli=pairs,
+                         strict_hyperparameters=False)
+    if rest and rest[0] == "train":
+        # The SageMaker contract: `docker run IMAGE train` -> the job's program, else the built-in trainer.
+        code_dir = Path(os.environ.get("SAGEMAKER_BASE_DIR") or "/opt/ml") / "code"
+        target = sagemaker_target(hyper, os.environ, code_dir) or Target(module="llm_runtime", args=("train", *rest[1:]))
+    else:
+        target = _target_from(rest)
+    return _launch(_detect(config), config, target, flags)
+
+
+def cmd_train(args: Sequence[str]) -> int:
+    pairs, toml, flags, rest = _split_launcher_options(args, stop_at_target=False)
+    overrides = parse_cli_overrides(rest)
+    config = load_config(toml_path=toml, env=os.environ, hyperparameters=sm.read_hyperparameters(os.environ),
+                         cli=pairs + overrides)
+    from .train import batch_layout, main as train_main
+
+    info = _detect(config)
+    if info.is_worker:
+        return train_main(config)
+    nproc = config.launch.nproc_per_node or info.nproc_per_node
+    batch_layout(config.train, nproc * max(1, info.num_nodes))  # a bad batch fails here, not in N workers
+    return _launch(info, config, Target(module="llm_runtime", args=("train", *args)), flags)
+
+
+def cmd_info(args: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llm-runtime info")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--cluster", default=None)
+    parser.add_argument("--config", default=None)
+    ns = parser.parse_args(args)
+    config = load_config(toml_path=ns.config, env=os.environ, hyperparameters=sm.read_hyperparameters(os.environ),
+                         cli=[("launch.cluster", ns.cluster)] if ns.cluster else [], strict_hyperparameters=False)
+    info = _detect(config)
+    env_plan, fabric = _env_plan(info, config)
+    resolved = {k: v for k, v in netenv.resolve(env_plan, os.environ).items() if not is_secret(k)}
+    if ns.json:
+        print(json.dumps({
+            "cluster": info.to_dict(),
+            "env": {k: {"value": r.value, "reason": r.reason, "source": r.source} for k, r in resolved.items()},
+            "notes": netenv.notes(info, fabric),
+        }, indent=2))
+        return 0
+    for key, value in info.to_dict().items():
+        print(f"{key:>18}: {value}")
+    print()
+    print(netenv.format_table(resolved))
+    for line in netenv.notes(info, fabric):
+        print(f"note: {line}")
+    return 0
+
+
+COMMANDS = {"launch": cmd_launch, "train": cmd_train, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"llm-runtime: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return command(argv[1:])
+    except (ClusterError, ConfigError, LaunchError, UsageError) as err:
+        print(f"llm-runtime {argv[0]}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,242 @@
+"""The configuration tree and its one loader.
+
+Precedence, lowest to highest, resolved only in :func:`load_config`:
+defaults < TOML file (``--config``) < ``LLM_RUNTIME_<SECTION>_<KEY>`` variables <
+SageMaker hyperparameters (``section.key``) < command line ``--section.key=value``.
+No other module reads configuration from the environment.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Config", "ConfigError", "DistConfig", "LaunchConfig", "ModelConfig", "NetenvConfig",
+           "TrainConfig", "ENV_PREFIX", "load_config", "parse_cli_overrides", "to_dict"]
+
+ENV_PREFIX = "LLM_RUNTIME_"
+
+
+#: Keys that take one of a few words; checked where the value is read, with its source.
+CHOICES = {
+    "train.lr_schedule": ("constant", "cosine"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+    "launch.cluster": ("", "sagemaker", "torchrun", "mpi", "local"),
+    "netenv.efa": ("auto", "on", "off"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or malformed; the message names the key and its source."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30
+    """Optimizer steps to run."""
+    seed: int = 1234
+    """Seeds model init and the data order; ranks derive their own RNG streams from it."""
+    batch_size: int = 16
+    """GLOBAL batch in sequences per step, whatever the parallel layout."""
+    micro_batch_size: int = 0
+    """Sequences per replica per forward pass; 0 = the whole per-replica share (no accumulation)."""
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 5
+    lr_schedule: str = "cosine"
+    """``constant`` or ``cosine`` (decays to ``min_lr_ratio * lr`` at the last step)."""
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    log_every: int = 5
+    metrics_path: str = ""
+    """When set, rank 0 appends one JSON line per logged step (step, loss, grad_norm, lr, tokens_per_s)."""
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"
+    """``auto`` (nccl with GPUs, gloo without), ``nccl`` or ``gloo``."""
+    init_timeout_s: float = 1800.0
+    """Rendezvous and first barrier: hosts of a large job start minutes apart."""
+    train_timeout_s: float = 600.0
+    """Every collective after start-up; a hung peer becomes an error after this long."""
+
+
+@dataclass
+class LaunchConfig:
+    nproc_per_node: int = 0
+    """Workers per host; 0 = one per GPU, or 2 on a host without GPUs."""
+    max_restarts: int = 0
+    """Times the elastic agent restarts the local workers after a failure."""
+    cluster: str = ""
+    """Force a cluster kind (sagemaker, torchrun, mpi, local); empty = detect."""
+    mpi: bool = False
+    """Start the workers with mpirun from the first host instead of torchrun on each host."""
+    mpi_wait_timeout_s: float = 600.0
+    """How long a non-first host waits for the first host's mpirun to appear."""
+
+
+@dataclass
+class NetenvConfig:
+    efa: str = "auto"
+    """``auto`` (probe), ``on`` or ``off``: whether the hosts have EFA."""
+    libfabric_version: str = ""
+    ofi_nccl_version: str = ""
+    nccl_version: str = ""
+
+
+@dataclass
+class Config:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    netenv: NetenvConfig = field(default_factory=NetenvConfig)
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(config)
+
+
+def _sections(config: Config) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def _coerce(value: Any, kind: type, key: str, source: str) -> Any:
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{key} expects {what}, got {value!r} (from {source})")
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise bad("true or false")
+    if kind is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise bad("an integer") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+    if isinstance(value, (dict, list)):
+        raise bad("a string")
+    return str(value)
+
+
+def _set(config: Config, dotted: str, value: Any, source: str) -> None:
+    sections = _sections(config)
+    section_name, _, key = dotted.partition(".")
+    if section_name not in sections or not key:
+        raise ConfigError(
+            f"unknown config key {dotted!r} (from {source}); keys look like section.key "
+            f"with section one of {', '.join(sections)}"
+        )
+    section = sections[section_name]
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise ConfigError(
+            f"unknown config key {dotted!r} (from {source}); [{section_name}] has "
+            f"{', '.join(sorted(hints))}"
+        )
+    value = _coerce(value, hints[key], dotted, source)
+    if dotted in CHOICES and value not in CHOICES[dotted]:
+        raise ConfigError(f"{dotted} must be one of {', '.join(map(repr, CHOICES[dotted]))}, got {value!r} (from {source})")
+    setattr(section, key, value)
+
+
+def parse_cli_overrides(args: Iterable[str]) -> list[tuple[str, str]]:
+    """``--section.key=value`` or ``--section.key value`` pairs, in order."""
+    args = list(args)
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument {arg!r}; config overrides look like --train.steps=10")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg} needs a value (--{name}=VALUE)")
+            i += 1
+            value = args[i]
+        pairs.append((name, value))
+        i += 1
+    return pairs
+
+
+def _walk_toml(data: Mapping[str, Any], path: Path) -> list[tuple[str, Any]]:
+    pairs = []
+    for section, body in data.items():
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table")
+        pairs.extend((f"{section}.{key}", value) for key, value in body.items())
+    return pairs
+
+
+def load_config(
+    *,
+    toml_path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    cli: Iterable[tuple[str, str]] = (),
+    strict_hyperparameters: bool = True,
+) -> Config:
+    """Build the Config from every source, in precedence order (see module docstring).
+
+    ``strict_hyperparameters=False`` is for user programs on SageMaker: their own
+    hyperparameters (keys without a known ``section.``) are theirs, not ours.
+    """
+    config = Config()
+    if toml_path:
+        path = Path(toml_path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        for key, value in _walk_toml(data, path):
+            _set(config, key, value, f"config file {path}")
+    for name, value in sorted((env or {}).items()):
+        if name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX):].count("_") >= 1:
+            section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
+            if section in _sections(config):
+                _set(config, f"{section}.{key}", value, f"environment variable {name}")
+    sections = _sections(config)
+    for key, value in (hyperparameters or {}).items():
+        if key.startswith("sagemaker_"):
+            continue  # the platform's own parameters (program, region, distribution, ...)
+        if not strict_hyperparameters and key.partition(".")[0] not in sections:
+            continue
+        _set(config, key, value, "SageMaker hyperparameters.json")
+    for key, value in cli:
+        _set(config, key, value, f"command line --{key}")
+    return config

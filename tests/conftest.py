@@ -1,0 +1,46 @@
+"""Fixtures for every test: a safe AWS environment, no leaked variables, no leaked groups."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def safe_aws_environment(monkeypatch):
+    """Fake credentials and no instance-metadata lookups, for this test and its children.
+
+    An AWS client without credentials reaches for the instance metadata address; these
+    keep every client (boto3, s5cmd) local and make leaks of the fake secret detectable.
+    """
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTFAKEKEY00000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret-never-printed-0123456789")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "fake-session-token-never-printed")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_environment():
+    """Fail a test that changes os.environ without restoring it (monkeypatch restores)."""
+    before = dict(os.environ)
+    yield
+    after = dict(os.environ)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        os.environ.clear()
+        os.environ.update(before)
+        pytest.fail(f"test leaked environment variables: {changed}")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_process_group():
+    yield
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        pytest.fail("test left a torch.distributed process group initialised")
