@@ -153,8 +153,8 @@ def init(config: Config | None = None, environ: Mapping[str, str] | None = None)
         numpy.random.seed(seed % 2**32)
     except ImportError:
         pass
-    log.info("initialised %s rank %d/%d on %s (backend %s, cluster %s, init timeout %.0fs, train timeout %.0fs)",
-             info.kind, rank, world, device, backend, info.kind, config.dist.init_timeout_s,
+    log.info("initialised rank %d/%d on %s %s (backend %s, cluster %s, init timeout %.0fs, train timeout %.0fs)",
+             rank, world, info.current_host, device, backend, info.kind, config.dist.init_timeout_s,
              config.dist.train_timeout_s)
     return Runtime(rank, local_rank, world, device, backend, info, config, seed, owns)
 

@@ -1,0 +1,46 @@
+"""Real launchers around llm_runtime.init: torchrun, mpirun and llm-runtime launch (gloo, CPU)."""
+import shutil
+
+import pytest
+
+from tests.procs import BIN, PYTHON, REPO, clean_env, free_port, read_rank_reports, run
+
+WORKER = str(REPO / "tests" / "workers" / "report.py")
+
+
+def test_torchrun_workers_get_a_working_process_group(tmp_path):
+    run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, str(tmp_path)],
+        timeout=120)
+    reports = read_rank_reports(tmp_path, 2)
+    assert [r["sum"] for r in reports] == [3.0, 3.0]
+    assert {r["kind"] for r in reports} == {"torchrun"}
+    assert [r["local_rank"] for r in reports] == [0, 1]
+    assert {r["backend"] for r in reports} == {"gloo"}
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI's mpirun is not installed")
+def test_plain_mpirun_four_ranks_are_detected_as_mpi_and_all_reduce(tmp_path):
+    # No MASTER_ADDR/MASTER_PORT: a plain mpirun on one machine must just work.
+    run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "4", PYTHON, WORKER, str(tmp_path)],
+        timeout=180)
+    reports = read_rank_reports(tmp_path, 4)
+    assert {r["kind"] for r in reports} == {"mpi"}
+    assert [r["sum"] for r in reports] == [10.0] * 4
+    assert {r["world_size"] for r in reports} == {4}
+    assert {r["env"]["MASTER_ADDR"] for r in reports} == {"127.0.0.1"}
+
+
+def test_launch_runs_a_script_with_its_arguments_on_two_local_workers(tmp_path):
+    proc = run([str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", WORKER, str(tmp_path), "--flag", "x"],
+               timeout=120)
+    reports = read_rank_reports(tmp_path, 2)
+    assert [r["sum"] for r in reports] == [3.0, 3.0]
+    assert reports[0]["argv"] == ["--flag", "x"]
+    assert "fake-secret" not in proc.stdout + proc.stderr
+
+
+def test_launch_exits_nonzero_when_one_worker_fails(tmp_path):
+    proc = run([str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", WORKER, str(tmp_path),
+                "--fail-rank", "1"], timeout=120, check=False)
+    assert proc.returncode != 0
+    assert "worker(s) failed" in proc.stderr

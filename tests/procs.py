@@ -1,0 +1,65 @@
+"""Running real launchers from tests: every process has a timeout and its output is kept."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+PYTHON = sys.executable
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(PYTHON).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any launcher's variables, plus ``extra``."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "TORCHELASTIC_RUN_ID", "GROUP_RANK", "SAGEMAKER_BASE_DIR", "SAGEMAKER_PROGRAM")
+    env = {k: v for k, v in os.environ.items()
+           if k not in drop and not k.startswith(("OMPI_", "PMI_", "SM_", "LLM_RUNTIME_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run(argv, *, timeout: float, env=None, cwd=None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run to completion; on a non-zero exit (when ``check``) the message carries all output."""
+    try:
+        proc = subprocess.run(argv, env=env or clean_env(), cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"{argv} did not finish in {timeout}s\nstdout:\n{err.stdout}\nstderr:\n{err.stderr}") from None
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a process started with start_new_session=True and everything in its session."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def read_rank_reports(out: Path, expected: int) -> list[dict]:
+    """Per-rank JSON reports written by tests/workers/report.py, tracebacks surfaced."""
+    reports = [json.loads(p.read_text()) for p in sorted(out.glob("rank-*.json"))]
+    errors = [r["traceback"] for r in reports if r.get("traceback")]
+    assert not errors, "worker tracebacks:\n" + "\n".join(errors)
+    assert len(reports) == expected, f"expected {expected} rank reports in {out}, found {len(reports)}"
+    return sorted(reports, key=lambda r: r["rank"])
+
+
+def metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
