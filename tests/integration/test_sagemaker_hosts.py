@@ -1,0 +1,214 @@
+"""Two simulated SageMaker hosts on one machine, each a process tree with its own hostname
+(algo-1, algo-2), its own /opt/ml and hosts file (bind mounts in a private mount namespace) and
+its own loopback address (127.0.1.1, 127.0.1.2). Every byte stays on 127.0.0.0/8.
+
+Real: unshare, the llm-runtime launcher, torch.distributed.run, gloo, Open MPI's mpirun.
+Nothing of the launcher is mocked; only ssh is replaced (Open MPI's plm_rsh_agent) by nsenter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.procs import BIN, REPO, clean_env, free_port, kill_tree, metrics, read_rank_reports
+
+pytestmark = pytest.mark.slow
+
+WORKER = str(REPO / "tests" / "workers" / "report.py")
+HOSTS = ("algo-1", "algo-2")
+TINY = {"model.dim": 64, "model.layers": 2, "model.heads": 4, "train.seq_len": 64, "train.batch_size": 8,
+        "train.log_every": 1, "train.warmup_steps": 1}
+
+ENTER_HOST = """#!/bin/sh
+# enter-host NAME HOSTS_FILE TREE CMD...: become SageMaker host NAME in this private namespace.
+set -e
+name=$1; hosts=$2; tree=$3; shift 3
+hostname "$name"
+mount --bind "$hosts" /etc/hosts
+mount --bind "$tree" /opt/ml
+exec "$@"
+"""
+
+RSH_AGENT = """#!/bin/sh
+# Open MPI calls: AGENT HOST COMMAND...; run COMMAND inside that simulated host's namespaces.
+host=$1; shift
+pid=$(grep "^$host " "{pidmap}" | cut -d' ' -f2)
+[ -n "$pid" ] || {{ echo "rsh agent: unknown host $host" >&2; exit 1; }}
+exec nsenter -t "$pid" -u -m -- /bin/sh -c "$*"
+"""
+
+
+def _namespaces_work() -> str | None:
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        return "unshare/nsenter not installed"
+    probe = subprocess.run(["unshare", "--uts", "--mount", "true"], capture_output=True, text=True, timeout=10)
+    if probe.returncode != 0:
+        return f"namespaces not permitted here: {probe.stderr.strip()}"
+    try:
+        os.makedirs("/opt/ml", exist_ok=True)  # the mount point; each host binds its own tree over it
+    except OSError as err:
+        return f"cannot create the /opt/ml mount point: {err}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def namespaces():
+    reason = _namespaces_work()
+    if reason:
+        pytest.skip(reason)
+
+
+class Cluster:
+    """The simulated hosts: their trees, their processes, their output."""
+
+    def __init__(self, root: Path, hyperparameters: dict, interface: str = "lo"):
+        self.root = root
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        (root / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
+            f"127.0.1.{i} {h}\n" for i, h in enumerate(HOSTS, 1)))
+        (root / "enter-host").write_text(ENTER_HOST)
+        (root / "enter-host").chmod(0o755)
+        for host in HOSTS:
+            config = root / host / "input" / "config"
+            config.mkdir(parents=True)
+            (root / host / "output").mkdir()
+            (root / host / "code").mkdir()
+            config.joinpath("resourceconfig.json").write_text(json.dumps({
+                "current_host": host, "hosts": list(HOSTS), "network_interface_name": interface,
+                "current_instance_type": "ml.c5.xlarge", "current_group_name": "homogeneousCluster",
+                "instance_groups": [{"instance_group_name": "homogeneousCluster",
+                                     "instance_type": "ml.c5.xlarge", "hosts": list(HOSTS)}]}))
+            # SageMaker writes every hyperparameter value as a JSON-encoded string.
+            config.joinpath("hyperparameters.json").write_text(json.dumps(
+                {k: json.dumps(v) for k, v in hyperparameters.items()}))
+            config.joinpath("inputdataconfig.json").write_text("{}")
+
+    def start(self, host: str, *command: str, **env: str) -> subprocess.Popen:
+        log = open(self.root / f"{host}.log", "w")
+        proc = subprocess.Popen(
+            ["unshare", "--uts", "--mount", "--propagation", "private", "--", str(self.root / "enter-host"),
+             host, str(self.root / "hosts"), str(self.root / host), *command],
+            env=clean_env(MASTER_PORT=str(self.port), **env), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.procs[host] = proc
+        return proc
+
+    def output(self, host: str) -> str:
+        return (self.root / f"{host}.log").read_text()
+
+    def wait_all(self, timeout: float) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        codes = {}
+        for host, proc in self.procs.items():
+            try:
+                codes[host] = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        if len(codes) < len(self.procs):
+            self.stop()
+            raise AssertionError(f"hosts did not exit within {timeout}s (exited: {codes})\n" + self.logs())
+        return codes
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {h} -----\n{self.output(h)}" for h in self.procs)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            kill_tree(proc)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def cluster_factory(tmp_path, namespaces):
+    made: list[Cluster] = []
+
+    def make(hyperparameters: dict, **kwargs) -> Cluster:
+        made.append(Cluster(tmp_path, hyperparameters, **kwargs))
+        return made[-1]
+
+    yield make
+    for cluster in made:
+        cluster.stop()
+
+
+def test_two_hosts_launch_a_four_rank_job_with_ranks_placed_by_host(cluster_factory, tmp_path):
+    out = tmp_path / "reports"
+    out.mkdir()
+    cluster = cluster_factory({})
+    for host in HOSTS:
+        cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", WORKER, str(out))
+    codes = cluster.wait_all(timeout=180)
+    assert codes == {"algo-1": 0, "algo-2": 0}, cluster.logs()
+    reports = read_rank_reports(out, 4)
+    assert [r["hostname"] for r in reports] == ["algo-1", "algo-1", "algo-2", "algo-2"]
+    assert {r["kind"] for r in reports} == {"sagemaker"}
+    assert {tuple(r["hosts"]) for r in reports} == {HOSTS}
+    assert [r["sum"] for r in reports] == [10.0] * 4
+    assert {r["env"]["NCCL_SOCKET_IFNAME"] for r in reports} == {"lo"}  # from resourceconfig, via the plan
+
+
+def test_docker_train_argument_runs_the_builtin_trainer_across_two_hosts(cluster_factory, tmp_path):
+    # `docker run IMAGE train` with ENTRYPOINT ["llm-runtime", "launch"] and no sagemaker_program.
+    cluster = cluster_factory({**TINY, "train.steps": 3, "train.metrics_path": "/opt/ml/output/metrics.jsonl"})
+    for host in HOSTS:
+        cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", "train")
+    codes = cluster.wait_all(timeout=180)
+    assert codes == {"algo-1": 0, "algo-2": 0}, cluster.logs()
+    steps = metrics(tmp_path / "algo-1" / "output" / "metrics.jsonl")  # rank 0 lives on algo-1
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert "rank 0/4 on algo-1" in cluster.output("algo-1")
+    assert not (tmp_path / "algo-2" / "output" / "metrics.jsonl").exists()
+
+
+def test_killing_one_hosts_workers_fails_both_hosts_within_60s(cluster_factory, tmp_path):
+    cluster = cluster_factory({**TINY, "train.steps": 100000, "dist.train_timeout_s": 30,
+                               "train.metrics_path": "/opt/ml/output/metrics.jsonl"})
+    for host in HOSTS:
+        cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", "train")
+    progress = tmp_path / "algo-1" / "output" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (progress.exists() and progress.read_text().strip()):
+        assert time.monotonic() < deadline, "training never started\n" + cluster.logs()
+        assert all(p.poll() is None for p in cluster.procs.values()), "a host exited early\n" + cluster.logs()
+        time.sleep(0.5)
+    launcher = cluster.procs["algo-2"].pid
+    workers = subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split()
+    assert len(workers) >= 2, f"expected algo-2's 2 workers under pid {launcher}, found {workers}"
+    killed_at = time.monotonic()
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    codes = cluster.wait_all(timeout=60)
+    assert codes["algo-1"] != 0 and codes["algo-2"] != 0, cluster.logs()
+    assert time.monotonic() - killed_at < 60
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI's mpirun is not installed")
+def test_mpi_launch_from_first_host_reaches_remote_ranks_with_the_env_plan(cluster_factory, tmp_path):
+    out = tmp_path / "reports"
+    out.mkdir()
+    cluster = cluster_factory({})
+    agent = tmp_path / "rsh-agent"
+    agent.write_text(RSH_AGENT.format(pidmap=tmp_path / "pids"))
+    agent.chmod(0o755)
+    command = (str(BIN / "llm-runtime"), "launch", "--mpi", "--nproc-per-node", "2", WORKER, str(out))
+    second = cluster.start("algo-2", *command)  # waits for the first host's mpirun status
+    (tmp_path / "pids").write_text(f"algo-2 {second.pid}\n")
+    cluster.start("algo-1", *command, OMPI_MCA_plm_rsh_agent=str(agent))
+    codes = cluster.wait_all(timeout=180)
+    assert codes == {"algo-1": 0, "algo-2": 0}, cluster.logs()
+    reports = read_rank_reports(out, 4)
+    assert {r["kind"] for r in reports} == {"mpi"}
+    assert [r["hostname"] for r in reports] == ["algo-1", "algo-1", "algo-2", "algo-2"]
+    assert [r["sum"] for r in reports] == [10.0] * 4
+    remote = [r for r in reports if r["hostname"] == "algo-2"]
+    assert {r["env"]["NCCL_SOCKET_IFNAME"] for r in remote} == {"lo"}  # exported with -x by mpirun
+    assert {r["env"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] for r in remote} == {"1"}
+    assert {r["env"]["MASTER_ADDR"] for r in reports} == {"algo-1"}
