@@ -127,6 +127,10 @@ def plan(info: ClusterInfo, fabric: Fabric, *, timeout_dump: bool = True) -> Env
         out["NCCL_SOCKET_IFNAME"] = EnvEntry(
             info.network_interface,
             "interface from resourceconfig network_interface_name / cluster detection")
+        # The container's own hostname may resolve to a Docker bridge, not the cluster network.
+        out["GLOO_SOCKET_IFNAME"] = EnvEntry(
+            info.network_interface,
+            "CPU (gloo) groups on the cluster interface too, not whatever the hostname resolves to")
     out["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = EnvEntry(
         "1", "a failed or hung collective aborts the communicator and raises instead of hanging")
     if timeout_dump:

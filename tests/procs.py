@@ -20,14 +20,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any launcher's variables, plus ``extra``."""
+def clean_env(*, loopback: bool = True, **extra: str) -> dict[str, str]:
+    """This process's environment without any launcher's variables, plus ``extra``.
+
+    ``loopback`` pins gloo and Open MPI to the lo interface, so no test traffic goes to an
+    address outside 127.0.0.0/8 whatever this machine's hostname resolves to. Simulated
+    SageMaker hosts turn it off: their hostnames resolve to their own 127.0.1.x address.
+    """
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
             "TORCHELASTIC_RUN_ID", "GROUP_RANK", "SAGEMAKER_BASE_DIR", "SAGEMAKER_PROGRAM")
     env = {k: v for k, v in os.environ.items()
            if k not in drop and not k.startswith(("OMPI_", "PMI_", "SM_", "LLM_RUNTIME_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
+    env["OMPI_MCA_oob_tcp_if_include"] = "lo"
+    env["OMPI_MCA_btl_tcp_if_include"] = "lo"
+    if loopback:
+        env["GLOO_SOCKET_IFNAME"] = "lo"
     env.update(extra)
     return env
 

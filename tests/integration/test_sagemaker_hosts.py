@@ -96,7 +96,7 @@ class Cluster:
         proc = subprocess.Popen(
             ["unshare", "--uts", "--mount", "--propagation", "private", "--", str(self.root / "enter-host"),
              host, str(self.root / "hosts"), str(self.root / host), *command],
-            env=clean_env(MASTER_PORT=str(self.port), **env), stdout=log, stderr=subprocess.STDOUT,
+            env=clean_env(loopback=False, MASTER_PORT=str(self.port), **env), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         self.procs[host] = proc
         return proc

@@ -28,29 +28,30 @@ EFA_OLD_LF = Fabric(efa_provider=True, ofi_nccl_version="1.9.1", libfabric_versi
 
 TORCH = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
          "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000"}
+IFACE = {"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0"}
 EFA_BASE = {"FI_PROVIDER": "efa", "NCCL_LAUNCH_MODE": "PARALLEL", "NCCL_NET_SHARED_COMMS": "0"}
 CLASSIC = {**EFA_BASE, "NCCL_PROTO": "simple"}
 
 PLAN_CASES = [
     # (id, info, fabric, timeout_dump, expected values)
-    ("no-efa", INFO, NO_EFA, True, {"NCCL_SOCKET_IFNAME": "eth0", **TORCH}),
+    ("no-efa", INFO, NO_EFA, True, {**IFACE, **TORCH}),
     ("no-efa-no-iface-no-dump", replace(INFO, network_interface=None), NO_EFA, False,
      {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}),
     ("efa-unknown-p4d", INFO, EFA_UNKNOWN, True,
-     {"NCCL_SOCKET_IFNAME": "eth0", **TORCH, **CLASSIC, "FI_EFA_USE_DEVICE_RDMA": "1"}),
+     {**IFACE, **TORCH, **CLASSIC, "FI_EFA_USE_DEVICE_RDMA": "1"}),
     ("efa-provider-only-p5", replace(INFO, instance_type="p5.48xlarge"), Fabric(efa_provider=True), True,
-     {"NCCL_SOCKET_IFNAME": "eth0", **TORCH, **CLASSIC, "FI_EFA_USE_DEVICE_RDMA": "1"}),
+     {**IFACE, **TORCH, **CLASSIC, "FI_EFA_USE_DEVICE_RDMA": "1"}),
     ("efa-g5-no-rdma", replace(INFO, instance_type="ml.g5.48xlarge"), EFA_UNKNOWN, True,
-     {"NCCL_SOCKET_IFNAME": "eth0", **TORCH, **CLASSIC}),
+     {**IFACE, **TORCH, **CLASSIC}),
     ("efa-unknown-instance", replace(INFO, instance_type=None), EFA_UNKNOWN, True,
-     {"NCCL_SOCKET_IFNAME": "eth0", **TORCH, **CLASSIC}),
-    ("efa-new-versions", INFO, EFA_NEW, True, {"NCCL_SOCKET_IFNAME": "eth0", **TORCH, **EFA_BASE}),
+     {**IFACE, **TORCH, **CLASSIC}),
+    ("efa-new-versions", INFO, EFA_NEW, True, {**IFACE, **TORCH, **EFA_BASE}),
     ("efa-old-ofi", INFO, EFA_OLD_OFI, True,
-     {"NCCL_SOCKET_IFNAME": "eth0", **TORCH, **CLASSIC, "FI_EFA_USE_DEVICE_RDMA": "1"}),
+     {**IFACE, **TORCH, **CLASSIC, "FI_EFA_USE_DEVICE_RDMA": "1"}),
     ("efa-old-libfabric", INFO, EFA_OLD_LF, True,
-     {"NCCL_SOCKET_IFNAME": "eth0", **TORCH, **CLASSIC, "FI_EFA_USE_DEVICE_RDMA": "1"}),
+     {**IFACE, **TORCH, **CLASSIC, "FI_EFA_USE_DEVICE_RDMA": "1"}),
     ("efa-half-known", INFO, replace(EFA_NEW, libfabric_version=None), True,
-     {"NCCL_SOCKET_IFNAME": "eth0", **TORCH, **CLASSIC, "FI_EFA_USE_DEVICE_RDMA": "1"}),
+     {**IFACE, **TORCH, **CLASSIC, "FI_EFA_USE_DEVICE_RDMA": "1"}),
 ]
 
 
