@@ -68,6 +68,8 @@ def _split_launcher_options(args: Sequence[str], *, stop_at_target: bool):
                     raise UsageError(f"--group-command expects GROUP=COMMAND, got {value!r}")
                 flags["group_commands"][group] = command
             else:
+                if name == "--nproc-per-node" and not (value.isdigit() and int(value) >= 1):
+                    raise UsageError(f"--nproc-per-node must be an integer >= 1, got {value!r}")
                 pairs.append((_LAUNCH_OPTIONS[name], value))
         elif arg == "--mpi":
             flags["mpi"] = True
@@ -110,7 +112,8 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict) -> i
     env_plan, fabric = _env_plan(info, config)
     plan = plan_launch(info, target, nproc=nproc, max_restarts=config.launch.max_restarts, mpi=mpi,
                        env_exports=mpi_export_names(os.environ, netenv.mpi_exports(env_plan)),
-                       group_commands=flags["group_commands"])
+                       group_commands=flags["group_commands"],
+                       ssh=not os.environ.get("OMPI_MCA_plm_rsh_agent"))
     if plan.action not in ("exec", "idle"):
         for line in netenv.notes(info, fabric):
             print(f"llm-runtime: {line}", file=sys.stderr)

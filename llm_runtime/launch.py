@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -64,6 +66,9 @@ class LaunchPlan:
     message: str = ""
     wait_addr: str = ""
     wait_port: int = 0
+    ssh_hosts: tuple[str, ...] = ()
+    """MPI over ssh: start sshd here, and (first host) wait until these hosts accept ssh."""
+    start_sshd: bool = False
 
 
 def mpi_status_port(info: ClusterInfo) -> int:
@@ -154,6 +159,7 @@ def plan_launch(
     env_exports: Sequence[str] = (),
     group_commands: Mapping[str, str] | None = None,
     python: str = sys.executable,
+    ssh: bool = True,
 ) -> LaunchPlan:
     """Decide what this host does. Pure: no process, file or variable is touched."""
     nproc = nproc or info.nproc_per_node
@@ -176,11 +182,14 @@ def plan_launch(
     if mpi:
         if max_restarts:
             raise LaunchError("--max-restarts works with the elastic launcher, not with --mpi")
+        # ssh=False when Open MPI was told to reach hosts another way (plm_rsh_agent).
+        others = tuple(h for h in info.hosts if h != info.current_host) if ssh else ()
         if info.node_rank == 0:
             return LaunchPlan("mpirun", tuple(mpirun_argv(info, target, nproc=nproc, export=env_exports, python=python)),
-                              message=f"first host: mpirun over {len(info.hosts)} hosts x {nproc} ranks")
+                              message=f"first host: mpirun over {len(info.hosts)} hosts x {nproc} ranks",
+                              ssh_hosts=others, start_sshd=ssh and len(info.hosts) > 1)
         return LaunchPlan("mpi-wait", message=f"waiting for {info.master_addr}'s mpirun to finish",
-                          wait_addr=info.master_addr, wait_port=mpi_status_port(info))
+                          wait_addr=info.master_addr, wait_port=mpi_status_port(info), start_sshd=ssh)
     return LaunchPlan("torchrun", tuple(torchrun_argv(info, target, nproc=nproc, max_restarts=max_restarts)),
                       env=env, message=f"node {info.node_rank}/{info.num_nodes}: {nproc} workers via torch.distributed.run")
 
@@ -199,7 +208,11 @@ def execute(plan: LaunchPlan, info: ClusterInfo, *, mpi_wait_timeout_s: float = 
         return subprocess.run(plan.argv, env=env).returncode
     if plan.action == "torchrun":
         return _run_torchrun(plan.argv, plan.env)
+    if plan.start_sshd:
+        _start_sshd()
     if plan.action == "mpirun":
+        if not _wait_for_ssh(plan.ssh_hosts, mpi_wait_timeout_s):
+            return 1
         return _run_mpirun(plan.argv, env, info, len(info.hosts) - 1)
     if plan.action == "mpi-wait":
         return _wait_for_mpirun(plan.wait_addr, plan.wait_port, info.current_host, mpi_wait_timeout_s)
@@ -220,6 +233,37 @@ def _run_torchrun(argv: Sequence[str], extra_env: Mapping[str, str]) -> int:
         print(f"llm-runtime: {len(failures)} worker(s) failed{where}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _start_sshd() -> None:
+    """mpirun reaches the other hosts over ssh: make sure this host answers (as SageMaker's MPI images do)."""
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+    if sshd is None:
+        log.warning("sshd is not installed: mpirun cannot reach this host over ssh")
+        return
+    if _port_open("127.0.0.1", 22, 1.0):
+        return
+    subprocess.Popen([sshd, "-D"], stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _port_open(host: str, port: int, timeout_s: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_for_ssh(hosts: Sequence[str], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    for host in hosts:
+        while not _port_open(host, 22, 2.0):
+            if time.monotonic() > deadline:
+                print(f"llm-runtime: host {host} did not accept ssh (port 22) within {timeout_s:.0f}s; "
+                      "mpirun needs sshd on every host", file=sys.stderr)
+                return False
+            time.sleep(1.0)
+    return True
 
 
 def _status_store(addr: str, port: int, *, is_master: bool, timeout_s: float):

@@ -28,8 +28,10 @@ def no_leaked_environment():
     before = dict(os.environ)
     yield
     after = dict(os.environ)
+    # pytest sets PYTEST_CURRENT_TEST; torch's inductor sets its cache dir once, on first use.
+    ignored = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
     changed = sorted(k for k in before.keys() | after.keys()
-                     if before.get(k) != after.get(k) and k != "PYTEST_CURRENT_TEST")
+                     if before.get(k) != after.get(k) and k not in ignored)
     if changed:
         os.environ.clear()
         os.environ.update(before)
