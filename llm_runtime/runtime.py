@@ -94,8 +94,15 @@ class Runtime:
         return self.rank == 0
 
     def shutdown(self) -> None:
-        """Destroy the process group (idempotent); call at the end of the job."""
+        """Destroy the process group (idempotent); call at the end of the job.
+
+        Every rank first meets in a barrier: a gloo rank that tears down while a peer still
+        has traffic in flight to it can abort the peer ("terminate called without an
+        active exception"), turning a finished job into a failed one.
+        """
         if self._owns_group and dist.is_initialized():
+            if self.world_size > 1:
+                dist.barrier()
             dist.destroy_process_group()
 
 
