@@ -93,15 +93,16 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shutdown(self) -> None:
+    def shutdown(self, barrier: bool = True) -> None:
         """Destroy the process group (idempotent); call at the end of the job.
 
         Every rank first meets in a barrier: a gloo rank that tears down while a peer still
         has traffic in flight to it can abort the peer ("terminate called without an
-        active exception"), turning a finished job into a failed one.
+        active exception"), turning a finished job into a failed one. After an error pass
+        ``barrier=False``: the peers may be gone, and a barrier would only wait for the timeout.
         """
         if self._owns_group and dist.is_initialized():
-            if self.world_size > 1:
+            if barrier and self.world_size > 1:
                 dist.barrier()
             dist.destroy_process_group()
 

@@ -146,8 +146,9 @@ def main(config: Config) -> int:
     _validate(config)
     rt = init(config)
     try:
-        batch_layout(config.train, rt.world_size)
         run(rt)
-    finally:
-        rt.shutdown()
+    except BaseException:
+        rt.shutdown(barrier=False)
+        raise
+    rt.shutdown()
     return 0

@@ -1,5 +1,7 @@
 """Real launchers around llm_runtime.init: torchrun, mpirun and llm-runtime launch (gloo, CPU)."""
+import json
 import shutil
+import time
 
 import pytest
 
@@ -44,3 +46,15 @@ def test_launch_exits_nonzero_when_one_worker_fails(tmp_path):
                 "--fail-rank", "1"], timeout=120, check=False)
     assert proc.returncode != 0
     assert "worker(s) failed" in proc.stderr
+
+
+def test_a_rank_that_never_joins_a_collective_fails_the_job_after_the_train_timeout(tmp_path):
+    env = clean_env(LLM_RUNTIME_DIST_TRAIN_TIMEOUT_S="5")
+    started = time.monotonic()
+    proc = run([str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", WORKER, str(tmp_path),
+                "--hang-rank", "1"], env=env, timeout=120, check=False)
+    elapsed = time.monotonic() - started
+    assert proc.returncode != 0
+    report = json.loads((tmp_path / "rank-0.json").read_text())
+    assert "Timed out" in report.get("traceback", ""), report  # gloo's timeout, not a hang
+    assert elapsed < 100, f"the job took {elapsed:.0f}s to fail"  # bound, not a benchmark: 5 s timeout + teardown

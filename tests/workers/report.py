@@ -1,6 +1,8 @@
 """A worker for launcher tests: init the runtime, all-reduce, write one JSON report per rank.
 
-usage: report.py OUT_DIR [--fail-rank R]
+usage: report.py OUT_DIR [--fail-rank R] [--hang-rank R]
+
+--hang-rank R: rank R never joins the all-reduce (it sleeps), so the others must time out.
 """
 import json
 import os
@@ -12,6 +14,7 @@ import traceback
 def main() -> None:
     out = sys.argv[1]
     fail_rank = int(sys.argv[sys.argv.index("--fail-rank") + 1]) if "--fail-rank" in sys.argv else -1
+    hang_rank = int(sys.argv[sys.argv.index("--hang-rank") + 1]) if "--hang-rank" in sys.argv else -1
     report = {"rank": int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "-1")))}
     try:
         import torch
@@ -23,6 +26,10 @@ def main() -> None:
         report["rank"] = rt.rank
         if rt.rank == fail_rank:
             raise SystemExit(f"injected failure on rank {rt.rank}")
+        if rt.rank == hang_rank:
+            import time
+
+            time.sleep(120)  # a stuck rank: never reaches the collective
         value = torch.tensor([float(rt.rank + 1)])
         dist.all_reduce(value)
         report.update(
