@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ from .launch import LaunchError, Target, execute, mpi_export_names, plan_launch,
 from .secrets import is_secret
 
 __all__ = ["main"]
+
+log = logging.getLogger(__name__)
 
 USAGE = """usage: llm-runtime COMMAND [options]
 
@@ -105,10 +108,14 @@ def _env_plan(info: ClusterInfo, config: Config) -> tuple[netenv.EnvPlan, netenv
     return netenv.plan(info, fabric), fabric
 
 
-def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict) -> int:
-    hyper = sm.read_hyperparameters(os.environ) if info.kind == "sagemaker" else {}
+def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hyper: dict) -> int:
     mpi = config.launch.mpi or flags["mpi"] or bool(hyper.get("sagemaker_mpi_enabled"))
     nproc = config.launch.nproc_per_node or int(hyper.get("sagemaker_mpi_num_of_processes_per_host") or 0)
+    if target.module == "llm_runtime" and target.args[:1] == ("train",) and info.trains and not info.is_worker:
+        from .train import check
+
+        # Every config error of the built-in trainer surfaces here, once, not in N workers.
+        check(config, (nproc or info.nproc_per_node) * max(1, info.num_nodes))
     env_plan, fabric = _env_plan(info, config)
     plan = plan_launch(info, target, nproc=nproc, max_restarts=config.launch.max_restarts, mpi=mpi,
                        env_exports=mpi_export_names(os.environ, netenv.mpi_exports(env_plan)),
@@ -117,6 +124,7 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict) -> i
     if plan.action not in ("exec", "idle"):
         for line in netenv.notes(info, fabric):
             print(f"llm-runtime: {line}", file=sys.stderr)
+        log.info("network environment:\n%s", netenv.format_table(_visible(netenv.resolve(env_plan, os.environ))))
         netenv.apply(env_plan, os.environ)
     return execute(plan, info, mpi_wait_timeout_s=config.launch.mpi_wait_timeout_s)
 
@@ -124,30 +132,33 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict) -> i
 def cmd_launch(args: Sequence[str]) -> int:
     pairs, toml, flags, rest = _split_launcher_options(args, stop_at_target=True)
     hyper = sm.read_hyperparameters(os.environ)
-    config = load_config(toml_path=toml, env=os.environ, hyperparameters=hyper, cli=pairs,
-                         strict_hyperparameters=False)
+    program = None
     if rest and rest[0] == "train":
         # The SageMaker contract: `docker run IMAGE train` -> the job's program, else the built-in trainer.
         code_dir = Path(os.environ.get("SAGEMAKER_BASE_DIR") or "/opt/ml") / "code"
-        target = sagemaker_target(hyper, os.environ, code_dir) or Target(module="llm_runtime", args=("train", *rest[1:]))
+        program = sagemaker_target(hyper, os.environ, code_dir)
+        target = program or Target(module="llm_runtime",
+                                   args=("train", *(["--config", toml] if toml else []), *rest[1:]))
     else:
         target = _target_from(rest)
-    return _launch(_detect(config), config, target, flags)
+    builtin = program is None and bool(rest) and rest[0] == "train"
+    # The built-in trainer owns every section.key hyperparameter; a user program owns its own.
+    config = load_config(toml_path=toml, env=os.environ, hyperparameters=hyper, cli=pairs,
+                         strict_hyperparameters=builtin)
+    return _launch(_detect(config), config, target, flags, hyper)
 
 
 def cmd_train(args: Sequence[str]) -> int:
     pairs, toml, flags, rest = _split_launcher_options(args, stop_at_target=False)
     overrides = parse_cli_overrides(rest)
-    config = load_config(toml_path=toml, env=os.environ, hyperparameters=sm.read_hyperparameters(os.environ),
-                         cli=pairs + overrides)
-    from .train import batch_layout, main as train_main
-
+    hyper = sm.read_hyperparameters(os.environ)
+    config = load_config(toml_path=toml, env=os.environ, hyperparameters=hyper, cli=pairs + overrides)
     info = _detect(config)
     if info.is_worker:
+        from .train import main as train_main
+
         return train_main(config)
-    nproc = config.launch.nproc_per_node or info.nproc_per_node
-    batch_layout(config.train, nproc * max(1, info.num_nodes))  # a bad batch fails here, not in N workers
-    return _launch(info, config, Target(module="llm_runtime", args=("train", *args)), flags)
+    return _launch(info, config, Target(module="llm_runtime", args=("train", *args)), flags, hyper)
 
 
 def cmd_info(args: Sequence[str]) -> int:
@@ -160,7 +171,7 @@ def cmd_info(args: Sequence[str]) -> int:
                          cli=[("launch.cluster", ns.cluster)] if ns.cluster else [], strict_hyperparameters=False)
     info = _detect(config)
     env_plan, fabric = _env_plan(info, config)
-    resolved = {k: v for k, v in netenv.resolve(env_plan, os.environ).items() if not is_secret(k)}
+    resolved = _visible(netenv.resolve(env_plan, os.environ))
     if ns.json:
         print(json.dumps({
             "cluster": info.to_dict(),
@@ -177,6 +188,33 @@ def cmd_info(args: Sequence[str]) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (tests and embedders swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _visible(resolved: dict) -> dict:
+    return {name: entry for name, entry in resolved.items() if not is_secret(name)}
+
+
+def _launcher_logging() -> None:
+    """The launcher's own messages go to stderr; a worker's runtime.init replaces this."""
+    logger = logging.getLogger("llm_runtime")
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("llm-runtime: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 COMMANDS = {"launch": cmd_launch, "train": cmd_train, "info": cmd_info}
 
 
@@ -189,8 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         print(f"llm-runtime: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
+    _launcher_logging()
     try:
         return command(argv[1:])
-    except (ClusterError, ConfigError, LaunchError, UsageError) as err:
+    except (ClusterError, ConfigError, LaunchError, UsageError) as err:  # bad input: one line, exit 2
         print(f"llm-runtime {argv[0]}: error: {err}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cluster import ClusterError, ClusterInfo
+from .cluster import ClusterInfo
 
 __all__ = ["LaunchError", "LaunchPlan", "Target", "execute", "mpi_status_port", "mpirun_argv",
            "plan_launch", "sagemaker_target", "torchrun_argv"]
@@ -107,6 +107,8 @@ def mpirun_argv(
         "-np", str(nproc * len(info.hosts)),
         "-bind-to", "none", "-map-by", "slot",
         "-mca", "pml", "ob1", "-mca", "btl", "^openib",
+        # vader's single-copy (CMA) needs CAP_SYS_PTRACE, which containers usually lack.
+        "-mca", "btl_vader_single_copy_mechanism", "none",
         "-mca", "btl_tcp_if_include", iface, "-mca", "oob_tcp_if_include", iface,
         "-mca", "plm_rsh_no_tree_spawn", "1",
         "-mca", "orte_abort_on_non_zero_status", "1",
@@ -138,9 +140,16 @@ def sagemaker_target(hyperparameters: Mapping[str, object], environ: Mapping[str
     program = str(program)
     if not program.endswith(".py"):
         raise LaunchError(f"sagemaker_program={program!r}: only Python scripts (*.py) can be launched")
+    submit = str(hyperparameters.get("sagemaker_submit_directory") or "")
+    if submit and "://" not in submit and Path(submit).is_dir():
+        code_dir = submit  # local mode: the code was not uploaded anywhere
     path = Path(program)
     if not path.is_absolute() and (Path(code_dir) / path).exists():
         path = Path(code_dir) / path
+    if not path.is_file():
+        hint = (f"; llm-runtime does not download sagemaker_submit_directory ({submit}): put the code in the "
+                f"image under {code_dir}") if "://" in submit else ""
+        raise LaunchError(f"sagemaker_program {program!r} is not in {code_dir} nor at that path{hint}")
     args: list[str] = []
     for key, value in hyperparameters.items():
         if key.startswith("sagemaker_"):
@@ -205,7 +214,10 @@ def execute(plan: LaunchPlan, info: ClusterInfo, *, mpi_wait_timeout_s: float = 
         return 0
     env = {**os.environ, **plan.env}
     if plan.action in ("exec", "group-command"):
-        return subprocess.run(plan.argv, env=env).returncode
+        # Replace this process: a launcher's SIGTERM must reach the target, not orphan it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvpe(plan.argv[0], list(plan.argv), env)
     if plan.action == "torchrun":
         return _run_torchrun(plan.argv, plan.env)
     if plan.start_sshd:
@@ -220,7 +232,10 @@ def execute(plan: LaunchPlan, info: ClusterInfo, *, mpi_wait_timeout_s: float = 
 
 
 def _run_torchrun(argv: Sequence[str], extra_env: Mapping[str, str]) -> int:
+    from torch.distributed import DistError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
     os.environ.update(extra_env)
@@ -231,6 +246,13 @@ def _run_torchrun(argv: Sequence[str], extra_env: Mapping[str, str]) -> int:
         first = min(failures.values(), key=lambda f: f.timestamp) if failures else None
         where = f" (first: local rank {first.local_rank}, exit code {first.exitcode})" if first else ""
         print(f"llm-runtime: {len(failures)} worker(s) failed{where}", file=sys.stderr, flush=True)
+        return 1
+    except SignalException as err:
+        # The platform stopped the job (SIGTERM): the agent already stopped the workers.
+        print(f"llm-runtime: stopped by {err.sigval.name}; workers were stopped", file=sys.stderr, flush=True)
+        return 128 + int(err.sigval)
+    except (RendezvousError, DistError) as err:
+        print(f"llm-runtime: the hosts could not rendezvous: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return 1
     return 0
 
@@ -310,8 +332,3 @@ def _wait_for_mpirun(addr: str, port: int, host: str, timeout_s: float) -> int:
             return 1
         time.sleep(1.0)
 
-
-def check_info(info: ClusterInfo) -> None:
-    """Reject cluster facts no launch can use (raised before any process starts)."""
-    if info.trains and not 0 <= info.node_rank < max(1, info.num_nodes):
-        raise ClusterError(f"node rank {info.node_rank} is outside {info.num_nodes} nodes")

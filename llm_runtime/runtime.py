@@ -9,7 +9,6 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from . import netenv
 from .cluster import ClusterInfo, detect_here
 from .cluster import sagemaker as sm
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 
 __all__ = ["Runtime", "init", "process_env"]
 
@@ -44,9 +43,9 @@ def choose_backend(requested: str, cuda_available: bool) -> str:
     if requested == "auto":
         return "nccl" if cuda_available else "gloo"
     if requested not in ("nccl", "gloo"):
-        raise ValueError(f"dist.backend must be auto, nccl or gloo, got {requested!r}")
+        raise ConfigError(f"dist.backend must be auto, nccl or gloo, got {requested!r}")
     if requested == "nccl" and not cuda_available:
-        raise ValueError("dist.backend=nccl needs CUDA GPUs, and none is visible to this process")
+        raise ConfigError("dist.backend=nccl needs CUDA GPUs, and none is visible to this process")
     return requested
 
 
@@ -107,17 +106,16 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def init(config: Config | None = None, environ: Mapping[str, str] | None = None) -> Runtime:
+def init(config: Config | None = None) -> Runtime:
     """Start this worker: process group with init then train timeouts, device, seeds, logging.
 
     Without ``config`` it is loaded from the environment and, on SageMaker, from the
     hyperparameters that name config keys (a user program's own keys are left to it).
     """
-    environ = os.environ if environ is None else environ
     if config is None:
         config = load_config(
-            env=environ,
-            hyperparameters=sm.read_hyperparameters(environ),
+            env=os.environ,
+            hyperparameters=sm.read_hyperparameters(os.environ),
             strict_hyperparameters=False,
         )
     info = detect_here(kind=config.launch.cluster or None)
@@ -140,8 +138,9 @@ def init(config: Config | None = None, environ: Mapping[str, str] | None = None)
     if owns:
         init_timeout = timedelta(seconds=config.dist.init_timeout_s)
         if info.is_worker:
-            for name, value in process_env(info).items():
-                os.environ.setdefault(name, value)
+            # Detection decided these (for MPI ranks: the master it chose, not a MASTER_ADDR an
+            # image happened to set); env:// must rendezvous at the same place.
+            os.environ.update(process_env(info))
             dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
                                     timeout=init_timeout)
         else:

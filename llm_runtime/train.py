@@ -21,7 +21,7 @@ from .config import Config, ConfigError, TrainConfig
 from .models import ByteTokenizer, Llama, LlamaConfig, bundled_text
 from .runtime import Runtime, init
 
-__all__ = ["batch_layout", "global_batch_starts", "lr_factor", "main", "run"]
+__all__ = ["batch_layout", "check", "global_batch_starts", "lr_factor", "main", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -60,32 +60,36 @@ def lr_factor(step: int, train: TrainConfig) -> float:
         return step / train.warmup_steps
     if train.lr_schedule == "constant":
         return 1.0
-    if train.lr_schedule != "cosine":
-        raise ConfigError(f"train.lr_schedule must be constant or cosine, got {train.lr_schedule!r}")
     span = max(1, train.steps - train.warmup_steps)
     progress = min(1.0, (step - train.warmup_steps) / span)
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _validate(config: Config) -> None:
+def check(config: Config, data_parallel_size: int) -> LlamaConfig:
+    """Every config error the job would hit, raised as ConfigError before any worker starts."""
     train = config.train
     for key in ("steps", "seq_len", "log_every"):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
-    if train.lr_schedule not in ("constant", "cosine"):
-        raise ConfigError(f"train.lr_schedule must be constant or cosine, got {train.lr_schedule!r}")
+    batch_layout(train, data_parallel_size)
+    model_config = LlamaConfig(dim=config.model.dim, layers=config.model.layers,
+                               heads=config.model.heads, max_seq_len=train.seq_len)
+    try:
+        model_config.validate()
+    except ValueError as err:
+        raise ConfigError(f"[model] {err}") from None
+    text_bytes = len(bundled_text().encode())
+    if text_bytes < train.seq_len + 2:
+        raise ConfigError(f"train.seq_len={train.seq_len} is longer than the text ({text_bytes} tokens)")
+    return model_config
 
 
 def run(rt: Runtime) -> dict[str, float]:
     """Train on this worker; returns the final metrics (identical on every rank)."""
     config, train = rt.config, rt.config.train
-    _validate(config)
+    model_config = check(config, rt.world_size)
     micro, accumulation = batch_layout(train, rt.world_size)
     tokens = torch.from_numpy(ByteTokenizer().encode_array(bundled_text()).astype(np.int64))
-
-    model_config = LlamaConfig(dim=config.model.dim, layers=config.model.layers,
-                               heads=config.model.heads, max_seq_len=train.seq_len)
-    model_config.validate()
     model = Llama(model_config)
     model.init_weights(torch.Generator().manual_seed(train.seed))
     model.to(rt.device)
@@ -123,7 +127,8 @@ def run(rt: Runtime) -> dict[str, float]:
         if step % train.log_every == 0 or step == train.steps:
             # DDP already averaged the gradients (so the norm is global); the loss is averaged here.
             if rt.world_size > 1:
-                dist.all_reduce(local_loss, op=dist.ReduceOp.AVG)
+                dist.all_reduce(local_loss)  # SUM: gloo gained AVG only in recent torch
+                local_loss /= rt.world_size
             elapsed = time.perf_counter() - window_start
             metrics = {
                 "loss": local_loss.item(),
@@ -143,7 +148,6 @@ def run(rt: Runtime) -> dict[str, float]:
 
 def main(config: Config) -> int:
     """Entry for a worker process: init, train, shut down."""
-    _validate(config)
     rt = init(config)
     try:
         run(rt)

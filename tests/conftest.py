@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -47,3 +48,13 @@ def no_leaked_process_group():
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
         pytest.fail("test left a torch.distributed process group initialised")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Fail a test that leaves a non-daemon thread running (it would keep the process alive)."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+    if leaked:
+        pytest.fail(f"test leaked threads: {[t.name for t in leaked]}")

@@ -42,15 +42,20 @@ def clean_env(*, loopback: bool = True, **extra: str) -> dict[str, str]:
 
 
 def run(argv, *, timeout: float, env=None, cwd=None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run to completion; on a non-zero exit (when ``check``) the message carries all output."""
+    """Run to completion; on a timeout the whole process tree is killed (no stray workers
+    keep ports for later tests); on a non-zero exit (when ``check``) the message has all output."""
+    proc = subprocess.Popen(argv, env=env or clean_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        proc = subprocess.run(argv, env=env or clean_env(), cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout, start_new_session=True)
-    except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"{argv} did not finish in {timeout}s\nstdout:\n{err.stdout}\nstderr:\n{err.stderr}") from None
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        stdout, stderr = proc.communicate(timeout=30)
+        raise AssertionError(f"{argv} did not finish in {timeout}s\nstdout:\n{stdout}\nstderr:\n{stderr}") from None
+    result = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{argv} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+        raise AssertionError(f"{argv} exited {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}")
+    return result
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

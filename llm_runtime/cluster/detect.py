@@ -33,31 +33,39 @@ def detect(
 ) -> ClusterInfo:
     """Describe this process's cluster from ``env`` and the SageMaker tree; mutates nothing.
 
-    ``kind`` forces one detector (``--cluster KIND``); it is an error when that kind's
-    facts are absent.
+    ``kind`` (``--cluster KIND``) forces a choice, and it is an error when that kind's facts
+    are absent. ``torchrun`` / ``mpi`` pick whose rank variables to read; ``sagemaker`` /
+    ``local`` pick where the node facts come from. A forced node-level kind never hides
+    the ranks of a process that a launcher already started: a worker stays a worker, or
+    it would spawn workers of its own.
     """
     if kind is not None and kind not in KINDS:
         raise ClusterError(f"unknown cluster kind {kind!r}; expected one of {', '.join(KINDS)}")
-    sm = sagemaker.read_config(env, sagemaker_dir)
+    sm = sagemaker.read_config(env, sagemaker_dir) if kind != "local" else None
     node = sagemaker.node_info(sm, env, num_gpus=num_gpus, cpu_procs=cpu_procs) if sm else None
-    elastic = bool(env.get("TORCHELASTIC_RUN_ID"))
+    if kind == "sagemaker" and node is None:
+        raise ClusterError(f"cluster kind 'sagemaker' was requested but "
+                           f"{sagemaker.config_dir(env, sagemaker_dir) / 'resourceconfig.json'} or SM_HOSTS is not present")
 
-    if kind in (None, "torchrun") and (elastic or (torchrun.matches(env) and not mpi.matches(env))):
+    if kind == "torchrun":
+        if not torchrun.matches(env):
+            raise ClusterError("cluster kind 'torchrun' was requested but neither TORCHELASTIC_RUN_ID nor "
+                               "all of RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are set")
         return torchrun.worker_info(env, hostname, node)
-    if kind in (None, "mpi") and mpi.matches(env):
+    if kind == "mpi":
+        if not mpi.matches(env):
+            raise ClusterError("cluster kind 'mpi' was requested but no OMPI_COMM_WORLD_RANK/SIZE or "
+                               "PMI_RANK/PMI_SIZE variables are set")
         return mpi.worker_info(env, hostname, node)
-    if kind in (None, "sagemaker") and node is not None:
-        return node
-    if kind in (None, "local"):
-        return local.node_info(env, hostname, num_gpus=num_gpus, cpu_procs=cpu_procs)
-    if kind == "torchrun" and torchrun.matches(env):
+    # A torchrun agent's children carry TORCHELASTIC_RUN_ID; without it, MPI's own variables
+    # outrank a RANK/WORLD_SIZE set that the runtime may have mapped from them.
+    if env.get("TORCHELASTIC_RUN_ID") or (torchrun.matches(env) and not mpi.matches(env)):
         return torchrun.worker_info(env, hostname, node)
-    needs = {
-        "torchrun": "TORCHELASTIC_RUN_ID, or RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT",
-        "mpi": "OMPI_COMM_WORLD_RANK/SIZE or PMI_RANK/PMI_SIZE",
-        "sagemaker": f"{sagemaker.config_dir(env, sagemaker_dir) / 'resourceconfig.json'} or SM_HOSTS",
-    }[kind]
-    raise ClusterError(f"cluster kind {kind!r} was requested but {needs} is not present")
+    if mpi.matches(env):
+        return mpi.worker_info(env, hostname, node)
+    if node is not None:
+        return node
+    return local.node_info(env, hostname, num_gpus=num_gpus, cpu_procs=cpu_procs)
 
 
 def probe_gpus() -> int:

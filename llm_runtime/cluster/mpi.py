@@ -10,10 +10,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from .base import ClusterError, ClusterInfo, env_int
+from .local import DEFAULT_MASTER_PORT
 
-__all__ = ["DEFAULT_MASTER_PORT", "matches", "worker_info"]
-
-DEFAULT_MASTER_PORT = 29500
+__all__ = ["matches", "worker_info"]
 # (rank, size, local rank, local size) variable names per MPI implementation.
 _FLAVOURS = (
     ("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),

@@ -137,6 +137,9 @@ def _training_hosts(cfg: SageMakerConfig, all_hosts: tuple[str, ...], groups: tu
         return all_hosts if len(groups) == 1 else tuple(h for g in groups for h in g.hosts)
     if isinstance(wanted, str):
         wanted = [wanted]
+    if not isinstance(wanted, list) or not all(isinstance(name, str) for name in wanted):
+        raise ClusterError(f"hyperparameter {DISTRIBUTION_GROUPS_KEY} must be a list of instance group "
+                           f"names, got {wanted!r}")
     known = {g.name for g in groups}
     unknown = [name for name in wanted if name not in known]
     if unknown:

@@ -37,8 +37,9 @@ def test_launch_runs_a_script_with_its_arguments_on_two_local_workers(tmp_path):
                timeout=120)
     reports = read_rank_reports(tmp_path, 2)
     assert [r["sum"] for r in reports] == [3.0, 3.0]
-    assert reports[0]["argv"] == ["--flag", "x"]
-    assert "fake-secret" not in proc.stdout + proc.stderr
+    assert reports[0]["argv"] == [str(tmp_path), "--flag", "x"]
+    for secret in ("fake-secret-never-printed", "fake-session-token-never-printed"):
+        assert secret not in proc.stdout + proc.stderr
 
 
 def test_launch_exits_nonzero_when_one_worker_fails(tmp_path):

@@ -38,10 +38,12 @@ exec "$@"
 
 RSH_AGENT = """#!/bin/sh
 # Open MPI calls: AGENT HOST COMMAND...; run COMMAND inside that simulated host's namespaces.
+# Like ssh, the remote side starts from a bare environment: only what mpirun exports (-x)
+# reaches the remote ranks, so the test can see whether the plan's variables were exported.
 host=$1; shift
 pid=$(grep "^$host " "{pidmap}" | cut -d' ' -f2)
 [ -n "$pid" ] || {{ echo "rsh agent: unknown host $host" >&2; exit 1; }}
-exec nsenter -t "$pid" -u -m -- /bin/sh -c "$*"
+exec nsenter -t "$pid" -u -m -- env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root /bin/sh -c "$*"
 """
 
 
@@ -139,12 +141,15 @@ def cluster_factory(tmp_path, namespaces):
         cluster.stop()
 
 
-def test_two_hosts_launch_a_four_rank_job_with_ranks_placed_by_host(cluster_factory, tmp_path):
+def test_docker_train_argument_runs_the_jobs_program_on_four_ranks_placed_by_host(cluster_factory, tmp_path):
+    # `docker run IMAGE train` with ENTRYPOINT ["llm-runtime", "launch"]: the job's program comes
+    # from the sagemaker_program hyperparameter, found in /opt/ml/code, other hyperparameters as --key value.
     out = tmp_path / "reports"
     out.mkdir()
-    cluster = cluster_factory({})
+    cluster = cluster_factory({"sagemaker_program": "report.py", "out": str(out)})
     for host in HOSTS:
-        cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", WORKER, str(out))
+        shutil.copy(WORKER, tmp_path / host / "code" / "report.py")
+        cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", "train")
     codes = cluster.wait_all(timeout=180)
     assert codes == {"algo-1": 0, "algo-2": 0}, cluster.logs()
     reports = read_rank_reports(out, 4)
@@ -152,10 +157,11 @@ def test_two_hosts_launch_a_four_rank_job_with_ranks_placed_by_host(cluster_fact
     assert {r["kind"] for r in reports} == {"sagemaker"}
     assert {tuple(r["hosts"]) for r in reports} == {HOSTS}
     assert [r["sum"] for r in reports] == [10.0] * 4
+    assert reports[0]["argv"] == ["--out", str(out)]
     assert {r["env"]["NCCL_SOCKET_IFNAME"] for r in reports} == {"lo"}  # from resourceconfig, via the plan
 
 
-def test_docker_train_argument_runs_the_builtin_trainer_across_two_hosts(cluster_factory, tmp_path):
+def test_docker_train_argument_without_a_program_runs_the_builtin_trainer_across_two_hosts(cluster_factory, tmp_path):
     # `docker run IMAGE train` with ENTRYPOINT ["llm-runtime", "launch"] and no sagemaker_program.
     cluster = cluster_factory({**TINY, "train.steps": 3, "train.metrics_path": "/opt/ml/output/metrics.jsonl"})
     for host in HOSTS:
@@ -169,8 +175,8 @@ def test_docker_train_argument_runs_the_builtin_trainer_across_two_hosts(cluster
 
 
 def test_killing_one_hosts_workers_fails_both_hosts_within_60s(cluster_factory, tmp_path):
-    cluster = cluster_factory({**TINY, "train.steps": 100000, "dist.train_timeout_s": 30,
-                               "train.metrics_path": "/opt/ml/output/metrics.jsonl"})
+    # Default timeouts: the survivors learn of the loss from their gloo connections, not a timer.
+    cluster = cluster_factory({**TINY, "train.steps": 100000, "train.metrics_path": "/opt/ml/output/metrics.jsonl"})
     for host in HOSTS:
         cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", "train")
     progress = tmp_path / "algo-1" / "output" / "metrics.jsonl"

@@ -241,8 +241,9 @@ def test_local_machine_is_one_node_with_a_worker_per_gpu_or_cpu_procs(num_gpus, 
 FORCED_CASES = [
     # (id, forced kind, env, with tree, expected kind)
     ("local-despite-sagemaker-tree", "local", {}, True, "local"),
-    ("local-despite-torchrun-vars", "local", TORCHRUN_VARS, False, "local"),
-    ("sagemaker-despite-mpi-vars", "sagemaker", OMPI_VARS, True, "sagemaker"),
+    # A forced node-level kind keeps the ranks of a launched worker (else it would spawn again).
+    ("local-keeps-torchrun-ranks", "local", TORCHRUN_VARS, True, "torchrun"),
+    ("sagemaker-node-facts-for-mpi-ranks", "sagemaker", OMPI_VARS, True, "mpi"),
     ("mpi-on-sagemaker", "mpi", OMPI_VARS, True, "mpi"),
     ("torchrun-from-four-vars", "torchrun", TORCHRUN_VARS, False, "torchrun"),
     # A torchrun worker on a SageMaker host still reports kind "sagemaker" (node facts kept).
@@ -256,8 +257,14 @@ def test_explicit_cluster_kind_overrides_detection(kind, env, with_tree, expecte
     root = sagemaker_tree(TWO_HOSTS, "algo-1") if with_tree else empty_dir
     info = run_detect(dict(env), root, kind=kind)
     assert info.kind == expected
+    if env:
+        assert info.is_worker  # a launched process is never mistaken for a launcher
     if kind == "torchrun":
         assert info.rank == 3
+    if kind == "local":
+        assert info.hosts != tuple(TWO_HOSTS)  # the SageMaker tree was ignored as asked
+    if kind == "sagemaker":
+        assert info.hosts == tuple(TWO_HOSTS)
 
 
 @pytest.mark.parametrize("kind", ["sagemaker", "torchrun", "mpi"])

@@ -283,10 +283,24 @@ def test_sagemaker_program_variable_is_used_without_the_hyperparameter(tmp_path)
     assert list(target.args) == ["--epochs", "1"]
 
 
-def test_sagemaker_program_missing_from_code_dir_is_kept_as_given(tmp_path):
-    target = sagemaker_target({"sagemaker_program": "elsewhere/job.py"}, {}, tmp_path)
-    assert target.script == "elsewhere/job.py"
-    assert target.args == ()
+def test_sagemaker_program_that_does_not_exist_is_refused_before_any_worker_starts(tmp_path):
+    with pytest.raises(LaunchError, match=r"elsewhere/job.py.*not in"):
+        sagemaker_target({"sagemaker_program": "elsewhere/job.py"}, {}, tmp_path)
+
+
+def test_missing_program_with_an_s3_submit_directory_says_it_is_not_downloaded(tmp_path):
+    with pytest.raises(LaunchError, match="does not download sagemaker_submit_directory"):
+        sagemaker_target({"sagemaker_program": "job.py", "sagemaker_submit_directory": "s3://b/src.tar.gz"},
+                         {}, tmp_path)
+
+
+def test_local_submit_directory_is_where_the_program_is_found(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "job.py").write_text("")
+    target = sagemaker_target({"sagemaker_program": "job.py", "sagemaker_submit_directory": str(source)},
+                              {}, tmp_path / "code")
+    assert target.script == str(source / "job.py")
 
 
 @pytest.mark.parametrize("program", ["train.sh", "train", "job.ipynb"])

@@ -1,6 +1,7 @@
 """A worker for launcher tests: init the runtime, all-reduce, write one JSON report per rank.
 
-usage: report.py OUT_DIR [--fail-rank R] [--hang-rank R]
+usage: report.py (OUT_DIR | --out OUT_DIR) [--fail-rank R] [--hang-rank R]
+(``--out`` is how a SageMaker hyperparameter reaches a program.)
 
 --hang-rank R: rank R never joins the all-reduce (it sleeps), so the others must time out.
 """
@@ -12,7 +13,7 @@ import traceback
 
 
 def main() -> None:
-    out = sys.argv[1]
+    out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else sys.argv[1]
     fail_rank = int(sys.argv[sys.argv.index("--fail-rank") + 1]) if "--fail-rank" in sys.argv else -1
     hang_rank = int(sys.argv[sys.argv.index("--hang-rank") + 1]) if "--hang-rank" in sys.argv else -1
     report = {"rank": int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "-1")))}
@@ -35,7 +36,7 @@ def main() -> None:
         report.update(
             world_size=rt.world_size, local_rank=rt.local_rank, sum=value.item(), kind=rt.cluster.kind,
             hostname=socket.gethostname(), current_host=rt.cluster.current_host, hosts=list(rt.cluster.hosts),
-            backend=rt.backend, argv=sys.argv[2:],
+            backend=rt.backend, argv=sys.argv[1:],
             env={k: os.environ.get(k) for k in ("NCCL_SOCKET_IFNAME", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
                                                  "MASTER_ADDR", "LOCAL_WORLD_SIZE")},
         )
