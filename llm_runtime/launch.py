@@ -298,7 +298,14 @@ def _status_store(addr: str, port: int, *, is_master: bool, timeout_s: float):
 
 
 def _run_mpirun(argv: Sequence[str], env: Mapping[str, str], info: ClusterInfo, others: int) -> int:
-    store = _status_store("0.0.0.0", mpi_status_port(info), is_master=True, timeout_s=60) if others else None
+    store = None
+    if others:
+        try:
+            store = _status_store("0.0.0.0", mpi_status_port(info), is_master=True, timeout_s=60)
+        except (RuntimeError, OSError) as err:
+            print(f"llm-runtime: cannot publish mpirun's status on port {mpi_status_port(info)} "
+                  f"(MASTER_PORT + 1): {err}", file=sys.stderr)
+            return 1
     log.info("mpirun command: %s", shlex.join(argv))
     try:
         status = subprocess.run(list(argv), env=dict(env)).returncode
@@ -314,7 +321,11 @@ def _run_mpirun(argv: Sequence[str], env: Mapping[str, str], info: ClusterInfo, 
 
 
 def _wait_for_mpirun(addr: str, port: int, host: str, timeout_s: float) -> int:
-    """A non-first host: wait for the first host's mpirun to finish and exit with its status."""
+    """A non-first host: wait for the first host's mpirun to finish and exit with its status.
+
+    Reaching the first host is bounded by ``timeout_s``; after that the wait lasts as long
+    as the job, and ends the moment the first host's store goes away (its launcher died).
+    """
     try:
         store = _status_store(addr, port, is_master=False, timeout_s=timeout_s)
     except (RuntimeError, OSError) as err:

@@ -74,6 +74,7 @@ class Cluster:
         self.root = root
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
+        self.log_files = []
         (root / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
             f"127.0.1.{i} {h}\n" for i, h in enumerate(HOSTS, 1)))
         (root / "enter-host").write_text(ENTER_HOST)
@@ -95,6 +96,7 @@ class Cluster:
 
     def start(self, host: str, *command: str, **env: str) -> subprocess.Popen:
         log = open(self.root / f"{host}.log", "w")
+        self.log_files.append(log)
         proc = subprocess.Popen(
             ["unshare", "--uts", "--mount", "--propagation", "private", "--", str(self.root / "enter-host"),
              host, str(self.root / "hosts"), str(self.root / host), *command],
@@ -126,6 +128,8 @@ class Cluster:
         for proc in self.procs.values():
             kill_tree(proc)
             proc.wait(timeout=30)
+        for log in self.log_files:
+            log.close()
 
 
 @pytest.fixture
@@ -205,7 +209,8 @@ def test_mpi_launch_from_first_host_reaches_remote_ranks_with_the_env_plan(clust
     agent.write_text(RSH_AGENT.format(pidmap=tmp_path / "pids"))
     agent.chmod(0o755)
     command = (str(BIN / "llm-runtime"), "launch", "--mpi", "--nproc-per-node", "2", WORKER, str(out))
-    second = cluster.start("algo-2", *command)  # waits for the first host's mpirun status
+    # The agent replaces ssh, so neither host starts sshd or waits for port 22.
+    second = cluster.start("algo-2", *command, OMPI_MCA_plm_rsh_agent=str(agent))  # waits for algo-1's status
     (tmp_path / "pids").write_text(f"algo-2 {second.pid}\n")
     cluster.start("algo-1", *command, OMPI_MCA_plm_rsh_agent=str(agent))
     codes = cluster.wait_all(timeout=180)
