@@ -209,6 +209,7 @@ def _launcher_logging() -> None:
     logger = logging.getLogger("llm_runtime")
     if not logger.handlers:
         handler = _StderrHandler()
+        handler._llm_runtime = True  # type: ignore[attr-defined]  # runtime.init replaces it in workers
         handler.setFormatter(logging.Formatter("llm-runtime: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -5,6 +5,7 @@ script.py`` becomes a world of one.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -101,6 +102,10 @@ class Runtime:
         ``barrier=False``: the peers may be gone, and a barrier would only wait for the timeout.
         """
         if self._owns_group and dist.is_initialized():
+            # DDP/FSDP keep the process group alive from reference cycles; collected only at
+            # interpreter exit, gloo's threads then abort the process (SIGABRT) after a
+            # finished job. Collect now, so destroy_process_group really destroys it.
+            gc.collect()
             if barrier and self.world_size > 1:
                 dist.barrier()
             dist.destroy_process_group()
