@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "DistConfig", "LaunchConfig", "ModelConfig", "NetenvConfig",
+__all__ = ["Config", "ConfigError", "DistConfig", "LaunchConfig", "ModelConfig", "NetenvConfig", "ParallelConfig",
            "TrainConfig", "ENV_PREFIX", "load_config", "parse_cli_overrides", "to_dict"]
 
 ENV_PREFIX = "LLM_RUNTIME_"
@@ -27,6 +27,11 @@ CHOICES = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "launch.cluster": ("", "sagemaker", "torchrun", "mpi", "local"),
     "netenv.efa": ("auto", "on", "off"),
+    "parallel.backend": ("fsdp",),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved"),
+    "parallel.mixed_precision": ("bf16", "fp32"),
+    "parallel.reduce_dtype": ("bf16", "fp32"),
+    "parallel.activation_checkpoint": ("none", "full", "every"),
 }
 
 
@@ -55,6 +60,8 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     log_every: int = 5
     metrics_path: str = ""
+    export_dir: str = ""
+    """When set, the final full weights are written there (one torch file per pipeline stage)."""
     """When set, rank 0 appends one JSON line per logged step (step, loss, grad_norm, lr, tokens_per_s)."""
 
 
@@ -63,6 +70,39 @@ class ModelConfig:
     dim: int = 128
     layers: int = 4
     heads: int = 4
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "fsdp"
+    """``fsdp`` (FSDP2 / HSDP + tensor and pipeline parallel via torch.distributed)."""
+    dp_replicate: int = 0
+    """Data-parallel replica groups (HSDP); 0 = infer from shard_group_size / the node layout."""
+    dp_shard: int = -1
+    """Ranks one model copy is sharded over (FSDP); -1 = infer."""
+    tp: int = 1
+    """Tensor-parallel size (consecutive ranks, so keep it within a node)."""
+    pp: int = 1
+    """Pipeline stages."""
+    shard_group_size: int = 0
+    """Shard group size for both backends (FSDP's HSDP, DeepSpeed's MiCS/hpZ); 0 = default."""
+    pp_schedule: str = "1f1b"
+    """``gpipe``, ``1f1b`` or ``interleaved`` (interleaved 1F1B: two or more stages per rank)."""
+    microbatches: int = 0
+    """Pipeline microbatches per step; 0 = as many as stages in the pipeline."""
+    stages_per_rank: int = 0
+    """Pipeline stages held by each rank; 0 = 1, or 2 for the interleaved schedule."""
+    pp_split_points: str = ""
+    """Comma-separated layer indices where stages 1.. begin (e.g. "3,6"); empty = even split."""
+    mixed_precision: str = "bf16"
+    """Parameter/compute dtype: ``bf16`` or ``fp32`` (CPU always runs fp32)."""
+    reduce_dtype: str = "fp32"
+    """Gradient reduction dtype: ``fp32`` or ``bf16``."""
+    activation_checkpoint: str = "none"
+    """``none``, ``full`` (every block) or ``every`` (every ``ac_every``-th block)."""
+    ac_every: int = 2
+    compile: bool = False
+    """torch.compile each transformer block."""
 
 
 @dataclass
@@ -103,6 +143,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     netenv: NetenvConfig = field(default_factory=NetenvConfig)
 

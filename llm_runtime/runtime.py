@@ -19,9 +19,10 @@ import torch.distributed as dist
 from . import netenv
 from .cluster import ClusterInfo, detect_here
 from .cluster import sagemaker as sm
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, ParallelConfig, load_config
+from .parallel.dims import ParallelDims, resolve_dims
 
-__all__ = ["Runtime", "init", "process_env"]
+__all__ = ["Runtime", "dims_for", "init", "process_env"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,24 @@ def process_env(info: ClusterInfo) -> dict[str, str]:
         "MASTER_ADDR": info.master_addr,
         "MASTER_PORT": str(info.master_port),
     }
+
+
+def parse_split_points(text: str) -> list[int]:
+    """``parallel.pp_split_points`` ("3,6") as layer indices."""
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ConfigError(f"parallel.pp_split_points must be comma-separated layer indices, got {text!r}") from None
+
+
+def dims_for(parallel: ParallelConfig, world_size: int, info: ClusterInfo) -> ParallelDims:
+    """The parallel layout for this job, checked against the world size (raises ConfigError)."""
+    try:
+        return resolve_dims(world_size=world_size, dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard,
+                            tp=parallel.tp, pp=parallel.pp, shard_group_size=parallel.shard_group_size,
+                            nproc_per_node=info.nproc_per_node, num_nodes=info.num_nodes)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def choose_backend(requested: str, cuda_available: bool) -> str:
@@ -87,7 +106,39 @@ class Runtime:
     config: Config
     seed: int = 0
     """This rank's own seed (``train.seed + rank``) for rank-local randomness."""
+    dims: ParallelDims | None = None
+    """The parallel layout (from the ``parallel`` config section)."""
+    mesh: object = None
+    """DeviceMesh over the axes of ``dims`` larger than 1 (None in a world of one)."""
     _owns_group: bool = field(default=True, repr=False)
+
+    @property
+    def dp_rank(self) -> int:
+        """Which slice of every global batch this rank reads (tensor/pipeline peers share it)."""
+        return self.dims.dp_rank(self.rank)
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp_size
+
+    def parallelize(self, model, **options):
+        """Parallelize ``model`` on this job's mesh; options default to the ``parallel`` config.
+
+        For tensor parallelism pass ``tp_plan`` ({module path in a block: ParallelStyle});
+        for pipelining the model needs a ``layers`` list and a forward that skips modules
+        set to None (``first_only`` / ``last_only`` name them). See parallel/api.py.
+        """
+        from .parallel.api import parallelize
+
+        parallel = self.config.parallel
+        defaults = dict(pp_schedule=parallel.pp_schedule, microbatches=parallel.microbatches,
+                        stages_per_rank=parallel.stages_per_rank,
+                        split_points=parse_split_points(parallel.pp_split_points),
+                        mixed_precision=parallel.mixed_precision, reduce_dtype=parallel.reduce_dtype,
+                        activation_checkpoint=parallel.activation_checkpoint, ac_every=parallel.ac_every,
+                        compile=parallel.compile)
+        return parallelize(model, self.dims, rank=self.rank, device=self.device, mesh=self.mesh,
+                           **{**defaults, **options})
 
     @property
     def is_main(self) -> bool:
@@ -130,6 +181,7 @@ def init(config: Config | None = None) -> Runtime:
         rank, local_rank, world = info.rank, info.local_rank, info.world_size
     else:
         rank, local_rank, world = 0, 0, 1
+    dims = dims_for(config.parallel, world, info)  # a layout that cannot fit fails before any group
     _setup_logging(rank)
 
     if backend == "nccl":
@@ -165,8 +217,13 @@ def init(config: Config | None = None) -> Runtime:
         numpy.random.seed(seed % 2**32)
     except ImportError:
         pass
+    mesh = None
+    if world > 1:
+        from .parallel.api import build_mesh
+
+        mesh = build_mesh(dims, device.type)
     log.info("initialised rank %d/%d on %s %s (backend %s, cluster %s, init timeout %.0fs, train timeout %.0fs)",
              rank, world, info.current_host, device, backend, info.kind, config.dist.init_timeout_s,
              config.dist.train_timeout_s)
-    return Runtime(rank, local_rank, world, device, backend, info, config, seed, owns)
+    return Runtime(rank, local_rank, world, device, backend, info, config, seed, dims, mesh, owns)
 

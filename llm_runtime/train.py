@@ -6,20 +6,21 @@ of processes.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
+import os
 import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from .config import Config, ConfigError, TrainConfig
 from .models import ByteTokenizer, Llama, LlamaConfig, bundled_text
-from .runtime import Runtime, init
+from .parallel.dims import ParallelDims, resolve_dims
+from .parallel.pipeline import split_layers
+from .parallel.tensor import check_tensor_parallel, llama_tp_plan
+from .runtime import Runtime, init, parse_split_points
 
 __all__ = ["batch_layout", "check", "global_batch_starts", "lr_factor", "main", "run"]
 
@@ -65,74 +66,81 @@ def lr_factor(step: int, train: TrainConfig) -> float:
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def check(config: Config, data_parallel_size: int) -> LlamaConfig:
+def check(config: Config, world_size: int, *, nproc_per_node: int | None = None,
+          num_nodes: int = 1) -> tuple[LlamaConfig, ParallelDims]:
     """Every config error the job would hit, raised as ConfigError before any worker starts."""
-    train = config.train
+    train, parallel = config.train, config.parallel
     for key in ("steps", "seq_len", "log_every"):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
-    batch_layout(train, data_parallel_size)
-    model_config = LlamaConfig(dim=config.model.dim, layers=config.model.layers,
-                               heads=config.model.heads, max_seq_len=train.seq_len)
     try:
-        model_config.validate()
+        dims = resolve_dims(world_size=world_size, dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard,
+                            tp=parallel.tp, pp=parallel.pp, shard_group_size=parallel.shard_group_size,
+                            nproc_per_node=nproc_per_node, num_nodes=num_nodes)
+        model_config = LlamaConfig(dim=config.model.dim, layers=config.model.layers,
+                                   heads=config.model.heads, max_seq_len=train.seq_len).validate()
+        check_tensor_parallel(dims.tp, heads=model_config.heads, kv_heads=model_config.num_kv_heads,
+                              ffn_hidden=model_config.ffn_hidden_dim)
+        if dims.pp > 1:
+            per_rank = parallel.stages_per_rank or (2 if parallel.pp_schedule == "interleaved" else 1)
+            if parallel.pp_schedule != "interleaved" and per_rank != 1:
+                raise ValueError(f"parallel.stages_per_rank={per_rank} needs parallel.pp_schedule=interleaved")
+            split_layers(model_config.layers, dims.pp * per_rank, parse_split_points(parallel.pp_split_points))
+            micro = parallel.microbatches or dims.pp * per_rank
+            per_replica = train.batch_size // dims.dp_size if train.batch_size % dims.dp_size == 0 else 0
+            if per_replica and per_replica % micro:
+                raise ValueError(f"parallel.microbatches={micro} does not divide the per-replica batch of "
+                                 f"{per_replica} (train.batch_size={train.batch_size} over {dims.dp_size} replicas)")
+            if parallel.pp_schedule == "interleaved" and micro % dims.pp:
+                raise ValueError(f"the interleaved schedule needs parallel.microbatches ({micro}) to be a "
+                                 f"multiple of parallel.pp ({dims.pp})")
+    except ConfigError:
+        raise
     except ValueError as err:
-        raise ConfigError(f"[model] {err}") from None
+        raise ConfigError(str(err)) from None
+    batch_layout(train, dims.dp_size)
     text_bytes = len(bundled_text().encode())
     if text_bytes < train.seq_len + 2:
         raise ConfigError(f"train.seq_len={train.seq_len} is longer than the text ({text_bytes} tokens)")
-    return model_config
+    return model_config, dims
 
 
 def run(rt: Runtime) -> dict[str, float]:
     """Train on this worker; returns the final metrics (identical on every rank)."""
     config, train = rt.config, rt.config.train
-    model_config = check(config, rt.world_size)
-    micro, accumulation = batch_layout(train, rt.world_size)
+    model_config, _ = check(config, rt.world_size, nproc_per_node=rt.cluster.nproc_per_node,
+                            num_nodes=rt.cluster.num_nodes)
+    micro, accumulation = batch_layout(train, rt.dp_size)
+    per_replica = micro * accumulation
     tokens = torch.from_numpy(ByteTokenizer().encode_array(bundled_text()).astype(np.int64))
     model = Llama(model_config)
-    model.init_weights(torch.Generator().manual_seed(train.seed))
-    model.to(rt.device)
-    wrapped = DistributedDataParallel(model) if rt.world_size > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(0.9, 0.95),
-                                  weight_decay=train.weight_decay)
+    model.init_weights(torch.Generator().manual_seed(train.seed))  # identical on every rank
+    parallel_model = rt.parallelize(model, tp_plan=llama_tp_plan())
+    params = list(parallel_model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.95), weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + 1, train))
     offsets = torch.arange(train.seq_len + 1)
-    log.info("model %.2fM parameters, global batch %d x %d tokens, %d replicas x %d micro-batches of %d",
-             model.num_parameters() / 1e6, train.batch_size, train.seq_len, rt.world_size, accumulation, micro)
+    log.info("model %.2fM parameters, global batch %d x %d tokens, layout %s, %d replicas x %d sequences",
+             model.num_parameters() / 1e6, train.batch_size, train.seq_len, rt.dims.describe(), rt.dp_size,
+             per_replica)
 
     metrics = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}
     window_start, window_steps = time.perf_counter(), 0
     for step in range(1, train.steps + 1):
         starts = global_batch_starts(train.seed, step, train.batch_size, len(tokens), train.seq_len)
-        mine = torch.from_numpy(starts[rt.rank * micro * accumulation:(rt.rank + 1) * micro * accumulation])
-        local_loss = torch.zeros((), device=rt.device)
-        for index in range(accumulation):
-            rows = tokens[mine[index * micro:(index + 1) * micro, None] + offsets].to(rt.device)
-            last = index == accumulation - 1
-            context = wrapped.no_sync() if (rt.world_size > 1 and not last) else contextlib.nullcontext()
-            with context:
-                logits = wrapped(rows[:, :-1])
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten()) / accumulation
-                loss.backward()
-            local_loss += loss.detach()
-        if train.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        mine = torch.from_numpy(starts[rt.dp_rank * per_replica:(rt.dp_rank + 1) * per_replica])
+        rows = tokens[mine[:, None] + offsets].to(rt.device)
+        local_loss = parallel_model.train_step(rows[:, :-1], rows[:, 1:], accumulation)
+        grad_norm = parallel_model.clip_grad_norm_(train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         window_steps += 1
         if step % train.log_every == 0 or step == train.steps:
-            # DDP already averaged the gradients (so the norm is global); the loss is averaged here.
-            if rt.world_size > 1:
-                dist.all_reduce(local_loss)  # SUM: gloo gained AVG only in recent torch
-                local_loss /= rt.world_size
             elapsed = time.perf_counter() - window_start
             metrics = {
-                "loss": local_loss.item(),
-                "grad_norm": float(grad_norm),
+                "loss": parallel_model.global_loss(local_loss),
+                "grad_norm": grad_norm,
                 "tokens_per_s": window_steps * train.batch_size * train.seq_len / elapsed,
             }
             lr = scheduler.get_last_lr()[0]
@@ -142,8 +150,19 @@ def run(rt: Runtime) -> dict[str, float]:
                 with open(train.metrics_path, "a") as sink:
                     sink.write(json.dumps({"step": step, "lr": lr, **metrics}) + "\n")
             window_start, window_steps = time.perf_counter(), 0
+    if train.export_dir:
+        export_weights(parallel_model, train.export_dir)
     log.info("done steps=%d final_loss=%.4f", train.steps, metrics["loss"])
     return metrics
+
+
+def export_weights(parallel_model, directory: str) -> None:
+    """Full (unsharded) weights, one torch file per pipeline stage, written by one rank per stage."""
+    state = parallel_model.full_state_dict()  # a collective: every rank takes part
+    coords = parallel_model.dims.coords(parallel_model.rank)
+    if parallel_model.dp_rank == 0 and coords["tp"] == 0:
+        os.makedirs(directory, exist_ok=True)
+        torch.save(state, os.path.join(directory, f"weights-pp{coords['pp']}.pt"))
 
 
 def main(config: Config) -> int:

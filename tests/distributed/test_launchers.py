@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.procs import BIN, PYTHON, REPO, clean_env, free_port, read_rank_reports, run
+from tests.procs import BIN, PYTHON, REPO, clean_env, read_rank_reports, run
 
 WORKER = str(REPO / "tests" / "workers" / "report.py")
 

@@ -1,8 +1,6 @@
 """The main job end to end: llm-runtime train through the launcher, on CPU workers."""
 import math
-import os
 
-import pytest
 
 from tests.procs import BIN, REPO, clean_env, metrics, run
 

@@ -1,0 +1,223 @@
+"""``parallelize``: one model, any of DDP / FSDP2 / HSDP x TP x PP, behind one training-step API.
+
+The built-in trainer and user code call the same thing (``rt.parallelize(model, ...)``).
+The user supplies a tensor-parallel plan (per block) and, for pipeline parallelism, where the
+layers are and which modules belong only to the first / last stage.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .dims import ParallelDims
+from .fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp, mixed_precision_policy
+from .pipeline import build_schedule, build_stage_modules, split_layers, stage_indices
+from .tensor import apply_tensor_parallel
+
+__all__ = ["ParallelModel", "build_mesh", "cross_entropy", "parallelize"]
+
+log = logging.getLogger(__name__)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def build_mesh(dims: ParallelDims, device_type: str):
+    """The DeviceMesh over the axes larger than 1 (None for a world of one)."""
+    axes = dims.mesh_axes()
+    if not axes:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    names, sizes = zip(*axes)
+    return init_device_mesh(device_type, tuple(sizes), mesh_dim_names=tuple(names))
+
+
+@dataclass
+class ParallelModel:
+    """The parallelized model parts held by this rank and how to run one training step."""
+
+    parts: list[nn.Module]
+    dims: ParallelDims
+    rank: int
+    mesh: object = None
+    schedule: object = None
+    has_first_stage: bool = True
+    has_last_stage: bool = True
+    loss_fn: Callable = cross_entropy
+    data_parallel: str = "none"
+    """``none``, ``ddp`` or ``fsdp``."""
+    _pp_group: object = field(default=None, repr=False)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return itertools.chain.from_iterable(part.parameters() for part in self.parts)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.dp_rank(self.rank)
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, accumulation: int = 1) -> torch.Tensor:
+        """Forward and backward of this replica's batch; returns its mean loss (0 off the last stage).
+
+        Without pipelining the batch runs as ``accumulation`` micro-batches with gradient
+        sync only on the last; with it, the schedule splits it into its microbatches.
+        """
+        if self.schedule is not None:
+            losses: list[torch.Tensor] = []
+            args = (inputs,) if self.has_first_stage else ()
+            if self.has_last_stage:
+                self.schedule.step(*args, target=targets, losses=losses)
+                return torch.stack([loss.detach() for loss in losses]).mean()
+            self.schedule.step(*args)
+            return torch.zeros((), device=inputs.device)
+        model = self.parts[0]
+        total = torch.zeros((), device=inputs.device)
+        for index, (chunk_in, chunk_out) in enumerate(zip(inputs.chunk(accumulation), targets.chunk(accumulation))):
+            last = index == accumulation - 1
+            with self._sync(model, last):
+                loss = self.loss_fn(model(chunk_in), chunk_out) / accumulation
+                loss.backward()
+            total += loss.detach()
+        return total
+
+    def _sync(self, model: nn.Module, last: bool):
+        if self.data_parallel == "ddp" and not last:
+            return model.no_sync()
+        if self.data_parallel == "fsdp":
+            model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def global_loss(self, local_loss: torch.Tensor) -> float:
+        """The step's loss over the global batch: mean over replicas, from the last stage."""
+        if self.dims.world_size == 1:
+            return local_loss.item()
+        coords = self.dims.coords(self.rank)
+        mine = local_loss if (self.has_last_stage and coords["tp"] == 0) else torch.zeros_like(local_loss)
+        total = mine.detach().clone()
+        dist.all_reduce(total)
+        return total.item() / self.dims.dp_size
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip by the global gradient norm (across shards, tensor and pipeline ranks); returns it."""
+        # Group by layout: foreach kernels refuse a mix of plain tensors and DTensors, and
+        # each DTensor group's norm needs its own reduction over its mesh.
+        groups: dict[object, list[nn.Parameter]] = {}
+        for param in self.parameters():
+            if param.grad is not None:
+                grad = param.grad
+                key = (id(grad.device_mesh), tuple(grad.placements)) if hasattr(grad, "device_mesh") else "local"
+                groups.setdefault(key, []).append(param)
+        device = next(self.parameters()).device
+        squared = torch.zeros((), device=device, dtype=torch.float32)
+        for params in groups.values():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
+            squared += norm.float() ** 2
+        if self._pp_group is not None:
+            dist.all_reduce(squared, group=self._pp_group)  # each stage holds different parameters
+        total = squared.sqrt()
+        if max_norm > 0:
+            for params in groups.values():
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total.item()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded weights of this rank's stages (names as in the unsplit model), on CPU."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state: dict[str, torch.Tensor] = {}
+        for part in self.parts:
+            full = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
+            state.update({name: tensor.detach().cpu() for name, tensor in full.items()})
+        return state
+
+
+def parallelize(
+    model: nn.Module,
+    dims: ParallelDims,
+    *,
+    rank: int,
+    device: torch.device,
+    mesh=None,
+    tp_plan: Mapping[str, object] | None = None,
+    layers_attr: str = "layers",
+    first_only: Sequence[str] = ("tok_embeddings",),
+    last_only: Sequence[str] = ("norm", "output"),
+    pp_schedule: str = "1f1b",
+    microbatches: int = 0,
+    stages_per_rank: int = 0,
+    split_points: Sequence[int] = (),
+    mixed_precision: str = "bf16",
+    reduce_dtype: str = "fp32",
+    activation_checkpoint: str = "none",
+    ac_every: int = 2,
+    compile: bool = False,
+    loss_fn: Callable = cross_entropy,
+) -> ParallelModel:
+    """Apply PP split, then TP, activation checkpointing, compile and FSDP/DDP, in that order."""
+    if dims.world_size > 1 and mesh is None:
+        raise ValueError("parallelize needs the DeviceMesh of a multi-rank job (rt.mesh)")
+    coords = dims.coords(rank)
+    if dims.pp == 1:
+        stages_per_rank = 1  # no pipeline: the schedule settings do not apply
+    stages_per_rank = stages_per_rank or (2 if pp_schedule == "interleaved" else 1)
+    if dims.pp > 1 or stages_per_rank > 1:
+        num_stages = dims.pp * stages_per_rank
+        ranges = split_layers(len(getattr(model, layers_attr)), num_stages, split_points)
+        mine = stage_indices(coords["pp"], dims.pp, stages_per_rank)
+        parts = build_stage_modules(model, mine, ranges, layers_attr=layers_attr,
+                                    first_only=first_only, last_only=last_only)
+    else:
+        num_stages, mine, parts = 1, [0], [model]
+    for part in parts:
+        part.to(device)
+    blocks_per_part = [list(getattr(part, layers_attr).values()) if isinstance(getattr(part, layers_attr), nn.ModuleDict)
+                       else list(getattr(part, layers_attr)) for part in parts]
+    all_blocks = [block for blocks in blocks_per_part for block in blocks]
+
+    if dims.tp > 1:
+        if not tp_plan:
+            raise ValueError("parallel.tp > 1 needs a tensor-parallel plan for the model's blocks")
+        apply_tensor_parallel(all_blocks, mesh["tp"], tp_plan)
+    apply_activation_checkpointing(all_blocks, activation_checkpoint, ac_every)
+    if compile:
+        apply_compile(all_blocks)
+
+    data_parallel = "none"
+    dp_axes = [axis for axis in ("dp_replicate", "dp_shard") if dims.sizes()[axis] > 1]
+    if dp_axes:
+        if dims.dp_shard == 1 and dims.tp == 1 and dims.pp == 1:
+            # Plain replication: DDP's bucketed all-reduce is the cheapest way to keep copies equal.
+            from torch.nn.parallel import DistributedDataParallel
+
+            parts = [DistributedDataParallel(parts[0], device_ids=[device.index] if device.type == "cuda" else None)]
+            data_parallel = "ddp"
+        else:
+            # FSDP2 over the shard axis, HSDP (replicate x shard) when both exist. A replicate-only
+            # layout next to TP/PP shards over the replicas: same numbers, less memory.
+            dp_mesh = mesh[tuple(dp_axes)] if len(dp_axes) > 1 else mesh[dp_axes[0]]
+            policy = mixed_precision_policy(mixed_precision, reduce_dtype, device.type)
+            apply_fsdp(parts, blocks_per_part, dp_mesh, policy, reshard_after_forward=dims.pp == 1)
+            data_parallel = "fsdp"
+
+    schedule, pp_group = None, None
+    if num_stages > 1:
+        from torch.distributed.pipelining import PipelineStage
+
+        pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
+        stages = [PipelineStage(part, index, num_stages, device, group=pp_group) for part, index in zip(parts, mine)]
+        schedule = build_schedule(stages, microbatches or num_stages, loss_fn, pp_schedule)
+    log.info("parallelized: %s, %s data parallel, %d stage(s) on this rank of %d", dims.describe(),
+             data_parallel, len(parts), num_stages)
+    return ParallelModel(parts=parts, dims=dims, rank=rank, mesh=mesh, schedule=schedule,
+                         has_first_stage=0 in mine, has_last_stage=(num_stages - 1) in mine,
+                         loss_fn=loss_fn, data_parallel=data_parallel, _pp_group=pp_group)
