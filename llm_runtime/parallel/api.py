@@ -55,6 +55,8 @@ class ParallelModel:
     loss_fn: Callable = cross_entropy
     data_parallel: str = "none"
     """``none``, ``ddp`` or ``fsdp``."""
+    autocast_dtype: torch.dtype | None = None
+    """bf16 autocast for layouts FSDP's mixed-precision policy does not cover (DDP, TP only)."""
     _pp_group: object = field(default=None, repr=False)
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -82,11 +84,16 @@ class ParallelModel:
         total = torch.zeros((), device=inputs.device)
         for index, (chunk_in, chunk_out) in enumerate(zip(inputs.chunk(accumulation), targets.chunk(accumulation))):
             last = index == accumulation - 1
-            with self._sync(model, last):
+            with self._sync(model, last), self._autocast(inputs.device):
                 loss = self.loss_fn(model(chunk_in), chunk_out) / accumulation
                 loss.backward()
             total += loss.detach()
         return total
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def _sync(self, model: nn.Module, last: bool):
         if self.data_parallel == "ddp" and not last:
@@ -209,6 +216,13 @@ def parallelize(
             apply_fsdp(parts, blocks_per_part, dp_mesh, policy, reshard_after_forward=dims.pp == 1)
             data_parallel = "fsdp"
 
+    autocast_dtype = None
+    if mixed_precision != "fp32":
+        if device.type == "cpu":
+            log.info("parallel.mixed_precision=%s: running fp32 on CPU", mixed_precision)
+        elif data_parallel != "fsdp" and num_stages == 1:
+            autocast_dtype = torch.bfloat16
+
     schedule, pp_group = None, None
     if num_stages > 1:
         from torch.distributed.pipelining import PipelineStage
@@ -220,4 +234,5 @@ def parallelize(
              data_parallel, len(parts), num_stages)
     return ParallelModel(parts=parts, dims=dims, rank=rank, mesh=mesh, schedule=schedule,
                          has_first_stage=0 in mine, has_last_stage=(num_stages - 1) in mine,
-                         loss_fn=loss_fn, data_parallel=data_parallel, _pp_group=pp_group)
+                         loss_fn=loss_fn, data_parallel=data_parallel, autocast_dtype=autocast_dtype,
+                         _pp_group=pp_group)

@@ -19,9 +19,8 @@ def mixed_precision_policy(param: str, reduce: str, device_type: str):
     """FSDP2's policy; on CPU everything runs in fp32 (bf16 matmuls there are slow and inexact)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if device_type == "cpu" and (param != "fp32" or reduce != "fp32"):
-        log.info("mixed precision %s/%s requested; running fp32 on CPU", param, reduce)
-        param = reduce = "fp32"
+    if device_type == "cpu":
+        param = reduce = "fp32"  # parallelize() prints the one-line notice
     return MixedPrecisionPolicy(param_dtype=_DTYPES[param], reduce_dtype=_DTYPES[reduce])
 
 

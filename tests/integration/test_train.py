@@ -1,6 +1,8 @@
 """The main job end to end: llm-runtime train through the launcher, on CPU workers."""
 import math
 
+import pytest
+
 
 from tests.procs import BIN, REPO, clean_env, metrics, run
 
@@ -34,6 +36,20 @@ def test_batch_that_does_not_divide_is_refused_before_any_worker_starts(tmp_path
     assert proc.returncode == 2
     assert "train.batch_size=8" in proc.stderr and "3 data-parallel replicas" in proc.stderr
     assert "torch.distributed.run" not in proc.stderr  # no worker was spawned
+
+
+@pytest.mark.parametrize("nproc, args, needle", [
+    (2, ["--parallel.tp=3"], "WORLD_SIZE=2 is not divisible by tp x pp = 3"),
+    (2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"], "parallel.dp_replicate=2 x parallel.dp_shard=2"),
+    (2, ["--parallel.tp=2", "--model.heads=1", "--model.dim=64"], "parallel.tp=2 must divide model.heads (1)"),
+    (2, ["--parallel.pp=2", "--model.layers=1"], "the model has 1"),
+], ids=["product-does-not-divide", "product-exceeds-world", "tp-larger-than-heads", "pp-larger-than-layers"])
+def test_impossible_parallel_layout_is_refused_with_its_factors_before_any_worker(nproc, args, needle):
+    proc = run([str(BIN / "llm-runtime"), "train", "--nproc-per-node", str(nproc), *TINY, *args],
+               timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, no traceback, no workers
 
 
 def test_demo_script_trains_the_bundled_model_to_completion(tmp_path):

@@ -1,0 +1,76 @@
+"""Every parallel layout trains the bundled model exactly like one process (gloo, fp32, CPU).
+
+Each layout is a real `llm-runtime train` job; the global batch, seed and data are fixed, so
+the loss curve and the weights after 5 steps must match the single-process run.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.procs import BIN, metrics, run
+
+pytestmark = pytest.mark.slow
+
+STEPS = 5
+COMMON = ["--model.dim=64", "--model.layers=4", "--model.heads=4", "--train.seq_len=32", "--train.batch_size=8",
+          f"--train.steps={STEPS}", "--train.log_every=1", "--train.warmup_steps=2", "--parallel.mixed_precision=fp32"]
+
+LAYOUTS = [
+    ("ddp", 2, ["--parallel.dp_replicate=2"]),
+    ("fsdp2", 2, []),
+    ("fsdp2-accumulation-and-activation-checkpointing", 2,
+     ["--train.micro_batch_size=2", "--parallel.activation_checkpoint=full"]),
+    ("hsdp-2x2", 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
+    ("tp2", 2, ["--parallel.tp=2"]),
+    ("pp2-gpipe", 2, ["--parallel.pp=2", "--parallel.pp_schedule=gpipe"]),
+    ("pp2-1f1b", 2, ["--parallel.pp=2", "--parallel.pp_schedule=1f1b", "--parallel.microbatches=4"]),
+    ("pp2-interleaved-1f1b", 2, ["--parallel.pp=2", "--parallel.pp_schedule=interleaved"]),
+    ("fsdp2xtp2", 4, ["--parallel.dp_shard=2", "--parallel.tp=2"]),
+    ("pp2xfsdp2", 4, ["--parallel.pp=2", "--parallel.dp_shard=2"]),
+    ("pp2xdp2xtp2", 8, ["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.tp=2"]),
+]
+
+
+def train(out: Path, nproc: int, extra: list[str]) -> tuple[list[dict], dict[str, torch.Tensor], str]:
+    out.mkdir(parents=True, exist_ok=True)
+    proc = run([str(BIN / "llm-runtime"), "train", "--nproc-per-node", str(nproc), *COMMON, *extra,
+                f"--train.metrics_path={out / 'metrics.jsonl'}", f"--train.export_dir={out / 'weights'}"],
+               timeout=300)
+    weights: dict[str, torch.Tensor] = {}
+    for part in sorted((out / "weights").glob("weights-pp*.pt")):
+        stage = torch.load(part)
+        assert not weights.keys() & stage.keys(), f"two stages exported {sorted(weights.keys() & stage.keys())}"
+        weights.update(stage)
+    return metrics(out / "metrics.jsonl"), weights, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    result = train(tmp_path_factory.mktemp("single"), 1, [])
+    # The exported weights are the trained ones, not the initial ones (else the comparison is empty).
+    from llm_runtime.models import Llama, LlamaConfig
+
+    initial = Llama(LlamaConfig(dim=64, layers=4, heads=4, max_seq_len=32))
+    initial.init_weights(torch.Generator().manual_seed(1234))
+    moved = max((result[1][k] - v).abs().max().item() for k, v in initial.state_dict().items())
+    assert moved > 1e-3, f"exported weights moved only {moved:.1e} from their initial values"
+    return result
+
+
+@pytest.mark.parametrize("name, nproc, extra", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+def test_layout_matches_the_single_process_loss_curve_and_weights(name, nproc, extra, reference, tmp_path):
+    ref_metrics, ref_weights, _ = reference
+    got_metrics, got_weights, stdout = train(tmp_path / name, nproc, extra)
+    assert [m["step"] for m in got_metrics] == list(range(1, STEPS + 1))
+    for ref, got in zip(ref_metrics, got_metrics):
+        assert math.isclose(got["loss"], ref["loss"], rel_tol=1e-4), (name, ref, got)
+        assert math.isclose(got["grad_norm"], ref["grad_norm"], rel_tol=1e-3), (name, ref, got)
+    assert got_metrics[-1]["loss"] < got_metrics[0]["loss"]
+    assert got_weights.keys() == ref_weights.keys()
+    worst = max((got_weights[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
+    assert worst < 1e-5, f"{name}: weights differ from the single-process run by up to {worst:.2e}"
+    assert f"rank 0/{nproc}" in stdout
