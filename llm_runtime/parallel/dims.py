@@ -110,9 +110,14 @@ def resolve_dims(
             per_node = nproc_per_node // tp if nproc_per_node % tp == 0 else 0
             if per_node and dp % per_node == 0 and per_node < dp:
                 dp_shard = per_node  # one shard group per node: gathers stay on the node's fast links
+            elif tp <= nproc_per_node:  # (tp beyond a node gets its own warning below)
+                log.warning("no shard group fits one node (%d processes per node, tp=%d, %d data-parallel "
+                            "ranks): FSDP shards over all of them, across nodes; set "
+                            "parallel.shard_group_size to choose", nproc_per_node, tp, dp)
     if dp_replicate == 0:
         if dp % dp_shard:
-            raise ValueError(f"{_factors('auto', dp_shard, tp, pp)}: the {dp} data-parallel ranks of "
+            source = f" (parallel.shard_group_size={shard_group_size})" if shard_group_size else ""
+            raise ValueError(f"{_factors('auto', dp_shard, tp, pp)}{source}: the {dp} data-parallel ranks of "
                              f"WORLD_SIZE={world_size} do not split into shard groups of {dp_shard}")
         dp_replicate = dp // dp_shard
     elif dp_shard == -1:

@@ -255,16 +255,12 @@ def test_nonsense_size_is_refused_naming_the_key(kwargs, needle):
 # ------------------------------------------------------------------ resolve_dims: the cross-node tp warning
 
 @pytest.fixture
-def dims_log(caplog):
-    """Capture llm_runtime.parallel.dims records even if another test turned off propagation."""
-    logger = logging.getLogger("llm_runtime.parallel.dims")
-    logger.addHandler(caplog.handler)
-    caplog.handler.setLevel(logging.WARNING)
-    old_level = logger.level
-    logger.setLevel(logging.WARNING)
-    yield caplog
-    logger.setLevel(old_level)
-    logger.removeHandler(caplog.handler)
+def dims_log(caplog, monkeypatch):
+    """caplog for llm_runtime.parallel.dims, even after runtime.init() turned off propagation in this process."""
+    for name in ("llm_runtime", "llm_runtime.parallel", "llm_runtime.parallel.dims"):
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+    with caplog.at_level(logging.WARNING, logger="llm_runtime.parallel.dims"):
+        yield caplog
 
 
 @pytest.mark.parametrize("world, nproc, nodes, tp", [(16, 8, 2, 16), (8, 2, 4, 4), (4, 1, 4, 2)])
