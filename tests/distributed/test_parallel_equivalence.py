@@ -24,6 +24,8 @@ LAYOUTS = [
     ("fsdp2", 2, []),
     ("fsdp2-accumulation-and-activation-checkpointing", 2,
      ["--train.micro_batch_size=2", "--parallel.activation_checkpoint=full"]),
+    ("fsdp2-compiled-blocks-every-2nd-checkpointed", 2,
+     ["--parallel.compile=true", "--parallel.activation_checkpoint=every", "--parallel.ac_every=2"]),
     ("hsdp-2x2", 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
     ("tp2", 2, ["--parallel.tp=2"]),
     ("pp2-gpipe", 2, ["--parallel.pp=2", "--parallel.pp_schedule=gpipe"]),
