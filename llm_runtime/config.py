@@ -82,6 +82,8 @@ class ParallelConfig:
     """Ranks one model copy is sharded over (FSDP); -1 = infer."""
     tp: int = 1
     """Tensor-parallel size (consecutive ranks, so keep it within a node)."""
+    sequence_parallel: bool = True
+    """With tp > 1, split norms, embeddings and head along the sequence (less activation memory)."""
     pp: int = 1
     """Pipeline stages."""
     shard_group_size: int = 0

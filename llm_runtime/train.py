@@ -19,7 +19,7 @@ from .config import Config, ConfigError, TrainConfig
 from .models import ByteTokenizer, Llama, LlamaConfig, bundled_text
 from .parallel.dims import ParallelDims, resolve_dims
 from .parallel.pipeline import split_layers
-from .parallel.tensor import check_tensor_parallel, llama_tp_plan
+from .parallel.tensor import check_tensor_parallel, llama_root_tp_plan, llama_tp_plan
 from .runtime import Runtime, init, parse_split_points
 
 __all__ = ["batch_layout", "check", "global_batch_starts", "lr_factor", "main", "run"]
@@ -80,7 +80,8 @@ def check(config: Config, world_size: int, *, nproc_per_node: int | None = None,
         model_config = LlamaConfig(dim=config.model.dim, layers=config.model.layers,
                                    heads=config.model.heads, max_seq_len=train.seq_len).validate()
         check_tensor_parallel(dims.tp, heads=model_config.heads, kv_heads=model_config.num_kv_heads,
-                              ffn_hidden=model_config.ffn_hidden_dim)
+                              ffn_hidden=model_config.ffn_hidden_dim, vocab=model_config.vocab_size,
+                              seq_len=train.seq_len, sequence_parallel=parallel.sequence_parallel)
         if dims.pp > 1:
             per_rank = parallel.stages_per_rank or (2 if parallel.pp_schedule == "interleaved" else 1)
             if parallel.pp_schedule != "interleaved" and per_rank != 1:
@@ -115,7 +116,9 @@ def run(rt: Runtime) -> dict[str, float]:
     tokens = torch.from_numpy(ByteTokenizer().encode_array(bundled_text()).astype(np.int64))
     model = Llama(model_config)
     model.init_weights(torch.Generator().manual_seed(train.seed))  # identical on every rank
-    parallel_model = rt.parallelize(model, tp_plan=llama_tp_plan())
+    sequence_parallel = config.parallel.sequence_parallel
+    parallel_model = rt.parallelize(model, tp_plan=llama_tp_plan(sequence_parallel),
+                                    root_tp_plan=llama_root_tp_plan(sequence_parallel))
     params = list(parallel_model.parameters())
     optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.95), weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + 1, train))

@@ -241,6 +241,12 @@ class Attention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = hidden.shape
+        # The block gets the full position tables and takes its own length from its input:
+        # under sequence parallelism the residual stream between blocks holds only a
+        # slice of the sequence, while attention always sees all of it.
+        if seq_len > cos.shape[0]:
+            raise ValueError(f"sequence length {seq_len} exceeds LlamaConfig.max_seq_len ({cos.shape[0]})")
+        cos, sin = cos[:seq_len], sin[:seq_len]
         # Head counts come from the projection widths, not the config, so a
         # tensor-parallel shard holding a slice of the heads works unchanged.
         queries = self.wq(hidden).view(batch, seq_len, -1, self.head_dim)
@@ -326,7 +332,7 @@ class Llama(nn.Module):
             hidden = self.tok_embeddings(tokens)
         else:
             hidden = tokens
-        cos, sin = self.rotary(hidden.shape[1])
+        cos, sin = self.rotary(self.rotary.max_seq_len)
         for block in self._blocks():
             hidden = block(hidden, cos, sin)
         if self.norm is not None:

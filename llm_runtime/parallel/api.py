@@ -156,6 +156,7 @@ def parallelize(
     device: torch.device,
     mesh=None,
     tp_plan: Mapping[str, object] | None = None,
+    root_tp_plan: Mapping[str, object] | None = None,
     layers_attr: str = "layers",
     first_only: Sequence[str] = ("tok_embeddings",),
     last_only: Sequence[str] = ("norm", "output"),
@@ -194,7 +195,9 @@ def parallelize(
     if dims.tp > 1:
         if not tp_plan:
             raise ValueError("parallel.tp > 1 needs a tensor-parallel plan for the model's blocks")
-        apply_tensor_parallel(all_blocks, mesh["tp"], tp_plan)
+        apply_tensor_parallel(parts, all_blocks, mesh["tp"], tp_plan, root_tp_plan)
+        log.info("tensor parallel over %d ranks (%d block styles, %d around the blocks)", dims.tp,
+                 len(tp_plan), len(root_tp_plan or {}))
     apply_activation_checkpointing(all_blocks, activation_checkpoint, ac_every)
     if compile:
         apply_compile(all_blocks)

@@ -16,8 +16,10 @@ from tests.procs import BIN, metrics, run
 pytestmark = pytest.mark.slow
 
 STEPS = 5
+LR = 3e-3
 COMMON = ["--model.dim=64", "--model.layers=4", "--model.heads=4", "--train.seq_len=32", "--train.batch_size=8",
-          f"--train.steps={STEPS}", "--train.log_every=1", "--train.warmup_steps=2", "--parallel.mixed_precision=fp32"]
+          f"--train.steps={STEPS}", "--train.log_every=1", "--train.warmup_steps=2", "--parallel.mixed_precision=fp32",
+          f"--train.lr={LR}"]
 
 LAYOUTS = [
     ("ddp", 2, ["--parallel.dp_replicate=2"]),
@@ -27,7 +29,8 @@ LAYOUTS = [
     ("fsdp2-compiled-blocks-every-2nd-checkpointed", 2,
      ["--parallel.compile=true", "--parallel.activation_checkpoint=every", "--parallel.ac_every=2"]),
     ("hsdp-2x2", 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
-    ("tp2", 2, ["--parallel.tp=2"]),
+    ("tp2-sequence-parallel", 2, ["--parallel.tp=2"]),
+    ("tp2-without-sequence-parallel", 2, ["--parallel.tp=2", "--parallel.sequence_parallel=false"]),
     ("pp2-gpipe", 2, ["--parallel.pp=2", "--parallel.pp_schedule=gpipe"]),
     ("pp2-1f1b", 2, ["--parallel.pp=2", "--parallel.pp_schedule=1f1b", "--parallel.microbatches=4"]),
     ("pp2-interleaved-1f1b", 2, ["--parallel.pp=2", "--parallel.pp_schedule=interleaved"]),
@@ -73,6 +76,10 @@ def test_layout_matches_the_single_process_loss_curve_and_weights(name, nproc, e
         assert math.isclose(got["grad_norm"], ref["grad_norm"], rel_tol=1e-3), (name, ref, got)
     assert got_metrics[-1]["loss"] < got_metrics[0]["loss"]
     assert got_weights.keys() == ref_weights.keys()
-    worst = max((got_weights[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
-    assert worst < 1e-5, f"{name}: weights differ from the single-process run by up to {worst:.2e}"
+    # AdamW normalises each gradient, so float noise from a different reduction order (TP's
+    # reduce-scatters, sharded embeddings) moves near-zero-gradient weights by a small fraction
+    # of one step. The bound is 1% of a single step (lr = 3e-3); a real layout bug moves weights
+    # by whole steps (~1e-3). Measured worst: 1.1e-5 (TP2 with sequence parallelism).
+    worst, where = max(((got_weights[k] - ref_weights[k]).abs().max().item(), k) for k in ref_weights)
+    assert worst < 0.01 * LR, f"{name}: {where} differs from the single-process run by {worst:.2e}"
     assert f"rank 0/{nproc}" in stdout
