@@ -222,6 +222,12 @@ def init(config: Config | None = None) -> Runtime:
         from .parallel.api import build_mesh
 
         mesh = build_mesh(dims, device.type)
+        if mesh is not None:
+            # The mesh's subgroups are new groups with torch's default timeout; a hung TP/PP/HSDP
+            # collective must fail after the train timeout like one on the default group.
+            for axis in mesh.mesh_dim_names:
+                dist.distributed_c10d._set_pg_timeout(timedelta(seconds=config.dist.train_timeout_s),
+                                                       mesh.get_group(axis))
     log.info("initialised rank %d/%d on %s %s (backend %s, cluster %s, init timeout %.0fs, train timeout %.0fs)",
              rank, world, info.current_host, device, backend, info.kind, config.dist.init_timeout_s,
              config.dist.train_timeout_s)

@@ -88,6 +88,12 @@ def check(config: Config, world_size: int, *, nproc_per_node: int | None = None,
                 raise ValueError(f"parallel.stages_per_rank={per_rank} needs parallel.pp_schedule=interleaved")
             split_layers(model_config.layers, dims.pp * per_rank, parse_split_points(parallel.pp_split_points))
             micro = parallel.microbatches or dims.pp * per_rank
+            if train.micro_batch_size:
+                raise ValueError("train.micro_batch_size applies without pipelining; with parallel.pp > 1 "
+                                 "set parallel.microbatches (the pipeline's micro-batches) instead")
+            if micro < dims.pp:
+                raise ValueError(f"parallel.microbatches={micro} is fewer than the {dims.pp} pipeline stages; "
+                                 "the schedule needs at least one per stage")
             per_replica = train.batch_size // dims.dp_size if train.batch_size % dims.dp_size == 0 else 0
             if per_replica and per_replica % micro:
                 raise ValueError(f"parallel.microbatches={micro} does not divide the per-replica batch of "

@@ -81,6 +81,9 @@ class ParallelModel:
             self.schedule.step(*args)
             return torch.zeros((), device=inputs.device)
         model = self.parts[0]
+        if accumulation < 1 or inputs.shape[0] % accumulation:
+            raise ValueError(f"a batch of {inputs.shape[0]} sequences does not split into {accumulation} "
+                             "equal micro-batches")
         total = torch.zeros((), device=inputs.device)
         for index, (chunk_in, chunk_out) in enumerate(zip(inputs.chunk(accumulation), targets.chunk(accumulation))):
             last = index == accumulation - 1
@@ -175,6 +178,13 @@ def parallelize(
     if dims.world_size > 1 and mesh is None:
         raise ValueError("parallelize needs the DeviceMesh of a multi-rank job (rt.mesh)")
     coords = dims.coords(rank)
+    if dims.world_size > 1:
+        # Every rank must start from the same weights: FSDP and TP do not broadcast, and a
+        # model built after init() uses per-rank seeds. Rank 0's weights win.
+        model.to(device)
+        with torch.no_grad():
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                dist.broadcast(tensor, src=0)
     if dims.pp == 1:
         stages_per_rank = 1  # no pipeline: the schedule settings do not apply
     stages_per_rank = stages_per_rank or (2 if pp_schedule == "interleaved" else 1)
@@ -215,6 +225,7 @@ def parallelize(
             # FSDP2 over the shard axis, HSDP (replicate x shard) when both exist. A replicate-only
             # layout next to TP/PP shards over the replicas: same numbers, less memory.
             dp_mesh = mesh[tuple(dp_axes)] if len(dp_axes) > 1 else mesh[dp_axes[0]]
+            log.info("FSDP2 over %s %s", "x".join(dp_axes), tuple(dp_mesh.shape))
             policy = mixed_precision_policy(mixed_precision, reduce_dtype, device.type)
             apply_fsdp(parts, blocks_per_part, dp_mesh, policy, reshard_after_forward=dims.pp == 1)
             data_parallel = "fsdp"
@@ -225,6 +236,9 @@ def parallelize(
             log.info("parallel.mixed_precision=%s: running fp32 on CPU", mixed_precision)
         elif data_parallel != "fsdp" and num_stages == 1:
             autocast_dtype = torch.bfloat16
+        elif data_parallel != "fsdp":
+            log.warning("parallel.mixed_precision=%s is applied through FSDP's policy; this pipeline "
+                        "layout has no FSDP (dp_shard=1), so it runs fp32", mixed_precision)
 
     schedule, pp_group = None, None
     if num_stages > 1:

@@ -60,9 +60,11 @@ def build_stage_modules(
     out = []
     for stage in stages:
         part = copy.copy(model)
-        part._modules = dict(model._modules)  # a shallow copy must not share the module table
-        part._parameters = dict(model._parameters)
-        part._buffers = dict(model._buffers)
+        # A shallow copy shares every table of the model; each stage needs its own, or a hook
+        # (FSDP's, say) registered on one stage would fire when another one runs.
+        for name, value in vars(model).items():
+            if isinstance(value, dict) and name.startswith("_"):
+                setattr(part, name, type(value)(value))
         setattr(part, layers_attr, nn.ModuleDict({str(i): layers[i] for i in ranges[stage]}))
         if stage != 0:
             for name in first_only:

@@ -22,21 +22,27 @@ COMMON = ["--model.dim=64", "--model.layers=4", "--model.heads=4", "--train.seq_
           f"--train.lr={LR}"]
 
 LAYOUTS = [
-    ("ddp", 2, ["--parallel.dp_replicate=2"]),
-    ("fsdp2", 2, []),
+    # (name, processes, flags, what the log must say about the data-parallel wrapping)
+    ("ddp", 2, ["--parallel.dp_replicate=2"], "ddp data parallel"),
+    ("fsdp2", 2, [], "FSDP2 over dp_shard (2,)"),
     ("fsdp2-accumulation-and-activation-checkpointing", 2,
-     ["--train.micro_batch_size=2", "--parallel.activation_checkpoint=full"]),
+     ["--train.micro_batch_size=2", "--parallel.activation_checkpoint=full"], "FSDP2 over dp_shard (2,)"),
     ("fsdp2-compiled-blocks-every-2nd-checkpointed", 2,
-     ["--parallel.compile=true", "--parallel.activation_checkpoint=every", "--parallel.ac_every=2"]),
-    ("hsdp-2x2", 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
-    ("tp2-sequence-parallel", 2, ["--parallel.tp=2"]),
-    ("tp2-without-sequence-parallel", 2, ["--parallel.tp=2", "--parallel.sequence_parallel=false"]),
-    ("pp2-gpipe", 2, ["--parallel.pp=2", "--parallel.pp_schedule=gpipe"]),
-    ("pp2-1f1b", 2, ["--parallel.pp=2", "--parallel.pp_schedule=1f1b", "--parallel.microbatches=4"]),
-    ("pp2-interleaved-1f1b", 2, ["--parallel.pp=2", "--parallel.pp_schedule=interleaved"]),
-    ("fsdp2xtp2", 4, ["--parallel.dp_shard=2", "--parallel.tp=2"]),
-    ("pp2xfsdp2", 4, ["--parallel.pp=2", "--parallel.dp_shard=2"]),
-    ("pp2xdp2xtp2", 8, ["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.tp=2"]),
+     ["--parallel.compile=true", "--parallel.activation_checkpoint=every", "--parallel.ac_every=2"],
+     "FSDP2 over dp_shard (2,)"),
+    ("hsdp-2x2", 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"], "FSDP2 over dp_replicatexdp_shard (2, 2)"),
+    ("tp2-sequence-parallel", 2, ["--parallel.tp=2"], "none data parallel"),
+    ("tp2-without-sequence-parallel", 2, ["--parallel.tp=2", "--parallel.sequence_parallel=false"],
+     "none data parallel"),
+    ("pp2-gpipe", 2, ["--parallel.pp=2", "--parallel.pp_schedule=gpipe"], "none data parallel"),
+    ("pp2-1f1b", 2, ["--parallel.pp=2", "--parallel.pp_schedule=1f1b", "--parallel.microbatches=4"],
+     "none data parallel"),
+    ("pp2-interleaved-1f1b", 2, ["--parallel.pp=2", "--parallel.pp_schedule=interleaved"], "none data parallel"),
+    ("fsdp2xtp2", 4, ["--parallel.dp_shard=2", "--parallel.tp=2"], "FSDP2 over dp_shard (2,)"),
+    ("pp2xfsdp2", 4, ["--parallel.pp=2", "--parallel.dp_shard=2"], "FSDP2 over dp_shard (2,)"),
+    ("interleaved-pp2xfsdp2", 4, ["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.pp_schedule=interleaved"],
+     "FSDP2 over dp_shard (2,)"),
+    ("pp2xdp2xtp2", 8, ["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.tp=2"], "FSDP2 over dp_shard (2,)"),
 ]
 
 
@@ -66,8 +72,8 @@ def reference(tmp_path_factory):
     return result
 
 
-@pytest.mark.parametrize("name, nproc, extra", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
-def test_layout_matches_the_single_process_loss_curve_and_weights(name, nproc, extra, reference, tmp_path):
+@pytest.mark.parametrize("name, nproc, extra, wrapping", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+def test_layout_matches_the_single_process_loss_curve_and_weights(name, nproc, extra, wrapping, reference, tmp_path):
     ref_metrics, ref_weights, _ = reference
     got_metrics, got_weights, stdout = train(tmp_path / name, nproc, extra)
     assert [m["step"] for m in got_metrics] == list(range(1, STEPS + 1))
@@ -83,3 +89,4 @@ def test_layout_matches_the_single_process_loss_curve_and_weights(name, nproc, e
     worst, where = max(((got_weights[k] - ref_weights[k]).abs().max().item(), k) for k in ref_weights)
     assert worst < 0.01 * LR, f"{name}: {where} differs from the single-process run by {worst:.2e}"
     assert f"rank 0/{nproc}" in stdout
+    assert wrapping in stdout  # numbers alone cannot tell HSDP from FSDP or DDP from FSDP

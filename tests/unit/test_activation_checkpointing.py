@@ -28,3 +28,17 @@ def test_checkpointed_blocks_give_the_same_gradients_under_the_same_names(mode, 
 def test_every_zero_is_refused():
     with pytest.raises(ValueError, match="ac_every"):
         apply_activation_checkpointing([], "every", 0)
+
+
+def test_checkpointed_blocks_run_their_forward_again_in_backward():
+    model = Llama(LlamaConfig(dim=32, layers=2, heads=4, max_seq_len=16))
+    apply_activation_checkpointing(list(model.layers), "full")
+    calls = []
+    # A leaf inside the block: recomputation stops early once the saved tensors are back, so a
+    # hook on the block's last sub-module would not see the second run complete.
+    model.layers[0].feed_forward.w1.register_forward_hook(lambda *_: calls.append(1))
+    tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    assert len(calls) == 1
+    loss.backward()
+    assert len(calls) == 2  # recomputed, not stored

@@ -298,3 +298,17 @@ PIPELINE_OK = [
 def test_runnable_pipeline_settings_pass_check(overrides, world):
     _, resolved = check(config_with(overrides), world)
     assert resolved.pp == overrides["parallel.pp"]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"train.micro_batch_size": 2}, "parallel.microbatches"),
+    ({"parallel.microbatches": 1}, "fewer than the 2 pipeline stages"),
+])
+def test_pipeline_settings_the_schedule_cannot_run_are_refused_before_launch(overrides, needle):
+    from llm_runtime.config import ConfigError, load_config
+    from llm_runtime.train import check
+
+    cli = [("parallel.pp", "2"), ("model.layers", "4"), ("train.batch_size", "8")]
+    cli += [(key, str(value)) for key, value in overrides.items()]
+    with pytest.raises(ConfigError, match=needle):
+        check(load_config(cli=cli), 2)
