@@ -84,11 +84,13 @@ def resolve_dims(
 ) -> ParallelDims:
     """Fill in the inferred sizes and check the product against the world size.
 
-    ``dp_shard=-1`` infers the shard size; ``dp_replicate=0`` infers the replica count.
+    ``dp_shard=-1`` infers the shard size; ``dp_replicate=0`` (or -1) infers the replica count.
     ``shard_group_size`` is the one key both backends read for the shard group (FSDP's HSDP
     here, DeepSpeed's MiCS/hpZ there). With neither it nor ``dp_replicate`` given: plain
     FSDP over every data-parallel rank on one node, one shard group per node on several.
     """
+    if dp_replicate == -1:
+        dp_replicate = 0  # both spellings of "infer"
     given = _factors(dp_replicate, dp_shard, tp, pp)
     if world_size < 1:
         raise ValueError(f"WORLD_SIZE must be >= 1, got {world_size}")

@@ -243,7 +243,7 @@ def test_shard_group_size_contradicting_dp_shard_is_an_error_naming_both_keys(sh
     (dict(world_size=8, pp=-1), "parallel.pp"),
     (dict(world_size=8, dp_shard=0), "dp_shard"),
     (dict(world_size=8, dp_shard=-2), "dp_shard"),
-    (dict(world_size=8, dp_replicate=-1), "dp_replicate"),
+    (dict(world_size=8, dp_replicate=-2), "dp_replicate"),
     (dict(world_size=8, shard_group_size=-1), "shard_group_size"),
 ], ids=["world-zero", "tp-zero", "pp-negative", "dp-shard-zero", "dp-shard-minus-two", "dp-replicate-negative",
         "shard-group-size-negative"])
@@ -358,3 +358,9 @@ def test_parallel_defaults_mean_infer_everything():
     parallel = Config().parallel
     assert (parallel.dp_replicate, parallel.dp_shard, parallel.tp, parallel.pp) == (0, -1, 1, 1)
     assert parallel.shard_group_size == 0
+
+
+@pytest.mark.parametrize("dp_replicate", [-1, 0])
+def test_minus_one_or_zero_dp_replicate_is_inferred(dp_replicate):
+    dims = resolve_dims(world_size=8, dp_replicate=dp_replicate, dp_shard=2)
+    assert (dims.dp_replicate, dims.dp_shard) == (4, 2)
