@@ -27,7 +27,8 @@ CHOICES = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "launch.cluster": ("", "sagemaker", "torchrun", "mpi", "local"),
     "netenv.efa": ("auto", "on", "off"),
-    "parallel.backend": ("fsdp",),
+    "parallel.backend": ("fsdp", "deepspeed"),
+    "parallel.zero_shard_mode": ("hpz", "mics"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved"),
     "parallel.mixed_precision": ("bf16", "fp32"),
     "parallel.reduce_dtype": ("bf16", "fp32"),
@@ -75,7 +76,11 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     backend: str = "fsdp"
-    """``fsdp`` (FSDP2 / HSDP + tensor and pipeline parallel via torch.distributed)."""
+    """``fsdp`` (FSDP2 / HSDP + tensor and pipeline parallel via torch.distributed) or ``deepspeed``."""
+    zero_stage: int = -1
+    """DeepSpeed ZeRO stage 0-3; -1 = 3, or 1 with pipeline parallelism."""
+    zero_shard_mode: str = "hpz"
+    """How DeepSpeed uses shard_group_size: ``hpz`` (ZeRO++ hpZ) or ``mics`` (older DeepSpeed only)."""
     dp_replicate: int = 0
     """Data-parallel replica groups (HSDP); 0 = infer from shard_group_size / the node layout."""
     dp_shard: int = -1
@@ -105,6 +110,12 @@ class ParallelConfig:
     ac_every: int = 2
     compile: bool = False
     """torch.compile each transformer block."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = ""
+    """A DeepSpeed JSON merged over the runtime's own (its keys win; conflicts are reported)."""
 
 
 @dataclass
@@ -146,6 +157,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     netenv: NetenvConfig = field(default_factory=NetenvConfig)
 

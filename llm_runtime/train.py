@@ -73,6 +73,8 @@ def check(config: Config, world_size: int, *, nproc_per_node: int | None = None,
     for key in ("steps", "seq_len", "log_every"):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
+    if parallel.backend == "deepspeed":
+        return _check_deepspeed(config, world_size)
     try:
         dims = resolve_dims(world_size=world_size, dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard,
                             tp=parallel.tp, pp=parallel.pp, shard_group_size=parallel.shard_group_size,
@@ -112,6 +114,28 @@ def check(config: Config, world_size: int, *, nproc_per_node: int | None = None,
     return model_config, dims
 
 
+def _check_deepspeed(config: Config, world_size: int) -> tuple[LlamaConfig, ParallelDims]:
+    import importlib.util
+
+    from .parallel.deepspeed_config import deepspeed_layout
+    from .parallel.deepspeed_engine import INSTALL_HINT
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(INSTALL_HINT)
+    train = config.train
+    try:
+        layout = deepspeed_layout(config.parallel, world_size)
+        model_config = LlamaConfig(dim=config.model.dim, layers=config.model.layers,
+                                   heads=config.model.heads, max_seq_len=train.seq_len).validate()
+        if layout.pp > model_config.layers + 2:
+            raise ValueError(f"parallel.pp={layout.pp} exceeds the model's {model_config.layers} layers "
+                             "plus embedding and head")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    batch_layout(train, layout.dp)
+    return model_config, ParallelDims(dp_replicate=1, dp_shard=layout.dp, tp=1, pp=layout.pp)
+
+
 def run(rt: Runtime) -> dict[str, float]:
     """Train on this worker; returns the final metrics (identical on every rank)."""
     config, train = rt.config, rt.config.train
@@ -122,12 +146,8 @@ def run(rt: Runtime) -> dict[str, float]:
     tokens = torch.from_numpy(ByteTokenizer().encode_array(bundled_text()).astype(np.int64))
     model = Llama(model_config)
     model.init_weights(torch.Generator().manual_seed(train.seed))  # identical on every rank
-    sequence_parallel = config.parallel.sequence_parallel
-    parallel_model = rt.parallelize(model, tp_plan=llama_tp_plan(sequence_parallel),
-                                    root_tp_plan=llama_root_tp_plan(sequence_parallel))
-    params = list(parallel_model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.95), weight_decay=train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + 1, train))
+    trainer = _deepspeed_trainer(rt, model, micro, accumulation) if config.parallel.backend == "deepspeed" \
+        else _TorchTrainer(rt, model)
     offsets = torch.arange(train.seq_len + 1)
     log.info("model %.2fM parameters, global batch %d x %d tokens, layout %s, %d replicas x %d sequences",
              model.num_parameters() / 1e6, train.batch_size, train.seq_len, rt.dims.describe(), rt.dp_size,
@@ -139,20 +159,16 @@ def run(rt: Runtime) -> dict[str, float]:
         starts = global_batch_starts(train.seed, step, train.batch_size, len(tokens), train.seq_len)
         mine = torch.from_numpy(starts[rt.dp_rank * per_replica:(rt.dp_rank + 1) * per_replica])
         rows = tokens[mine[:, None] + offsets].to(rt.device)
-        local_loss = parallel_model.train_step(rows[:, :-1], rows[:, 1:], accumulation)
-        grad_norm = parallel_model.clip_grad_norm_(train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        local_loss, grad_norm = trainer.step(rows[:, :-1], rows[:, 1:], accumulation)
         window_steps += 1
         if step % train.log_every == 0 or step == train.steps:
             elapsed = time.perf_counter() - window_start
             metrics = {
-                "loss": parallel_model.global_loss(local_loss),
+                "loss": trainer.global_loss(local_loss),
                 "grad_norm": grad_norm,
                 "tokens_per_s": window_steps * train.batch_size * train.seq_len / elapsed,
             }
-            lr = scheduler.get_last_lr()[0]
+            lr = trainer.last_lr()
             log.info("step=%d loss=%.4f grad_norm=%.4f lr=%.3e tokens_per_s=%.0f", step, metrics["loss"],
                      metrics["grad_norm"], lr, metrics["tokens_per_s"])
             if rt.is_main and train.metrics_path:
@@ -160,9 +176,68 @@ def run(rt: Runtime) -> dict[str, float]:
                     sink.write(json.dumps({"step": step, "lr": lr, **metrics}) + "\n")
             window_start, window_steps = time.perf_counter(), 0
     if train.export_dir:
-        export_weights(parallel_model, train.export_dir)
+        if not isinstance(trainer, _TorchTrainer):
+            raise ConfigError("train.export_dir is not supported with parallel.backend=deepspeed yet")
+        export_weights(trainer.model, train.export_dir)
     log.info("done steps=%d final_loss=%.4f", train.steps, metrics["loss"])
     return metrics
+
+
+class _TorchTrainer:
+    """The torch.distributed backend: rt.parallelize, AdamW, the LR schedule, global-norm clipping."""
+
+    def __init__(self, rt: Runtime, model: Llama):
+        train, sequence_parallel = rt.config.train, rt.config.parallel.sequence_parallel
+        self.train = train
+        self.model = rt.parallelize(model, tp_plan=llama_tp_plan(sequence_parallel),
+                                    root_tp_plan=llama_root_tp_plan(sequence_parallel))
+        self.optimizer = torch.optim.AdamW(list(self.model.parameters()), lr=train.lr, betas=(0.9, 0.95),
+                                           weight_decay=train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s + 1, train))
+
+    def step(self, inputs, targets, accumulation: int) -> tuple[torch.Tensor, float]:
+        local_loss = self.model.train_step(inputs, targets, accumulation)
+        grad_norm = self.model.clip_grad_norm_(self.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return local_loss, grad_norm
+
+    def global_loss(self, local_loss) -> float:
+        return self.model.global_loss(local_loss)
+
+    def last_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+
+class _DeepSpeedTrainer:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def step(self, inputs, targets, accumulation: int) -> tuple[torch.Tensor, float]:
+        local_loss = self.engine.train_step(inputs, targets)
+        return local_loss, self.engine.grad_norm()
+
+    def global_loss(self, local_loss) -> float:
+        return self.engine.global_loss(local_loss)
+
+    def last_lr(self) -> float:
+        return self.engine.last_lr()
+
+
+def _deepspeed_trainer(rt: Runtime, model: Llama, micro: int, accumulation: int) -> _DeepSpeedTrainer:
+    from .parallel.api import cross_entropy
+    from .parallel.deepspeed_config import deepspeed_layout
+    from .parallel.deepspeed_engine import DeepSpeedModel
+
+    config = rt.config
+    layout = deepspeed_layout(config.parallel, rt.world_size)
+    engine = DeepSpeedModel(
+        model, config, layout, rank=rt.rank, device=rt.device, micro_batch=micro, accumulation=accumulation,
+        scheduler_factory=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s + 1, config.train)),
+        loss_fn=cross_entropy, train_timeout_s=config.dist.train_timeout_s)
+    return _DeepSpeedTrainer(engine)
 
 
 def export_weights(parallel_model, directory: str) -> None:
