@@ -108,16 +108,20 @@ def check(config: Config, world_size: int, *, nproc_per_node: int | None = None,
     except ValueError as err:
         raise ConfigError(str(err)) from None
     batch_layout(train, dims.dp_size)
+    _check_text_length(train)
+    return model_config, dims
+
+
+def _check_text_length(train: TrainConfig) -> None:
     text_bytes = len(bundled_text().encode())
     if text_bytes < train.seq_len + 2:
         raise ConfigError(f"train.seq_len={train.seq_len} is longer than the text ({text_bytes} tokens)")
-    return model_config, dims
 
 
 def _check_deepspeed(config: Config, world_size: int) -> tuple[LlamaConfig, ParallelDims]:
     import importlib.util
 
-    from .parallel.deepspeed_config import deepspeed_layout
+    from .parallel.deepspeed_config import deepspeed_layout, read_user_config
     from .parallel.deepspeed_engine import INSTALL_HINT
 
     if importlib.util.find_spec("deepspeed") is None:
@@ -130,9 +134,14 @@ def _check_deepspeed(config: Config, world_size: int) -> tuple[LlamaConfig, Para
         if layout.pp > model_config.layers + 2:
             raise ValueError(f"parallel.pp={layout.pp} exceeds the model's {model_config.layers} layers "
                              "plus embedding and head")
+        if train.export_dir:
+            raise ValueError("train.export_dir is not supported with parallel.backend=deepspeed yet")
+        if config.deepspeed.config:
+            read_user_config(config.deepspeed.config)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     batch_layout(train, layout.dp)
+    _check_text_length(train)
     return model_config, ParallelDims(dp_replicate=1, dp_shard=layout.dp, tp=1, pp=layout.pp)
 
 
@@ -176,9 +185,7 @@ def run(rt: Runtime) -> dict[str, float]:
                     sink.write(json.dumps({"step": step, "lr": lr, **metrics}) + "\n")
             window_start, window_steps = time.perf_counter(), 0
     if train.export_dir:
-        if not isinstance(trainer, _TorchTrainer):
-            raise ConfigError("train.export_dir is not supported with parallel.backend=deepspeed yet")
-        export_weights(trainer.model, train.export_dir)
+        export_weights(trainer.model, train.export_dir)  # check() refused it for DeepSpeed
     log.info("done steps=%d final_loss=%.4f", train.steps, metrics["loss"])
     return metrics
 

@@ -20,6 +20,8 @@ def safe_aws_environment(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # DeepSpeed JIT-compiles a comm op on first use (~25 s): keep it cached across tests and runs.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/llm_runtime/torch_extensions"))
     yield
 
 

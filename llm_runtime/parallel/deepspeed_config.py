@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DeepSpeedLayout", "deepspeed_config", "deepspeed_layout", "merge_user_config"]
+__all__ = ["DeepSpeedLayout", "deepspeed_config", "deepspeed_layout", "merge_user_config", "read_user_config"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ def deepspeed_layout(parallel, world_size: int) -> DeepSpeedLayout:
     pp = parallel.pp
     if pp < 1 or world_size % pp:
         raise ValueError(f"parallel.pp={pp} does not divide WORLD_SIZE={world_size}")
+    if parallel.zero_stage < -1:
+        raise ValueError(f"parallel.zero_stage must be 0-3, or -1 for the default, got {parallel.zero_stage}")
     stage = parallel.zero_stage if parallel.zero_stage >= 0 else (1 if pp > 1 else 3)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {stage}")
@@ -46,6 +48,8 @@ def deepspeed_layout(parallel, world_size: int) -> DeepSpeedLayout:
                          "supports ZeRO stage 0 or 1 only")
     dp = world_size // pp
     group = parallel.shard_group_size
+    if group < 0:
+        raise ValueError(f"parallel.shard_group_size must be >= 1 (or 0 for none), got {group}")
     if group:
         if stage != 3:
             raise ValueError(f"parallel.shard_group_size={group} needs parallel.zero_stage=3 "
@@ -72,7 +76,7 @@ def deepspeed_config(config, layout: DeepSpeedLayout, *, micro_batch: int, accum
             zero["mics_shard_size"] = layout.shard_group_size
         else:
             zero["zero_hpz_partition_size"] = layout.shard_group_size
-    bf16 = parallel.mixed_precision == "bf16" and device_type != "cpu"
+    bf16 = parallel.mixed_precision == "bf16" and device_type == "cuda"
     out: dict[str, Any] = {
         "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -108,3 +112,19 @@ def merge_user_config(ours: Mapping[str, Any], user: Mapping[str, Any], path: st
                 conflicts.append(f"{where}: the DeepSpeed JSON sets {value!r}, the runtime chose {merged[key]!r}")
             merged[key] = copy.deepcopy(value)
     return merged, conflicts
+
+
+def read_user_config(path: str) -> dict[str, Any]:
+    """The user's DeepSpeed JSON (``deepspeed.config``); a ValueError names the file and the problem."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ValueError(f"deepspeed.config {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"deepspeed.config {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"deepspeed.config {path}: expected a JSON object, found {type(data).__name__}")
+    return data

@@ -6,17 +6,15 @@ communication layer adopts that group.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .deepspeed_config import DeepSpeedLayout, deepspeed_config, merge_user_config
+from .deepspeed_config import DeepSpeedLayout, deepspeed_config, merge_user_config, read_user_config
 
 __all__ = ["DeepSpeedModel", "import_deepspeed", "llama_pipeline_layers"]
 
@@ -92,12 +90,7 @@ class DeepSpeedModel:
         ours = deepspeed_config(config, layout, micro_batch=micro_batch, accumulation=accumulation,
                                 device_type=device.type, mics_available=mics_available())
         if config.deepspeed.config:
-            path = Path(config.deepspeed.config)
-            try:
-                user = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(f"deepspeed.config {path}: {err}") from None
-            ours, conflicts = merge_user_config(ours, user)
+            ours, conflicts = merge_user_config(ours, read_user_config(config.deepspeed.config))
             for line in conflicts:
                 log.warning("DeepSpeed config: %s", line)
         self.layout, self.rank, self.device = layout, rank, device

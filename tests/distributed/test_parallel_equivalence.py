@@ -46,17 +46,20 @@ LAYOUTS = [
 ]
 
 
-def train(out: Path, nproc: int, extra: list[str]) -> tuple[list[dict], dict[str, torch.Tensor], str]:
+def train(out: Path, nproc: int, extra: list[str], *, export: bool = True,
+          stderr: bool = False) -> tuple[list[dict], dict[str, torch.Tensor], str]:
+    """Run one layout; returns its metrics, exported weights and log (stdout, plus stderr if asked)."""
     out.mkdir(parents=True, exist_ok=True)
+    exporting = [f"--train.export_dir={out / 'weights'}"] if export else []
     proc = run([str(BIN / "llm-runtime"), "train", "--nproc-per-node", str(nproc), *COMMON, *extra,
-                f"--train.metrics_path={out / 'metrics.jsonl'}", f"--train.export_dir={out / 'weights'}"],
-               timeout=300)
+                f"--train.metrics_path={out / 'metrics.jsonl'}", *exporting], timeout=300)
+    log = proc.stdout + (proc.stderr if stderr else "")
     weights: dict[str, torch.Tensor] = {}
     for part in sorted((out / "weights").glob("weights-pp*.pt")):
         stage = torch.load(part)
         assert not weights.keys() & stage.keys(), f"two stages exported {sorted(weights.keys() & stage.keys())}"
         weights.update(stage)
-    return metrics(out / "metrics.jsonl"), weights, proc.stdout
+    return metrics(out / "metrics.jsonl"), weights, log
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,72 @@
+"""The DeepSpeed backend trains the bundled model exactly like one process (gloo, fp32, CPU).
+
+Real DeepSpeed engines started by `llm-runtime train` (no deepspeed launcher); compiled ops are
+cached in TORCH_EXTENSIONS_DIR (tests/conftest.py) and the optimizer is torch's AdamW.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+
+import pytest
+
+from tests.distributed.test_parallel_equivalence import COMMON, STEPS, train
+from tests.procs import BIN, clean_env, free_port, metrics, run
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                 reason="DeepSpeed is not installed (pip install 'llm-runtime[deepspeed]')")]
+
+DS = ["--parallel.backend=deepspeed"]
+LAYOUTS = [
+    ("zero1-2ranks", 2, ["--parallel.zero_stage=1"], "ZeRO stage 1, 2 data-parallel x 1 pipeline"),
+    ("zero2-2ranks", 2, ["--parallel.zero_stage=2"], "ZeRO stage 2, 2 data-parallel x 1 pipeline"),
+    ("zero3-2ranks", 2, ["--parallel.zero_stage=3"], "ZeRO stage 3, 2 data-parallel x 1 pipeline"),
+    ("zero1-4ranks-accumulation", 4, ["--parallel.zero_stage=1", "--train.micro_batch_size=1"],
+     "ZeRO stage 1, 4 data-parallel x 1 pipeline"),
+    ("zero2-4ranks", 4, ["--parallel.zero_stage=2"], "ZeRO stage 2, 4 data-parallel x 1 pipeline"),
+    ("zero3-4ranks", 4, ["--parallel.zero_stage=3"], "ZeRO stage 3, 4 data-parallel x 1 pipeline"),
+    ("zero3-hpz-shard-groups-of-2-over-4", 4, ["--parallel.zero_stage=3", "--parallel.shard_group_size=2"],
+     "shard groups of 2 (hpz)"),
+    ("pipeline-2-stages", 2, ["--parallel.pp=2"], "ZeRO stage 1, 1 data-parallel x 2 pipeline"),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("single"), 1, [])[0]
+
+
+@pytest.mark.parametrize("name, nproc, extra, engine", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+def test_deepspeed_layout_matches_the_single_process_loss_curve(name, nproc, extra, engine, reference, tmp_path):
+    got, _, stdout = train(tmp_path / name, nproc, [*DS, *extra], export=False)
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for ref, mine in zip(reference, got):
+        assert math.isclose(mine["loss"], ref["loss"], rel_tol=1e-4), (name, ref, mine)
+        assert math.isclose(mine["grad_norm"], ref["grad_norm"], rel_tol=1e-3), (name, ref, mine)
+    assert engine in stdout  # the engine DeepSpeed actually built
+
+
+def test_user_deepspeed_json_wins_and_its_conflicts_are_reported(reference, tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}))
+    got, _, stdout = train(tmp_path / "user-json", 2, [*DS, "--parallel.zero_stage=1", f"--deepspeed.config={user}"],
+                           export=False, stderr=True)
+    assert "zero_optimization.stage: the DeepSpeed JSON sets 2, the runtime chose 1" in stdout
+    assert "gradient_clipping" not in stdout.split("DeepSpeed config:")[-1].split("\n")[0]  # equal: no conflict
+    for ref, mine in zip(reference, got):
+        assert math.isclose(mine["loss"], ref["loss"], rel_tol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI's mpirun is not installed")
+def test_deepspeed_job_started_by_plain_mpirun_trains_like_one_process(reference, tmp_path):
+    # No deepspeed launcher, no torchrun: mpirun starts the ranks, the runtime maps OMPI_* to ranks.
+    path = tmp_path / "metrics.jsonl"
+    proc = run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", str(BIN / "llm-runtime"), "train",
+                *COMMON, *DS, "--parallel.zero_stage=2", f"--train.metrics_path={path}"],
+               env=clean_env(MASTER_PORT=str(free_port())), timeout=300)
+    assert "cluster mpi" in proc.stdout
+    for ref, mine in zip(reference, metrics(path), strict=True):
+        assert math.isclose(mine["loss"], ref["loss"], rel_tol=1e-4)
