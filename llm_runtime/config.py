@@ -29,6 +29,7 @@ CHOICES = {
     "netenv.efa": ("auto", "on", "off"),
     "parallel.backend": ("fsdp", "deepspeed"),
     "parallel.zero_shard_mode": ("hpz", "mics"),
+    "deepspeed.partition_method": ("uniform", "parameters"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved"),
     "parallel.mixed_precision": ("bf16", "fp32"),
     "parallel.reduce_dtype": ("bf16", "fp32"),
@@ -116,6 +117,8 @@ class ParallelConfig:
 class DeepSpeedConfig:
     config: str = ""
     """A DeepSpeed JSON merged over the runtime's own (its keys win; conflicts are reported)."""
+    partition_method: str = "uniform"
+    """How PipelineModule assigns layers to stages: ``uniform`` (layer count) or ``parameters``."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .fsdp import apply_activation_checkpointing
 from .deepspeed_config import DeepSpeedLayout, deepspeed_config, merge_user_config, read_user_config
 
 __all__ = ["DeepSpeedModel", "import_deepspeed", "llama_pipeline_layers"]
@@ -96,11 +97,17 @@ class DeepSpeedModel:
         self.layout, self.rank, self.device = layout, rank, device
         self.accumulation = accumulation
         self.pipeline = layout.pp > 1
+        parallel = config.parallel
         if self.pipeline:
             from deepspeed.pipe import PipelineModule
 
-            model = PipelineModule(layers=llama_pipeline_layers(model), num_stages=layout.pp,
-                                   loss_fn=loss_fn, partition_method="uniform")
+            # Layers are the embedding, each block and the head; checkpoint every k-th of them.
+            interval = {"none": 0, "full": 1, "every": parallel.ac_every}[parallel.activation_checkpoint]
+            model = PipelineModule(layers=llama_pipeline_layers(model), num_stages=layout.pp, loss_fn=loss_fn,
+                                   partition_method=config.deepspeed.partition_method,
+                                   activation_checkpoint_interval=interval)
+        else:
+            apply_activation_checkpointing(list(model.layers), parallel.activation_checkpoint, parallel.ac_every)
         self.loss_fn = loss_fn
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, config=ours, model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -124,6 +131,7 @@ class DeepSpeedModel:
         return total
 
     def grad_norm(self) -> float:
+        """DeepSpeed's global gradient norm (NaN where it keeps none, e.g. the ZeRO-0 pipeline engine)."""
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

@@ -23,7 +23,8 @@ DS = ["--parallel.backend=deepspeed"]
 LAYOUTS = [
     ("zero1-2ranks", 2, ["--parallel.zero_stage=1"], "ZeRO stage 1, 2 data-parallel x 1 pipeline"),
     ("zero2-2ranks", 2, ["--parallel.zero_stage=2"], "ZeRO stage 2, 2 data-parallel x 1 pipeline"),
-    ("zero3-2ranks", 2, ["--parallel.zero_stage=3"], "ZeRO stage 3, 2 data-parallel x 1 pipeline"),
+    ("zero3-2ranks-activation-checkpointing", 2, ["--parallel.zero_stage=3", "--parallel.activation_checkpoint=full"],
+     "ZeRO stage 3, 2 data-parallel x 1 pipeline"),
     ("zero1-4ranks-accumulation", 4, ["--parallel.zero_stage=1", "--train.micro_batch_size=1"],
      "ZeRO stage 1, 4 data-parallel x 1 pipeline"),
     ("zero2-4ranks", 4, ["--parallel.zero_stage=2"], "ZeRO stage 2, 4 data-parallel x 1 pipeline"),
@@ -31,6 +32,9 @@ LAYOUTS = [
     ("zero3-hpz-shard-groups-of-2-over-4", 4, ["--parallel.zero_stage=3", "--parallel.shard_group_size=2"],
      "shard groups of 2 (hpz)"),
     ("pipeline-2-stages", 2, ["--parallel.pp=2"], "ZeRO stage 1, 1 data-parallel x 2 pipeline"),
+    ("pipeline-2-stages-x-2-replicas-by-parameters", 4,
+     ["--parallel.pp=2", "--deepspeed.partition_method=parameters", "--parallel.zero_stage=1"],
+     "ZeRO stage 1, 2 data-parallel x 2 pipeline"),
 ]
 
 
