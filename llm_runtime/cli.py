@@ -116,7 +116,8 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hype
 
         # Every config error of the built-in trainer surfaces here, once, not in N workers.
         per_node = nproc or info.nproc_per_node
-        check(config, per_node * max(1, info.num_nodes), nproc_per_node=per_node, num_nodes=info.num_nodes)
+        check(config, per_node * max(1, info.num_nodes), nproc_per_node=per_node, num_nodes=info.num_nodes,
+              report=True)
     env_plan, fabric = _env_plan(info, config)
     plan = plan_launch(info, target, nproc=nproc, max_restarts=config.launch.max_restarts, mpi=mpi,
                        env_exports=mpi_export_names(os.environ, netenv.mpi_exports(env_plan)),

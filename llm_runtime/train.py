@@ -67,14 +67,17 @@ def lr_factor(step: int, train: TrainConfig) -> float:
 
 
 def check(config: Config, world_size: int, *, nproc_per_node: int | None = None,
-          num_nodes: int = 1) -> tuple[LlamaConfig, ParallelDims]:
-    """Every config error the job would hit, raised as ConfigError before any worker starts."""
+          num_nodes: int = 1, report: bool = False) -> tuple[LlamaConfig, ParallelDims]:
+    """Every config error the job would hit, raised as ConfigError before any worker starts.
+
+    ``report`` (the launcher, once per job) also logs what a user DeepSpeed JSON overrides.
+    """
     train, parallel = config.train, config.parallel
     for key in ("steps", "seq_len", "log_every"):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
     if parallel.backend == "deepspeed":
-        return _check_deepspeed(config, world_size)
+        return _check_deepspeed(config, world_size, report)
     try:
         dims = resolve_dims(world_size=world_size, dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard,
                             tp=parallel.tp, pp=parallel.pp, shard_group_size=parallel.shard_group_size,
@@ -118,10 +121,10 @@ def _check_text_length(train: TrainConfig) -> None:
         raise ConfigError(f"train.seq_len={train.seq_len} is longer than the text ({text_bytes} tokens)")
 
 
-def _check_deepspeed(config: Config, world_size: int) -> tuple[LlamaConfig, ParallelDims]:
+def _check_deepspeed(config: Config, world_size: int, report: bool = False) -> tuple[LlamaConfig, ParallelDims]:
     import importlib.util
 
-    from .parallel.deepspeed_config import deepspeed_layout, read_user_config
+    from .parallel.deepspeed_config import deepspeed_config, deepspeed_layout, read_user_config, resolve_user_config
     from .parallel.deepspeed_engine import INSTALL_HINT
 
     if importlib.util.find_spec("deepspeed") is None:
@@ -136,11 +139,20 @@ def _check_deepspeed(config: Config, world_size: int) -> tuple[LlamaConfig, Para
                              "plus embedding and head")
         if train.export_dir:
             raise ValueError("train.export_dir is not supported with parallel.backend=deepspeed yet")
+        micro, accumulation = deepspeed_batching(config, layout.dp, layout.pp)
+        mics = False
+        if layout.shard_group_size and layout.shard_mode == "mics":
+            from .parallel.deepspeed_engine import mics_available
+
+            mics = mics_available()
+        ours = deepspeed_config(config, layout, micro_batch=micro, accumulation=accumulation,
+                                device_type="cuda", mics_available=mics)
         if config.deepspeed.config:
-            read_user_config(config.deepspeed.config)
+            _, conflicts, _ = resolve_user_config(ours, read_user_config(config.deepspeed.config), layout)
+            for line in conflicts if report else ():
+                log.warning("DeepSpeed config: %s", line)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    batch_layout(train, layout.dp)
     _check_text_length(train)
     return model_config, ParallelDims(dp_replicate=1, dp_shard=layout.dp, tp=1, pp=layout.pp)
 
@@ -155,8 +167,7 @@ def run(rt: Runtime) -> dict[str, float]:
     tokens = torch.from_numpy(ByteTokenizer().encode_array(bundled_text()).astype(np.int64))
     model = Llama(model_config)
     model.init_weights(torch.Generator().manual_seed(train.seed))  # identical on every rank
-    trainer = _deepspeed_trainer(rt, model, micro, accumulation) if config.parallel.backend == "deepspeed" \
-        else _TorchTrainer(rt, model)
+    trainer = _deepspeed_trainer(rt, model) if config.parallel.backend == "deepspeed" else _TorchTrainer(rt, model)
     offsets = torch.arange(train.seq_len + 1)
     log.info("model %.2fM parameters, global batch %d x %d tokens, layout %s, %d replicas x %d sequences",
              model.num_parameters() / 1e6, train.batch_size, train.seq_len, rt.dims.describe(), rt.dp_size,
@@ -222,8 +233,7 @@ class _DeepSpeedTrainer:
         self.engine = engine
 
     def step(self, inputs, targets, accumulation: int) -> tuple[torch.Tensor, float]:
-        local_loss = self.engine.train_step(inputs, targets)
-        return local_loss, self.engine.grad_norm()
+        return self.engine.train_step(inputs, targets)  # the engine has its own micro-batching
 
     def global_loss(self, local_loss) -> float:
         return self.engine.global_loss(local_loss)
@@ -232,15 +242,34 @@ class _DeepSpeedTrainer:
         return self.engine.last_lr()
 
 
-def _deepspeed_trainer(rt: Runtime, model: Llama, micro: int, accumulation: int) -> _DeepSpeedTrainer:
+def deepspeed_batching(config: Config, dp: int, pp: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) for DeepSpeed: the pipeline's micro-batches are
+    ``parallel.microbatches`` (default: one per stage), as with the fsdp backend."""
+    train = config.train
+    if pp == 1:
+        return batch_layout(train, dp)
+    if train.micro_batch_size:
+        raise ConfigError("train.micro_batch_size applies without pipelining; with parallel.pp > 1 "
+                          "set parallel.microbatches instead")
+    micro_batches = config.parallel.microbatches or pp
+    per_replica, _ = batch_layout(train, dp)
+    if per_replica % micro_batches:
+        raise ConfigError(f"parallel.microbatches={micro_batches} does not divide the per-replica batch of "
+                          f"{per_replica} (train.batch_size={train.batch_size} over {dp} replicas)")
+    return per_replica // micro_batches, micro_batches
+
+
+def _deepspeed_trainer(rt: Runtime, model: Llama) -> _DeepSpeedTrainer:
     from .parallel.api import cross_entropy
     from .parallel.deepspeed_config import deepspeed_layout
     from .parallel.deepspeed_engine import DeepSpeedModel
 
     config = rt.config
     layout = deepspeed_layout(config.parallel, rt.world_size)
+    micro, accumulation = deepspeed_batching(config, layout.dp, layout.pp)
     engine = DeepSpeedModel(
-        model, config, layout, rank=rt.rank, device=rt.device, micro_batch=micro, accumulation=accumulation,
+        model, config, layout, rank=rt.rank, local_rank=rt.local_rank, device=rt.device, micro_batch=micro,
+        accumulation=accumulation,
         scheduler_factory=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s + 1, config.train)),
         loss_fn=cross_entropy, train_timeout_s=config.dist.train_timeout_s)

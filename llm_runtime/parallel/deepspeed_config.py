@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DeepSpeedLayout", "deepspeed_config", "deepspeed_layout", "merge_user_config", "read_user_config"]
+__all__ = ["DeepSpeedLayout", "deepspeed_config", "deepspeed_layout", "merge_user_config", "read_user_config",
+           "resolve_user_config"]
+
+#: Keys whose values the trainer's own loop depends on: a user JSON may not change them.
+RUNTIME_OWNED = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size (or parallel.microbatches with a pipeline)",
+    "gradient_accumulation_steps": "train.micro_batch_size (or parallel.microbatches with a pipeline)",
+    "scheduler": "train.lr_schedule / train.warmup_steps (the runtime passes its own schedule)",
+}
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,9 @@ class DeepSpeedLayout:
 
 def deepspeed_layout(parallel, world_size: int) -> DeepSpeedLayout:
     """Check the ``[parallel]`` section for the DeepSpeed backend; ValueError names the key."""
+    if parallel.compile or parallel.pp_split_points or parallel.stages_per_rank or parallel.pp_schedule != "1f1b":
+        raise ValueError("parallel.compile, pp_split_points, stages_per_rank and pp_schedule apply to the fsdp "
+                         "backend; with deepspeed use deepspeed.partition_method and parallel.microbatches")
     if parallel.tp != 1:
         raise ValueError(f"parallel.tp={parallel.tp}: the DeepSpeed backend runs without tensor parallelism "
                          "(use parallel.backend=fsdp for tp > 1)")
@@ -48,13 +60,14 @@ def deepspeed_layout(parallel, world_size: int) -> DeepSpeedLayout:
                          "supports ZeRO stage 0 or 1 only")
     dp = world_size // pp
     group = parallel.shard_group_size
-    if group < 0:
-        raise ValueError(f"parallel.shard_group_size must be >= 1 (or 0 for none), got {group}")
+    if group < 0 or group == 1:
+        raise ValueError(f"parallel.shard_group_size={group}: DeepSpeed's hpZ/MiCS groups need 2 or more ranks "
+                         "(0 = no groups)")
     if group:
         if stage != 3:
             raise ValueError(f"parallel.shard_group_size={group} needs parallel.zero_stage=3 "
                              f"(hpZ and MiCS partition ZeRO-3 parameters), got {stage}")
-        if dp % group or group > dp:
+        if dp % group:
             raise ValueError(f"parallel.shard_group_size={group} does not divide the {dp} data-parallel ranks")
     return DeepSpeedLayout(dp=dp, pp=pp, zero_stage=stage, shard_group_size=group,
                            shard_mode=parallel.zero_shard_mode)
@@ -128,3 +141,22 @@ def read_user_config(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"deepspeed.config {path}: expected a JSON object, found {type(data).__name__}")
     return data
+
+
+def resolve_user_config(ours: Mapping[str, Any], user: Mapping[str, Any], layout: DeepSpeedLayout
+                        ) -> tuple[dict[str, Any], list[str], DeepSpeedLayout]:
+    """Merge the user's JSON over ours; refuse the keys the trainer's loop depends on.
+
+    Returns the merged dict, the conflict lines to report, and the layout with the ZeRO stage
+    the merged config really asks for (a user JSON may change the stage).
+    """
+    for key, instead in RUNTIME_OWNED.items():
+        if key in user and user.get(key) != ours.get(key):
+            raise ValueError(f"deepspeed.config sets {key}={user[key]!r}; the runtime owns it (set {instead})")
+    merged, conflicts = merge_user_config(ours, user)
+    stage = int(merged.get("zero_optimization", {}).get("stage", layout.zero_stage))
+    if layout.pp > 1 and stage > 1:
+        raise ValueError(f"deepspeed.config asks for ZeRO stage {stage}, but DeepSpeed's pipeline engine "
+                         "supports stage 0 or 1 only")
+    return merged, conflicts, DeepSpeedLayout(layout.dp, layout.pp, stage, layout.shard_group_size,
+                                              layout.shard_mode)

@@ -2,30 +2,36 @@
 
 DeepSpeed's launcher is not involved: ``llm-runtime launch`` (SageMaker, torchrun, MPI) starts
 the workers, ``llm_runtime.init`` makes the process group with its timeouts, and DeepSpeed's
-communication layer adopts that group.
+communication layer adopts that group (the groups DeepSpeed adds get the same train timeout).
 """
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .deepspeed_config import DeepSpeedLayout, deepspeed_config, read_user_config, resolve_user_config
 from .fsdp import apply_activation_checkpointing
-from .deepspeed_config import DeepSpeedLayout, deepspeed_config, merge_user_config, read_user_config
 
-__all__ = ["DeepSpeedModel", "import_deepspeed", "llama_pipeline_layers"]
+__all__ = ["DeepSpeedModel", "import_deepspeed", "llama_pipeline_layers", "mics_available"]
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "parallel.backend=deepspeed needs DeepSpeed: pip install 'llm-runtime[deepspeed]'"
 
 
 def import_deepspeed(device_type: str):
-    """DeepSpeed, told which accelerator to use before it guesses (ImportError names the extra)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
+    """DeepSpeed, told to use the runtime's device before it guesses (ImportError names the extra)."""
+    wanted = "cuda" if device_type == "cuda" else "cpu"
+    preset = os.environ.get("DS_ACCELERATOR")
+    if preset and preset != wanted:
+        raise ValueError(f"DS_ACCELERATOR={preset} but the runtime trains on {device_type}; unset it or "
+                         f"set dist.backend to match")
+    os.environ["DS_ACCELERATOR"] = wanted
     try:
         import deepspeed
     except ImportError as err:
@@ -34,6 +40,7 @@ def import_deepspeed(device_type: str):
 
 
 def mics_available() -> bool:
+    """Whether the installed DeepSpeed still has MiCS (0.19 removed it)."""
     try:
         from deepspeed.runtime import config as ds_config
     except ImportError:
@@ -77,63 +84,76 @@ def llama_pipeline_layers(model) -> list[nn.Module]:
             _Head(model.norm, model.output)]
 
 
+def _train_timeout_everywhere(timeout_s: float) -> None:
+    """DeepSpeed makes its own groups (ZeRO's world copy, hpZ, pipeline) with torch's default timeout."""
+    for group in list(dist.distributed_c10d._world.pg_map):
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
+
+
 class DeepSpeedModel:
     """A DeepSpeed engine (ZeRO 0-3, hpZ, or the pipeline engine) behind the trainer's step API."""
 
-    def __init__(self, model: nn.Module, config, layout: DeepSpeedLayout, *, rank: int, device: torch.device,
-                 micro_batch: int, accumulation: int, scheduler_factory: Callable, loss_fn: Callable,
-                 train_timeout_s: float):
+    def __init__(self, model: nn.Module, config, layout: DeepSpeedLayout, *, rank: int, local_rank: int,
+                 device: torch.device, micro_batch: int, accumulation: int, scheduler_factory: Callable,
+                 loss_fn: Callable, train_timeout_s: float):
         deepspeed = import_deepspeed(device.type)
-        from datetime import timedelta
-
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed reads it even in a world of one
+        # Adopt the runtime's process group (PipelineModule needs deepspeed.comm before initialize).
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,
-                                   dist_init_required=False, timeout=timedelta(seconds=train_timeout_s))
-        ours = deepspeed_config(config, layout, micro_batch=micro_batch, accumulation=accumulation,
-                                device_type=device.type, mics_available=mics_available())
+                                   dist_init_required=False)
+        ds_config = deepspeed_config(config, layout, micro_batch=micro_batch, accumulation=accumulation,
+                                     device_type=device.type, mics_available=mics_available())
         if config.deepspeed.config:
-            ours, conflicts = merge_user_config(ours, read_user_config(config.deepspeed.config))
-            for line in conflicts:
-                log.warning("DeepSpeed config: %s", line)
-        self.layout, self.rank, self.device = layout, rank, device
-        self.accumulation = accumulation
+            ds_config, conflicts, layout = resolve_user_config(
+                ds_config, read_user_config(config.deepspeed.config), layout)
+            if rank == 0 and conflicts:  # the launcher already listed them, before the workers started
+                log.info("DeepSpeed config: %d value(s) from %s override the runtime's", len(conflicts),
+                         config.deepspeed.config)
+        self.layout, self.accumulation, self.loss_fn = layout, accumulation, loss_fn
         self.pipeline = layout.pp > 1
         parallel = config.parallel
+        # Non-reentrant checkpointing of the blocks themselves: PipelineModule's own interval
+        # would also checkpoint the embedding, whose integer input cannot carry a gradient.
+        apply_activation_checkpointing(list(model.layers), parallel.activation_checkpoint, parallel.ac_every)
         if self.pipeline:
             from deepspeed.pipe import PipelineModule
 
-            # Layers are the embedding, each block and the head; checkpoint every k-th of them.
-            interval = {"none": 0, "full": 1, "every": parallel.ac_every}[parallel.activation_checkpoint]
             model = PipelineModule(layers=llama_pipeline_layers(model), num_stages=layout.pp, loss_fn=loss_fn,
-                                   partition_method=config.deepspeed.partition_method,
-                                   activation_checkpoint_interval=interval)
-        else:
-            apply_activation_checkpointing(list(model.layers), parallel.activation_checkpoint, parallel.ac_every)
-        self.loss_fn = loss_fn
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, config=ours, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                   partition_method=config.deepspeed.partition_method)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, config=ds_config, model_parameters=[p for p in model.parameters() if p.requires_grad],
             lr_scheduler=scheduler_factory, dist_init_required=False)
-        self.ds_config = ours
-        log.info("DeepSpeed engine: ZeRO stage %d, %d data-parallel x %d pipeline%s", layout.zero_stage,
-                 layout.dp, layout.pp,
-                 f", shard groups of {layout.shard_group_size} ({layout.shard_mode})" if layout.shard_group_size else "")
+        _train_timeout_everywhere(train_timeout_s)
+        hpz = self.engine.zero_hpz_partition_size() if self.engine.zero_optimization_stage() == 3 else 1
+        log.info("DeepSpeed engine: ZeRO stage %d, %d data-parallel x %d pipeline%s, %d micro-batches of %d",
+                 self.engine.zero_optimization_stage(), layout.dp, layout.pp,
+                 f", hpZ shard groups of {hpz}" if hpz > 1 else "", accumulation, micro_batch)
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, accumulation: int = 1) -> torch.Tensor:
-        """Forward, backward and the optimizer step (DeepSpeed steps at the accumulation boundary)."""
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Forward, backward and optimizer step of one global step; returns (local loss, grad norm)."""
         if self.pipeline:
             micro = list(zip(inputs.chunk(self.accumulation), targets.chunk(self.accumulation)))
-            return self.engine.train_batch(data_iter=iter(micro)).detach().float()
+            loss = self.engine.train_batch(data_iter=iter(micro)).detach().float()
+            return loss, self._grad_norm(None)
         total = torch.zeros((), device=inputs.device)
-        for chunk_in, chunk_out in zip(inputs.chunk(self.accumulation), targets.chunk(self.accumulation)):
+        fallback = None
+        for index, (chunk_in, chunk_out) in enumerate(zip(inputs.chunk(self.accumulation),
+                                                          targets.chunk(self.accumulation))):
             loss = self.loss_fn(self.engine(chunk_in), chunk_out)
-            self.engine.backward(loss)  # scaled by 1/accumulation inside
+            self.engine.backward(loss)  # scaled by 1/accumulation inside; all-reduced at the boundary
+            if index == self.accumulation - 1 and self.engine.zero_optimization_stage() == 0:
+                # Without ZeRO, DeepSpeed keeps no global norm: take it from the reduced gradients.
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                fallback = float(torch.nn.utils.get_total_norm(grads)) if grads else None
             self.engine.step()
             total += loss.detach().float() / self.accumulation
-        return total
+        return total, self._grad_norm(fallback)
 
-    def grad_norm(self) -> float:
-        """DeepSpeed's global gradient norm (NaN where it keeps none, e.g. the ZeRO-0 pipeline engine)."""
+    def _grad_norm(self, fallback: float | None) -> float:
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if norm is None:
+            norm = fallback
+        return float(norm) if norm is not None else float("nan")  # NaN: not kept (ZeRO-0 pipeline)
 
     def global_loss(self, local_loss: torch.Tensor) -> float:
         if self.pipeline:

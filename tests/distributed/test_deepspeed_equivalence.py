@@ -30,8 +30,14 @@ LAYOUTS = [
     ("zero2-4ranks", 4, ["--parallel.zero_stage=2"], "ZeRO stage 2, 4 data-parallel x 1 pipeline"),
     ("zero3-4ranks", 4, ["--parallel.zero_stage=3"], "ZeRO stage 3, 4 data-parallel x 1 pipeline"),
     ("zero3-hpz-shard-groups-of-2-over-4", 4, ["--parallel.zero_stage=3", "--parallel.shard_group_size=2"],
-     "shard groups of 2 (hpz)"),
-    ("pipeline-2-stages", 2, ["--parallel.pp=2"], "ZeRO stage 1, 1 data-parallel x 2 pipeline"),
+     "ZeRO stage 3, 4 data-parallel x 1 pipeline, hpZ shard groups of 2"),
+    ("zero3-4ranks-accumulation", 4, ["--parallel.zero_stage=3", "--train.micro_batch_size=1"],
+     "ZeRO stage 3, 4 data-parallel x 1 pipeline, 2 micro-batches of 1"),
+    ("pipeline-2-stages", 2, ["--parallel.pp=2"], "ZeRO stage 1, 1 data-parallel x 2 pipeline, 2 micro-batches"),
+    ("pipeline-4-microbatches-activation-checkpointing", 2,
+     ["--parallel.pp=2", "--parallel.microbatches=4", "--parallel.activation_checkpoint=full"],
+     "ZeRO stage 1, 1 data-parallel x 2 pipeline, 4 micro-batches"),
+    ("zero0-2ranks", 2, ["--parallel.zero_stage=0"], "ZeRO stage 0, 2 data-parallel x 1 pipeline"),
     ("pipeline-2-stages-x-2-replicas-by-parameters", 4,
      ["--parallel.pp=2", "--deepspeed.partition_method=parameters", "--parallel.zero_stage=1"],
      "ZeRO stage 1, 2 data-parallel x 2 pipeline"),
@@ -56,10 +62,11 @@ def test_deepspeed_layout_matches_the_single_process_loss_curve(name, nproc, ext
 def test_user_deepspeed_json_wins_and_its_conflicts_are_reported(reference, tmp_path):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}))
-    got, _, stdout = train(tmp_path / "user-json", 2, [*DS, "--parallel.zero_stage=1", f"--deepspeed.config={user}"],
-                           export=False, stderr=True)
-    assert "zero_optimization.stage: the DeepSpeed JSON sets 2, the runtime chose 1" in stdout
-    assert "gradient_clipping" not in stdout.split("DeepSpeed config:")[-1].split("\n")[0]  # equal: no conflict
+    got, _, log = train(tmp_path / "user-json", 2, [*DS, "--parallel.zero_stage=1", f"--deepspeed.config={user}"],
+                        export=False, stderr=True)
+    assert log.count("zero_optimization.stage: the DeepSpeed JSON sets 2, the runtime chose 1") == 1  # once
+    assert "gradient_clipping:" not in log  # an equal value is no conflict
+    assert "DeepSpeed engine: ZeRO stage 2" in log  # what DeepSpeed really built: the user's stage
     for ref, mine in zip(reference, got):
         assert math.isclose(mine["loss"], ref["loss"], rel_tol=1e-4)
 

@@ -356,11 +356,12 @@ def ds_cli(**keys) -> Config:
 CHECK_OK = [
     # (id, keys, world, expected dp, expected pp, expected (micro, accumulation))
     ("world-4-dp-4", dict(train__batch_size=16), 4, 4, 1, (4, 1)),
-    ("world-4-pp-2-gives-dp-2", dict(train__batch_size=16, parallel__pp=2), 4, 2, 2, (8, 1)),
-    ("world-4-pp-2-micro-2-accumulates-4", dict(train__batch_size=16, parallel__pp=2, train__micro_batch_size=2),
+    ("world-4-pp-2-gives-dp-2-one-microbatch-per-stage", dict(train__batch_size=16, parallel__pp=2), 4, 2, 2, (4, 2)),
+    ("world-4-pp-2-4-microbatches", dict(train__batch_size=16, parallel__pp=2, parallel__microbatches=4),
      4, 2, 2, (2, 4)),
-    ("batch-6-divides-over-dp-2-not-world-4", dict(train__batch_size=6, parallel__pp=2), 4, 2, 2, (3, 1)),
-    ("world-8-pp-4-zero-0", dict(train__batch_size=8, parallel__pp=4, parallel__zero_stage=0), 8, 2, 4, (4, 1)),
+    ("batch-6-divides-over-dp-2-not-world-4", dict(train__batch_size=6, parallel__pp=2, parallel__microbatches=3),
+     4, 2, 2, (1, 3)),
+    ("world-8-pp-4-zero-0", dict(train__batch_size=8, parallel__pp=4, parallel__zero_stage=0), 8, 2, 4, (1, 4)),
     ("single-process", dict(train__batch_size=4, train__micro_batch_size=1), 1, 1, 1, (1, 4)),
     ("hpz-groups", dict(train__batch_size=16, parallel__shard_group_size=2), 4, 4, 1, (4, 1)),
 ]
@@ -371,7 +372,7 @@ def test_check_splits_the_batch_over_dp_equal_world_over_pp(keys, world, dp, pp,
     cfg = ds_cli(**keys)
     _, dims = train_mod.check(cfg, world)
     assert (dims.dp_size, dims.pp, dims.tp) == (dp, pp, 1)
-    assert train_mod.batch_layout(cfg.train, dims.dp_size) == micro
+    assert train_mod.deepspeed_batching(cfg, dims.dp_size, dims.pp) == micro
 
 
 CHECK_BAD = [
@@ -496,3 +497,27 @@ def test_bad_zero_shard_mode_from_environment_names_the_variable():
 def test_unknown_deepspeed_section_key_is_rejected():
     with pytest.raises(ConfigError, match="deepspeed.json"):
         load_config(cli=[("deepspeed.json", "x.json")])
+
+
+@pytest.mark.parametrize("keys, needle", [
+    (dict(train__batch_size=16, parallel__pp=2, train__micro_batch_size=2), "parallel.microbatches"),
+    (dict(train__batch_size=6, parallel__pp=2), "parallel.microbatches=2 does not divide"),
+    (dict(train__batch_size=16, parallel__compile=True), "fsdp backend"),
+    (dict(train__batch_size=16, parallel__shard_group_size=1), "2 or more ranks"),
+], ids=["micro-batch-size-with-pipeline", "microbatches-not-dividing", "fsdp-only-key", "shard-group-of-one"])
+def test_deepspeed_settings_it_would_ignore_or_cannot_run_are_refused(keys, needle, deepspeed_installed):
+    with pytest.raises(ConfigError, match=needle):
+        train_mod.check(ds_cli(**keys), 4)
+
+
+@pytest.mark.parametrize("user, needle", [
+    ({"train_batch_size": 32}, "train_batch_size=32; the runtime owns it"),
+    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
+    ({"scheduler": {"type": "WarmupLR"}}, "scheduler"),
+    ({"zero_optimization": {"stage": 3}}, "pipeline engine supports stage 0 or 1"),
+], ids=["batch", "accumulation", "scheduler", "stage-3-with-pipeline"])
+def test_user_json_cannot_change_what_the_trainer_depends_on(user, needle, tmp_path, deepspeed_installed):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    with pytest.raises(ConfigError, match=needle):
+        train_mod.check(ds_cli(train__batch_size=16, parallel__pp=2, deepspeed__config=str(path)), 4)
