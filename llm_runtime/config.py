@@ -62,9 +62,9 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     log_every: int = 5
     metrics_path: str = ""
-    export_dir: str = ""
-    """When set, the final full weights are written there (one torch file per pipeline stage)."""
     """When set, rank 0 appends one JSON line per logged step (step, loss, grad_norm, lr, tokens_per_s)."""
+    export_dir: str = ""
+    """When set, the final full weights are written there (one torch file per pipeline rank; fsdp backend)."""
 
 
 @dataclass
