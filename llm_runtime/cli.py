@@ -35,6 +35,8 @@ commands:
       the built-in trainer: a small Llama-style model on the bundled text
   info [--json] [--cluster KIND]
       the detected cluster and the network environment plan
+  prepare-data --input PATH... --output DIR --seq-len N [--tokenizer byte] [--shard-size 256MB] [--workers K]
+      tokenize text / jsonl (.gz) files into webdataset token shards with index.json
 """
 
 # Launcher options shared by `launch` and `train`, mapped onto config keys.
@@ -218,7 +220,28 @@ def _launcher_logging() -> None:
         logger.propagate = False
 
 
-COMMANDS = {"launch": cmd_launch, "train": cmd_train, "info": cmd_info}
+def cmd_prepare_data(args: Sequence[str]) -> int:
+    from .data.prepare import PrepareError, parse_size, prepare
+
+    parser = argparse.ArgumentParser(prog="llm-runtime prepare-data")
+    parser.add_argument("--input", nargs="+", required=True, action="extend", help="files, globs or directories")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--seq-len", type=int, required=True)
+    parser.add_argument("--tokenizer", default="byte")
+    parser.add_argument("--shard-size", default="256MB")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    parser.add_argument("--text-field", default="text", help="the text field of JSON lines inputs")
+    ns = parser.parse_args(args)
+    try:
+        summary = prepare(ns.input, ns.output, seq_len=ns.seq_len, shard_size=parse_size(ns.shard_size),
+                          workers=ns.workers, tokenizer=ns.tokenizer, text_field=ns.text_field)
+    except PrepareError as err:
+        raise UsageError(str(err)) from None
+    print(summary.line(), flush=True)
+    return 0
+
+
+COMMANDS = {"launch": cmd_launch, "train": cmd_train, "info": cmd_info, "prepare-data": cmd_prepare_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,197 @@
+"""``llm-runtime prepare-data``: text files -> token shards, share-nothing and deterministic.
+
+Every input file is one unit of work: a pool of worker processes tokenizes files with no
+synchronisation between them; each file's tokens are cut into ``seq_len + 1``-token samples
+(the last partial sample of a file is dropped). The samples are then packed into shards in
+input-file order, so the result does not depend on the number of workers. On a multi-host
+job each host takes every ``num_hosts``-th file (by its host index).
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..models import ByteTokenizer
+from .shards import INDEX_NAME, ShardIndex, ShardInfo, bytes_per_sample, token_dtype, write_shard
+
+__all__ = ["PrepareError", "PrepareSummary", "expand_inputs", "files_for_host", "parse_size", "prepare",
+           "read_documents"]
+
+log = logging.getLogger(__name__)
+SUFFIXES = (".txt", ".jsonl", ".json", ".txt.gz", ".jsonl.gz", ".txt.zst", ".jsonl.zst")
+
+
+class PrepareError(ValueError):
+    """An input or option that preparation cannot use; the message names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    files: int
+    tokens: int
+    samples: int
+    shards: int
+    bytes: int
+    seconds: float
+
+    def line(self) -> str:
+        return (f"prepared files={self.files} tokens={self.tokens} samples={self.samples} shards={self.shards} "
+                f"bytes={self.bytes} seconds={self.seconds:.1f}")
+
+
+def parse_size(text: str) -> int:
+    """``256MB``, ``64KiB``, ``1000`` -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    stripped = text.strip().lower()
+    number = stripped.rstrip("kmgib")
+    unit = stripped[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise PrepareError(f"--shard-size {text!r} is not a size like 256MB or 64MiB") from None
+    if value < 1:
+        raise PrepareError(f"--shard-size {text!r} must be positive")
+    return int(value)
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """Local files, globs and directories (recursively) -> a sorted, de-duplicated file list."""
+    files: set[str] = set()
+    for item in inputs:
+        if item.startswith("s3://"):
+            raise PrepareError(f"--input {item}: s3:// inputs are not supported yet; copy them locally "
+                               "(e.g. with s5cmd) first")
+        if os.path.isdir(item):
+            for root, _, names in os.walk(item):
+                files.update(os.path.join(root, name) for name in names if name.endswith(SUFFIXES))
+            continue
+        matches = glob.glob(item) if any(ch in item for ch in "*?[") else [item]
+        if not matches or not all(os.path.isfile(m) for m in matches):
+            raise PrepareError(f"--input {item}: no such file (or the pattern matches nothing)")
+        files.update(matches)
+    if not files:
+        raise PrepareError(f"--input {list(inputs)}: no text files ({', '.join(SUFFIXES)}) found")
+    return sorted(files)
+
+
+def files_for_host(files: Sequence[str], host_index: int, num_hosts: int) -> list[str]:
+    """This host's share of the files: every num_hosts-th, starting at its index."""
+    if num_hosts < 1 or not 0 <= host_index < num_hosts:
+        raise PrepareError(f"host index {host_index} is outside {num_hosts} hosts")
+    return list(files[host_index::num_hosts])
+
+
+def _open_text(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    if path.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise PrepareError(f"{path}: reading .zst needs the zstandard package") from None
+        import io
+
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")),
+                                encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def read_documents(path: str, text_field: str = "text") -> Iterator[str]:
+    """Plain text is one document; JSON lines give one document per line (their text field)."""
+    jsonl = ".jsonl" in path or path.endswith(".json")
+    with _open_text(path) as handle:
+        if not jsonl:
+            yield handle.read()
+            return
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PrepareError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise PrepareError(f"{path}:{number}: no string field {text_field!r}")
+            yield record[text_field]
+
+
+def _tokenize_file(task: tuple[str, int, str, str]) -> tuple[str, int, int]:
+    """Worker: one file -> a .npy of [n, seq_len + 1] samples in the scratch dir; (path, samples, tokens)."""
+    path, seq_len, scratch, text_field = task
+    tokenizer = ByteTokenizer()
+    pieces = [tokenizer.encode_array(document) for document in read_documents(path, text_field)]
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint8)
+    width = seq_len + 1
+    count = len(tokens) // width
+    samples = tokens[:count * width].reshape(count, width).astype(token_dtype(tokenizer.vocab_size))
+    out = os.path.join(scratch, f"{abs(hash(path))}-{os.getpid()}.npy")
+    np.save(out, samples, allow_pickle=False)
+    return out, count, len(tokens)
+
+
+def prepare(inputs: Sequence[str], output: str, *, seq_len: int, shard_size: int = 256 * 10**6, workers: int = 0,
+            tokenizer: str = "byte", host_index: int = 0, num_hosts: int = 1, text_field: str = "text",
+            progress: bool | None = None) -> PrepareSummary:
+    """Tokenize ``inputs`` into shards under ``output`` (a local directory) and write index.json."""
+    started = time.monotonic()
+    try:
+        import webdataset  # noqa: F401  (the shard writer)
+    except ImportError:
+        raise PrepareError("prepare-data needs webdataset: pip install 'llm-runtime[data]'") from None
+    if seq_len < 1:
+        raise PrepareError(f"--seq-len must be >= 1, got {seq_len}")
+    if tokenizer != "byte":
+        raise PrepareError(f"--tokenizer {tokenizer!r}: only the byte tokenizer is supported yet")
+    if output.startswith("s3://"):
+        raise PrepareError(f"--output {output}: s3:// output is not supported yet; write locally and upload")
+    files = files_for_host(expand_inputs(inputs), host_index, num_hosts)
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = ByteTokenizer.vocab_size
+    index = ShardIndex(seq_len=seq_len, tokenizer=tokenizer, vocab_size=vocab, dtype=token_dtype(vocab).name)
+    per_shard = max(1, shard_size // bytes_per_sample(seq_len, token_dtype(vocab)))
+    show = sys.stderr.isatty() if progress is None else progress
+    tokens_total = 0
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
+        tasks = [(path, seq_len, scratch, text_field) for path in files]
+        workers = workers or min(len(files), os.cpu_count() or 1)
+        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+            results = pool.map(_tokenize_file, tasks)  # yields in input order: packing stays deterministic
+            pending: list[np.ndarray] = []
+            for done, (scratch_file, _, tokens) in enumerate(results, 1):
+                tokens_total += tokens
+                pending.extend(np.load(scratch_file))
+                os.unlink(scratch_file)
+                while len(pending) >= per_shard:
+                    _flush(out_dir, index, pending[:per_shard])
+                    del pending[:per_shard]
+                if show:
+                    print(f"\rprepare-data: {done}/{len(files)} files, {len(index.shards)} shards", end="",
+                          file=sys.stderr, flush=True)
+            if pending:
+                _flush(out_dir, index, pending)
+    if show:
+        print(file=sys.stderr)
+    (out_dir / INDEX_NAME).write_text(index.to_json())
+    return PrepareSummary(files=len(files), tokens=tokens_total, samples=index.total_samples,
+                          shards=len(index.shards), bytes=sum(s.bytes for s in index.shards),
+                          seconds=time.monotonic() - started)
+
+
+def _flush(out_dir: Path, index: ShardIndex, samples: list[np.ndarray]) -> ShardInfo:
+    number = len(index.shards)
+    info = write_shard(out_dir / f"shard-{number:06d}.tar", samples, first_key=index.total_samples)
+    index.shards.append(info)
+    return info
