@@ -10,5 +10,8 @@ if ! command -v mpirun >/dev/null 2>&1; then
   fi
 fi
 install_package "[test]"
+# Every test dependency must import: a silently failed install would turn tests into skips.
+python -c "import pytest, deepspeed, webdataset, boto3, moto, sagemaker_training" 2>/dev/null || {
+  echo "scripts/test.sh: a test dependency failed to install (pip install -e '.[test]')" >&2; exit 1; }
 cd "$ROOT"
 exec python -m pytest -q --durations=15 "${@:-tests}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import importlib.util
 import json
 import logging
 import os
@@ -146,10 +147,8 @@ def prepare(inputs: Sequence[str], output: str, *, seq_len: int, shard_size: int
             progress: bool | None = None) -> PrepareSummary:
     """Tokenize ``inputs`` into shards under ``output`` (a local directory) and write index.json."""
     started = time.monotonic()
-    try:
-        import webdataset  # noqa: F401  (the shard writer)
-    except ImportError:
-        raise PrepareError("prepare-data needs webdataset: pip install 'llm-runtime[data]'") from None
+    if importlib.util.find_spec("webdataset") is None:  # the shard writer
+        raise PrepareError("prepare-data needs webdataset: pip install 'llm-runtime[data]'")
     if seq_len < 1:
         raise PrepareError(f"--seq-len must be >= 1, got {seq_len}")
     if tokenizer != "byte":
