@@ -11,7 +11,12 @@ if ! command -v mpirun >/dev/null 2>&1; then
 fi
 install_package "[test]"
 # Every test dependency must import: a silently failed install would turn tests into skips.
-python -c "import pytest, deepspeed, webdataset, boto3, moto, sagemaker_training" 2>/dev/null || {
+# (find_spec, not import: importing sagemaker_training creates /opt/ml directories.)
+python -c "
+import importlib.util, sys
+missing = [m for m in ('pytest', 'deepspeed', 'webdataset', 'boto3', 'moto', 'sagemaker_training')
+           if importlib.util.find_spec(m) is None]
+sys.exit(f'missing: {missing}' if missing else 0)" || {
   echo "scripts/test.sh: a test dependency failed to install (pip install -e '.[test]')" >&2; exit 1; }
 cd "$ROOT"
 exec python -m pytest -q --durations=15 "${@:-tests}"
