@@ -272,7 +272,7 @@ def _deepspeed_trainer(rt: Runtime, model: Llama) -> _DeepSpeedTrainer:
         accumulation=accumulation,
         scheduler_factory=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s + 1, config.train)),
-        loss_fn=cross_entropy, train_timeout_s=config.dist.train_timeout_s)
+        loss_fn=cross_entropy, train_timeout_s=config.dist.train_timeout_s, init_seed=config.train.seed)
     return _DeepSpeedTrainer(engine)
 
 

@@ -12,7 +12,7 @@ export PATH="$VENV/bin:$PATH"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "${LLM_RUNTIME_TORCH:-torch==2.13.0}" 2>&1 | grep -v "^WARNING: Location" || true
-  python -c "import torch" || { echo "torch did not install" >&2; exit 1; }
+  python -c "import torch" 2>/dev/null || { echo "torch did not install" >&2; exit 1; }
 fi
 install_package() {  # $1: extras, e.g. "" or "[test]"
   python -m pip install -q -e "$ROOT$1" 2>&1 | grep -v "^WARNING: Location" || true

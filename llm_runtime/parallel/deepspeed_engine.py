@@ -18,7 +18,7 @@ from torch import nn
 from .deepspeed_config import DeepSpeedLayout, deepspeed_config, read_user_config, resolve_user_config
 from .fsdp import apply_activation_checkpointing
 
-__all__ = ["DeepSpeedModel", "import_deepspeed", "llama_pipeline_layers", "mics_available"]
+__all__ = ["DeepSpeedModel", "import_deepspeed", "llama_pipeline_specs", "mics_available"]
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "parallel.backend=deepspeed needs DeepSpeed: pip install 'llm-runtime[deepspeed]'"
@@ -48,20 +48,39 @@ def mics_available() -> bool:
     return "mics_shard_size" not in getattr(ds_config, "_REMOVED_ZERO_CONFIG_KEYS", {})
 
 
+def _materialize(config, seed: int, keep) -> nn.Module:
+    """The bundled Llama on the meta device with only ``keep(model)``'s modules made real and
+    initialised: same names, so the same weights as the full model built from ``seed``."""
+    from ..models import Llama
+
+    with torch.device("meta"):
+        model = Llama(config)
+    for module in keep(model):
+        module.to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
 class _Embed(nn.Module):
-    def __init__(self, embeddings: nn.Embedding):
+    """Pipeline layer 0: token ids -> hidden states."""
+
+    def __init__(self, config, seed: int):
         super().__init__()
-        self.tok_embeddings = embeddings
+        self.tok_embeddings = _materialize(config, seed, lambda m: [m.tok_embeddings]).tok_embeddings
 
     def forward(self, tokens):
         return self.tok_embeddings(tokens)
 
 
 class _Block(nn.Module):
-    def __init__(self, block: nn.Module, rotary: nn.Module):
+    """Pipeline layers 1..L: one transformer block with its rotary tables."""
+
+    def __init__(self, config, seed: int, index: int, checkpoint: str = "none", every: int = 2):
         super().__init__()
-        self.block = block
-        self.rotary = rotary
+        model = _materialize(config, seed, lambda m: [m.layers[index], m.rotary])
+        self.block, self.rotary = model.layers[index], model.rotary
+        if checkpoint == "full" or (checkpoint == "every" and index % every == 0):
+            apply_activation_checkpointing([self.block], "full")
 
     def forward(self, hidden):
         cos, sin = self.rotary(self.rotary.max_seq_len)
@@ -69,19 +88,25 @@ class _Block(nn.Module):
 
 
 class _Head(nn.Module):
-    def __init__(self, norm: nn.Module, output: nn.Module):
+    """The last pipeline layer: final norm and output projection."""
+
+    def __init__(self, config, seed: int):
         super().__init__()
-        self.norm = norm
-        self.output = output
+        model = _materialize(config, seed, lambda m: [m.norm, m.output])
+        self.norm, self.output = model.norm, model.output
 
     def forward(self, hidden):
         return self.output(self.norm(hidden))
 
 
-def llama_pipeline_layers(model) -> list[nn.Module]:
-    """The bundled Llama as a flat layer list for DeepSpeed's PipelineModule."""
-    return [_Embed(model.tok_embeddings), *(_Block(block, model.rotary) for block in model.layers),
-            _Head(model.norm, model.output)]
+def llama_pipeline_specs(config, seed: int, checkpoint: str = "none", every: int = 2) -> list:
+    """The bundled Llama as DeepSpeed LayerSpecs: each rank builds only its own stage's layers,
+    initialised exactly as ``Llama(config).init_weights(Generator().manual_seed(seed))`` would."""
+    from deepspeed.pipe import LayerSpec
+
+    return [LayerSpec(_Embed, config, seed),
+            *(LayerSpec(_Block, config, seed, index, checkpoint, every) for index in range(config.layers)),
+            LayerSpec(_Head, config, seed)]
 
 
 def _train_timeout_everywhere(timeout_s: float) -> None:
@@ -95,7 +120,7 @@ class DeepSpeedModel:
 
     def __init__(self, model: nn.Module, config, layout: DeepSpeedLayout, *, rank: int, local_rank: int,
                  device: torch.device, micro_batch: int, accumulation: int, scheduler_factory: Callable,
-                 loss_fn: Callable, train_timeout_s: float):
+                 loss_fn: Callable, train_timeout_s: float, init_seed: int = 0):
         deepspeed = import_deepspeed(device.type)
         os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed reads it even in a world of one
         # Adopt the runtime's process group (PipelineModule needs deepspeed.comm before initialize).
@@ -114,12 +139,14 @@ class DeepSpeedModel:
         parallel = config.parallel
         # Non-reentrant checkpointing of the blocks themselves: PipelineModule's own interval
         # would also checkpoint the embedding, whose integer input cannot carry a gradient.
-        apply_activation_checkpointing(list(model.layers), parallel.activation_checkpoint, parallel.ac_every)
         if self.pipeline:
             from deepspeed.pipe import PipelineModule
 
-            model = PipelineModule(layers=llama_pipeline_layers(model), num_stages=layout.pp, loss_fn=loss_fn,
+            specs = llama_pipeline_specs(model.config, init_seed, parallel.activation_checkpoint, parallel.ac_every)
+            model = PipelineModule(layers=specs, num_stages=layout.pp, loss_fn=loss_fn,
                                    partition_method=config.deepspeed.partition_method)
+        else:
+            apply_activation_checkpointing(list(model.layers), parallel.activation_checkpoint, parallel.ac_every)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, config=ds_config, model_parameters=[p for p in model.parameters() if p.requires_grad],
             lr_scheduler=scheduler_factory, dist_init_required=False)
