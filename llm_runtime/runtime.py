@@ -22,7 +22,7 @@ from .cluster import sagemaker as sm
 from .config import Config, ConfigError, ParallelConfig, load_config
 from .parallel.dims import ParallelDims, resolve_dims
 
-__all__ = ["Runtime", "dims_for", "init", "process_env"]
+__all__ = ["Runtime", "dims_for", "init", "process_env", "train_timeout_everywhere"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,14 @@ def process_env(info: ClusterInfo) -> dict[str, str]:
         "MASTER_ADDR": info.master_addr,
         "MASTER_PORT": str(info.master_port),
     }
+
+
+def train_timeout_everywhere(timeout_s: float) -> None:
+    """Give every process group the train timeout: groups made after init (mesh axes, HSDP,
+    DeepSpeed's) start with torch's default, and a hung collective in one of them must fail
+    as fast as one on the default group."""
+    for group in list(dist.distributed_c10d._world.pg_map):
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
 
 
 def parse_split_points(text: str) -> list[int]:
@@ -137,8 +145,11 @@ class Runtime:
                         mixed_precision=parallel.mixed_precision, reduce_dtype=parallel.reduce_dtype,
                         activation_checkpoint=parallel.activation_checkpoint, ac_every=parallel.ac_every,
                         compile=parallel.compile)
-        return parallelize(model, self.dims, rank=self.rank, device=self.device, mesh=self.mesh,
-                           **{**defaults, **options})
+        parallel_model = parallelize(model, self.dims, rank=self.rank, device=self.device, mesh=self.mesh,
+                                     **{**defaults, **options})
+        if self.world_size > 1:
+            train_timeout_everywhere(self.config.dist.train_timeout_s)  # groups parallelize made
+        return parallel_model
 
     @property
     def is_main(self) -> bool:
@@ -222,12 +233,7 @@ def init(config: Config | None = None) -> Runtime:
         from .parallel.api import build_mesh
 
         mesh = build_mesh(dims, device.type)
-        if mesh is not None:
-            # The mesh's subgroups are new groups with torch's default timeout; a hung TP/PP/HSDP
-            # collective must fail after the train timeout like one on the default group.
-            for axis in mesh.mesh_dim_names:
-                dist.distributed_c10d._set_pg_timeout(timedelta(seconds=config.dist.train_timeout_s),
-                                                       mesh.get_group(axis))
+        train_timeout_everywhere(config.dist.train_timeout_s)
     log.info("initialised rank %d/%d on %s %s (backend %s, cluster %s, init timeout %.0fs, train timeout %.0fs)",
              rank, world, info.current_host, device, backend, info.kind, config.dist.init_timeout_s,
              config.dist.train_timeout_s)

@@ -41,6 +41,16 @@ def build_mesh(dims: ParallelDims, device_type: str):
     return init_device_mesh(device_type, tuple(sizes), mesh_dim_names=tuple(names))
 
 
+def _full_mesh(dims: ParallelDims, device_type: str):
+    """All four axes, size-1 ones included (HSDP needs a shard axis even when it is 1 wide)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from .dims import AXES
+
+    layout = torch.arange(dims.world_size).reshape(*(dims.sizes()[axis] for axis in AXES))
+    return DeviceMesh(device_type, layout, mesh_dim_names=AXES)
+
+
 @dataclass
 class ParallelModel:
     """The parallelized model parts held by this rank and how to run one training step."""
@@ -222,9 +232,14 @@ def parallelize(
             parts = [DistributedDataParallel(parts[0], device_ids=[device.index] if device.type == "cuda" else None)]
             data_parallel = "ddp"
         else:
-            # FSDP2 over the shard axis, HSDP (replicate x shard) when both exist. A replicate-only
-            # layout next to TP/PP shards over the replicas: same numbers, less memory.
-            dp_mesh = mesh[tuple(dp_axes)] if len(dp_axes) > 1 else mesh[dp_axes[0]]
+            # FSDP2 over the shard axis, HSDP (replicate x shard) when both exist. Replication next
+            # to TP/PP is HSDP with shard groups of one: replicas stay whole copies (all-reduce only,
+            # no gathers across what are usually node boundaries).
+            if dp_axes == ["dp_replicate"]:
+                dp_axes = ["dp_replicate", "dp_shard"]
+                dp_mesh = _full_mesh(dims, device.type)[tuple(dp_axes)]
+            else:
+                dp_mesh = mesh[tuple(dp_axes)] if len(dp_axes) > 1 else mesh[dp_axes[0]]
             log.info("FSDP2 over %s %s", "x".join(dp_axes), tuple(dp_mesh.shape))
             policy = mixed_precision_policy(mixed_precision, reduce_dtype, device.type)
             apply_fsdp(parts, blocks_per_part, dp_mesh, policy, reshard_after_forward=dims.pp == 1)

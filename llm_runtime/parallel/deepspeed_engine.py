@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .deepspeed_config import DeepSpeedLayout, deepspeed_config, read_user_config, resolve_user_config
+from ..runtime import train_timeout_everywhere
 from .fsdp import apply_activation_checkpointing
 
 __all__ = ["DeepSpeedModel", "import_deepspeed", "llama_pipeline_specs", "mics_available"]
@@ -109,12 +109,6 @@ def llama_pipeline_specs(config, seed: int, checkpoint: str = "none", every: int
             LayerSpec(_Head, config, seed)]
 
 
-def _train_timeout_everywhere(timeout_s: float) -> None:
-    """DeepSpeed makes its own groups (ZeRO's world copy, hpZ, pipeline) with torch's default timeout."""
-    for group in list(dist.distributed_c10d._world.pg_map):
-        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
-
-
 class DeepSpeedModel:
     """A DeepSpeed engine (ZeRO 0-3, hpZ, or the pipeline engine) behind the trainer's step API."""
 
@@ -150,7 +144,7 @@ class DeepSpeedModel:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, config=ds_config, model_parameters=[p for p in model.parameters() if p.requires_grad],
             lr_scheduler=scheduler_factory, dist_init_required=False)
-        _train_timeout_everywhere(train_timeout_s)
+        train_timeout_everywhere(train_timeout_s)
         hpz = self.engine.zero_hpz_partition_size() if self.engine.zero_optimization_stage() == 3 else 1
         log.info("DeepSpeed engine: ZeRO stage %d, %d data-parallel x %d pipeline%s, %d micro-batches of %d",
                  self.engine.zero_optimization_stage(), layout.dp, layout.pp,
