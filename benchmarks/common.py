@@ -34,3 +34,37 @@ def record(title: str, lines: list[str], details: list[str]) -> None:
         sink.write("\n".join(section) + "\n")
     for line in lines:
         print(line, flush=True)
+
+
+def timed_loop(train_step, *, steps: int, warmup: int, batch: int, seq: int, device) -> None:
+    """Run a baseline worker's loop on the trainer's own data order and print STEPS_PER_S (rank 0).
+
+    ``train_step(inputs, targets) -> loss`` is the hand-written step being measured; the
+    global loss is all-reduced every 10 steps, as the trainer's logging does.
+    """
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from llm_runtime.models import ByteTokenizer, bundled_text
+    from llm_runtime.train import global_batch_starts
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tokens = torch.from_numpy(ByteTokenizer().encode_array(bundled_text()).astype("int64"))
+    offsets = torch.arange(seq + 1)
+    per_rank = batch // world
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        if step == warmup + 1:
+            dist.barrier()
+            start = time.perf_counter()
+        starts = torch.from_numpy(global_batch_starts(1234, step, batch, len(tokens), seq))
+        rows = tokens[starts[rank * per_rank:(rank + 1) * per_rank, None] + offsets].to(device)
+        loss = train_step(rows[:, :-1], rows[:, 1:])
+        if step % 10 == 0:
+            reported = loss.detach().clone()
+            dist.all_reduce(reported)
+    dist.barrier()
+    if rank == 0:
+        print(f"STEPS_PER_S {(steps - warmup) / (time.perf_counter() - start):.6f}", flush=True)

@@ -185,7 +185,7 @@ def run(rt: Runtime) -> dict[str, float]:
             elapsed = time.perf_counter() - window_start
             metrics = {
                 "loss": trainer.global_loss(local_loss),
-                "grad_norm": grad_norm,
+                "grad_norm": float(grad_norm),
                 "tokens_per_s": window_steps * train.batch_size * train.seq_len / elapsed,
             }
             lr = trainer.last_lr()
@@ -213,7 +213,7 @@ class _TorchTrainer:
                                            weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s + 1, train))
 
-    def step(self, inputs, targets, accumulation: int) -> tuple[torch.Tensor, float]:
+    def step(self, inputs, targets, accumulation: int) -> tuple[torch.Tensor, torch.Tensor]:
         local_loss = self.model.train_step(inputs, targets, accumulation)
         grad_norm = self.model.clip_grad_norm_(self.train.grad_clip)
         self.optimizer.step()

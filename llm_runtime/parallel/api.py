@@ -125,8 +125,12 @@ class ParallelModel:
         dist.all_reduce(total)
         return total.item() / self.dims.dp_size
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Clip by the global gradient norm (across shards, tensor and pipeline ranks); returns it."""
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip by the global gradient norm (across shards, tensor and pipeline ranks); returns it.
+
+        The norm stays a tensor: reading it (``float()``) waits for the device, so callers do
+        that only when they log, not every step.
+        """
         # Group by layout: foreach kernels refuse a mix of plain tensors and DTensors, and
         # each DTensor group's norm needs its own reduction over its mesh.
         groups: dict[object, list[nn.Parameter]] = {}
@@ -148,7 +152,7 @@ class ParallelModel:
         if max_norm > 0:
             for params in groups.values():
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total.item()
+        return total
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded weights of this rank's stages (names as in the unsplit model), on CPU."""

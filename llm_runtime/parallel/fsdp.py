@@ -21,6 +21,8 @@ def mixed_precision_policy(param: str, reduce: str, device_type: str):
 
     if device_type == "cpu":
         param = reduce = "fp32"  # parallelize() prints the one-line notice
+    if param == reduce == "fp32":
+        return MixedPrecisionPolicy()  # the parameters' own dtype: nothing to cast
     return MixedPrecisionPolicy(param_dtype=_DTYPES[param], reduce_dtype=_DTYPES[reduce])
 
 
