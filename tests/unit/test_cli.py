@@ -77,6 +77,15 @@ def test_info_json_prints_every_cluster_field_and_the_env_plan(started, capsys):
     assert data["env"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"]["source"] == "plan"
 
 
+@pytest.mark.parametrize("gpus, recorded", [(0, False), (8, True)])
+def test_flight_recorder_is_planned_only_on_gpu_hosts(gpus, recorded, started, capsys, monkeypatch):
+    monkeypatch.setattr(netenv, "probe_fabric", lambda *args, **kwargs: netenv.Fabric(gpus=gpus, torch_version="2.13"))
+    rc, out, _ = run(capsys, "info", "--json")
+    env = json.loads(out)["env"]
+    assert rc == 0 and ("TORCH_FR_BUFFER_SIZE" in env) is recorded and ("TORCH_NCCL_DUMP_ON_TIMEOUT" in env) is recorded
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"]["value"] == "1"  # always
+
+
 def test_info_json_on_sagemaker_shows_hosts_in_resourceconfig_order(started, capsys, monkeypatch, sagemaker_tree):
     use_tree(monkeypatch, sagemaker_tree(["algo-2", "algo-10", "algo-1"], "algo-1", network_interface="ens5"))
     rc, out, _ = run(capsys, "info", "--json")
