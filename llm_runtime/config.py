@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "DistConfig", "LaunchConfig", "ModelConfig", "NetenvConfig", "ParallelConfig",
+__all__ = ["Config", "ConfigError", "DataConfig", "DistConfig", "LaunchConfig", "ModelConfig", "NetenvConfig", "ParallelConfig",
            "TrainConfig", "ENV_PREFIX", "load_config", "parse_cli_overrides", "to_dict"]
 
 ENV_PREFIX = "LLM_RUNTIME_"
@@ -34,6 +34,7 @@ CHOICES = {
     "parallel.mixed_precision": ("bf16", "fp32"),
     "parallel.reduce_dtype": ("bf16", "fp32"),
     "parallel.activation_checkpoint": ("none", "full", "every"),
+    "data.mode": ("stream", "stage"),
 }
 
 
@@ -122,6 +123,33 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class DataConfig:
+    uri: str = ""
+    """Token shards (``llm-runtime prepare-data`` output): a directory, ``s3://bucket/prefix`` or
+    ``channel:NAME`` (a SageMaker input channel). Empty = the ``train`` channel when the job has
+    one, else the bundled text."""
+    mode: str = "stream"
+    """``stream`` (read shards where they are) or ``stage`` (copy them once per host to local disk first)."""
+    num_partitions: int = 0
+    """Logical streams the data is dealt into; every data-parallel size must divide it and it must
+    divide train.batch_size. 0 = data-parallel size x max(1, num_workers). A resumed run keeps its own."""
+    shuffle_block: int = 1024
+    """Samples shuffled together (a bounded shuffle buffer per partition)."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 = read in the training process)."""
+    max_open_shards: int = 4
+    """Shard streams each DataLoader worker reads at once."""
+    stage_dir: str = ""
+    """Where ``mode=stage`` copies shards; empty = $TMPDIR/llm_runtime/data."""
+    stage_timeout_s: float = 3600.0
+    """How long ranks wait for their host's staging copy."""
+    max_attempts: int = 8
+    """Attempts per S3 request or interrupted body before the error names the object."""
+    timeout_s: float = 900.0
+    """Longest wait for one batch from a DataLoader worker."""
+
+
+@dataclass
 class DistConfig:
     backend: str = "auto"
     """``auto`` (nccl with GPUs, gloo without), ``nccl`` or ``gloo``."""
@@ -161,6 +189,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     netenv: NetenvConfig = field(default_factory=NetenvConfig)
 

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError, TrainConfig
-from .models import ByteTokenizer, Llama, LlamaConfig, bundled_text
+from .models import Llama, LlamaConfig, bundled_text
 from .parallel.dims import ParallelDims, resolve_dims
 from .parallel.pipeline import split_layers
 from .parallel.tensor import check_tensor_parallel, llama_root_tp_plan, llama_tp_plan
+from .data.build import build_loader
 from .runtime import Runtime, init, parse_split_points
 
 __all__ = ["batch_layout", "check", "global_batch_starts", "lr_factor", "main", "run"]
@@ -67,17 +68,21 @@ def lr_factor(step: int, train: TrainConfig) -> float:
 
 
 def check(config: Config, world_size: int, *, nproc_per_node: int | None = None,
-          num_nodes: int = 1, report: bool = False) -> tuple[LlamaConfig, ParallelDims]:
+          num_nodes: int = 1, report: bool = False, data: bool = True) -> tuple[LlamaConfig, ParallelDims]:
     """Every config error the job would hit, raised as ConfigError before any worker starts.
 
-    ``report`` (the launcher, once per job) also logs what a user DeepSpeed JSON overrides.
+    ``report`` (the launcher, once per job) also logs what a user DeepSpeed JSON overrides and
+    which data the job reads. ``data`` checks the data too (its index is read).
     """
     train, parallel = config.train, config.parallel
     for key in ("steps", "seq_len", "log_every"):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
     if parallel.backend == "deepspeed":
-        return _check_deepspeed(config, world_size, report)
+        model_config, dims = _check_deepspeed(config, world_size, report)
+        if data:
+            _check_data(config, dims, report)
+        return model_config, dims
     try:
         dims = resolve_dims(world_size=world_size, dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard,
                             tp=parallel.tp, pp=parallel.pp, shard_group_size=parallel.shard_group_size,
@@ -111,14 +116,23 @@ def check(config: Config, world_size: int, *, nproc_per_node: int | None = None,
     except ValueError as err:
         raise ConfigError(str(err)) from None
     batch_layout(train, dims.dp_size)
-    _check_text_length(train)
+    if data:
+        _check_data(config, dims, report)
     return model_config, dims
 
 
-def _check_text_length(train: TrainConfig) -> None:
-    text_bytes = len(bundled_text().encode())
-    if text_bytes < train.seq_len + 2:
-        raise ConfigError(f"train.seq_len={train.seq_len} is longer than the text ({text_bytes} tokens)")
+def _check_data(config: Config, dims: ParallelDims, report: bool = False):
+    """The data plan (index read, order checked); the bundled text must hold one sequence."""
+    from .data.build import plan_data
+
+    plan = plan_data(config, dims.dp_size)
+    if plan.index is None:
+        text_bytes = len(bundled_text().encode())
+        if text_bytes < config.train.seq_len + 2:
+            raise ConfigError(f"train.seq_len={config.train.seq_len} is longer than the text ({text_bytes} tokens)")
+    if report:
+        log.info("data: %s", plan.describe())
+    return plan
 
 
 def _check_deepspeed(config: Config, world_size: int, report: bool = False) -> tuple[LlamaConfig, ParallelDims]:
@@ -153,22 +167,29 @@ def _check_deepspeed(config: Config, world_size: int, report: bool = False) -> t
                 log.warning("DeepSpeed config: %s", line)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    _check_text_length(train)
     return model_config, ParallelDims(dp_replicate=1, dp_shard=layout.dp, tp=1, pp=layout.pp)
 
 
 def run(rt: Runtime) -> dict[str, float]:
     """Train on this worker; returns the final metrics (identical on every rank)."""
     config, train = rt.config, rt.config.train
-    model_config, _ = check(config, rt.world_size, nproc_per_node=rt.cluster.nproc_per_node,
-                            num_nodes=rt.cluster.num_nodes)
+    model_config, dims = check(config, rt.world_size, nproc_per_node=rt.cluster.nproc_per_node,
+                               num_nodes=rt.cluster.num_nodes, data=False)
     micro, accumulation = batch_layout(train, rt.dp_size)
     per_replica = micro * accumulation
-    tokens = torch.from_numpy(ByteTokenizer().encode_array(bundled_text()).astype(np.int64))
+    loader = build_loader(config, rt.dims, dp_rank=rt.dp_rank, local_rank=rt.local_rank,
+                          plan=_check_data(config, dims, report=rt.is_main))
+    try:
+        return _train(rt, model_config, loader, per_replica, accumulation)
+    finally:
+        loader.close()
+
+
+def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, accumulation: int) -> dict[str, float]:
+    config, train = rt.config, rt.config.train
     model = Llama(model_config)
     model.init_weights(torch.Generator().manual_seed(train.seed))  # identical on every rank
     trainer = _deepspeed_trainer(rt, model) if config.parallel.backend == "deepspeed" else _TorchTrainer(rt, model)
-    offsets = torch.arange(train.seq_len + 1)
     log.info("model %.2fM parameters, global batch %d x %d tokens, layout %s, %d replicas x %d sequences",
              model.num_parameters() / 1e6, train.batch_size, train.seq_len, rt.dims.describe(), rt.dp_size,
              per_replica)
@@ -176,9 +197,7 @@ def run(rt: Runtime) -> dict[str, float]:
     metrics = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}
     window_start, window_steps = time.perf_counter(), 0
     for step in range(1, train.steps + 1):
-        starts = global_batch_starts(train.seed, step, train.batch_size, len(tokens), train.seq_len)
-        mine = torch.from_numpy(starts[rt.dp_rank * per_replica:(rt.dp_rank + 1) * per_replica])
-        rows = tokens[mine[:, None] + offsets].to(rt.device)
+        rows = loader.next_batch().to(rt.device)
         local_loss, grad_norm = trainer.step(rows[:, :-1], rows[:, 1:], accumulation)
         window_steps += 1
         if step % train.log_every == 0 or step == train.steps:
@@ -197,6 +216,10 @@ def run(rt: Runtime) -> dict[str, float]:
             window_start, window_steps = time.perf_counter(), 0
     if train.export_dir:
         export_weights(trainer.model, train.export_dir)  # check() refused it for DeepSpeed
+    stats = loader.stats()
+    if stats:
+        log.info("data requests=%d bytes=%d retries=%d (this rank's reads)", stats["requests"], stats["bytes"],
+                 stats["retries"])
     log.info("done steps=%d final_loss=%.4f", train.steps, metrics["loss"])
     return metrics
 

@@ -7,6 +7,7 @@ count, size and sha256, which is how readers verify staged copies.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "INDEX_NAME", "ShardIndex", "ShardInfo", "bytes_per_sample", "read_index", "read_shard",
+__all__ = ["FORMAT_VERSION", "INDEX_NAME", "RecordLayout", "ShardIndex", "ShardInfo", "bytes_per_sample", "read_index", "read_shard",
            "token_dtype", "write_shard"]
 
 FORMAT_VERSION = 1
@@ -121,3 +122,74 @@ def read_shard(path: Path) -> Iterator[np.ndarray]:
                 yield np.load(io.BytesIO(handle.read()), allow_pickle=False)
     except (tarfile.TarError, ValueError, EOFError, OSError) as err:
         raise ValueError(f"shard {path} is corrupt or truncated at byte offset {offset} ({err})") from None
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Where things sit in one fixed-size sample record of a shard (every record has the same size).
+
+    Derived once from a reference record written by :func:`write_shard`'s own writer, so the
+    reader never hard-codes the tar writer's choices (pax headers, padding). Records are then
+    decoded straight from bytes: checked for their tar and npy headers, never unpickled.
+    """
+    seq_len: int
+    dtype: str
+    record_bytes: int
+    data_offset: int
+    header_offsets: tuple[int, ...]
+    npy_header: bytes
+
+    @classmethod
+    def for_index(cls, index: "ShardIndex") -> "RecordLayout":
+        return _layout(index.seq_len, index.dtype)
+
+    def decode(self, buffer: bytes, shard: str, first_offset: int) -> np.ndarray:
+        """``buffer`` holds whole records -> [n, seq_len + 1] tokens; a bad record names shard and offset."""
+        size = self.record_bytes
+        if len(buffer) % size:
+            raise ValueError(f"shard {shard} is truncated at byte offset {first_offset + len(buffer) // size * size}")
+        rows = np.frombuffer(buffer, dtype=np.uint8).reshape(-1, size)
+        good = np.ones(len(rows), dtype=bool)
+        for offset in self.header_offsets:  # every tar header: its magic and its checksum
+            good &= (rows[:, offset + 257:offset + 262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1)
+            block = rows[:, offset:offset + 512].astype(np.int64)
+            digits = block[:, 148:154] - ord("0")
+            stored = digits @ (8 ** np.arange(5, -1, -1))
+            computed = block.sum(axis=1) - block[:, 148:156].sum(axis=1) + 8 * ord(" ")
+            good &= ((digits >= 0) & (digits < 8)).all(axis=1) & (stored == computed)
+        header = np.frombuffer(self.npy_header, np.uint8)
+        start = self.data_offset - len(header)
+        good &= (rows[:, start:self.data_offset] == header).all(axis=1)
+        if not good.all():
+            bad = int(np.argmin(good))
+            raise ValueError(f"shard {shard} is corrupt at byte offset {first_offset + bad * size} "
+                             "(not a token record of this index's seq_len and dtype)")
+        width = (self.seq_len + 1) * np.dtype(self.dtype).itemsize
+        data = np.ascontiguousarray(rows[:, self.data_offset:self.data_offset + width])
+        return data.view(self.dtype).reshape(len(rows), self.seq_len + 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(seq_len: int, dtype_name: str) -> RecordLayout:
+    import tarfile
+
+    from webdataset import TarWriter
+
+    dtype = np.dtype(dtype_name)
+    sample = np.full(seq_len + 1, np.iinfo(dtype).max, dtype)
+    buffer = io.BytesIO()
+    with TarWriter(buffer, mtime=0.0, user="llm_runtime", group="llm_runtime") as tar:
+        for key in range(2):
+            tar.write({"__key__": f"{key:012d}", "tokens.npy": _npy_bytes(sample)})
+    raw = buffer.getvalue()
+    buffer.seek(0)
+    with tarfile.open(fileobj=buffer, mode="r:") as tar:
+        members = tar.getmembers()
+    record = members[1].offset - members[0].offset
+    npy = _npy_bytes(sample)
+    data_offset = members[0].offset_data - members[0].offset + (len(npy) - sample.nbytes)
+    headers = tuple(h for h in range(0, members[0].offset_data, 512) if raw[h + 257:h + 262] == b"ustar")
+    if members[0].offset != 0 or raw[record:2 * record] [data_offset:data_offset + sample.nbytes] != sample.tobytes():
+        raise RuntimeError("the shard writer's record layout is not fixed-size; this reader cannot decode it")
+    return RecordLayout(seq_len=seq_len, dtype=dtype.name, record_bytes=record, data_offset=data_offset,
+                        header_offsets=headers, npy_header=npy[:len(npy) - sample.nbytes])

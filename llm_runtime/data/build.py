@@ -1,0 +1,136 @@
+"""``build_loader(config, dims)``: the training job's data, from ``[data]`` and ``[train]``.
+
+:func:`plan_data` holds every decision and check (the launcher runs it before any worker
+starts, so a wrong URI, a seq_len mismatch or a layout that does not fit fail first);
+:func:`build_loader` adds the side effects (staging, opening the loader).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import Config, ConfigError
+from .location import DataLocation, LocationError, resolve_location
+from .loader import STATE_VERSION, LoaderSpec, ShardLoader, load_index
+from .order import DataOrder, OrderError, auto_partitions
+from .shards import RecordLayout, ShardIndex
+from .sources import SourceError
+
+__all__ = ["BundledLoader", "DataPlan", "build_loader", "plan_data"]
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    location: DataLocation
+    index: ShardIndex | None = None
+    fingerprint: str = ""
+    order: DataOrder | None = None
+
+    def describe(self) -> str:
+        if self.index is None:
+            return self.location.describe()
+        return (f"{self.location.describe()}: {len(self.index.shards)} shards, {self.index.total_samples} samples, "
+                f"{self.order.steps_per_epoch} steps per epoch, {self.order.num_partitions} partitions")
+
+
+def plan_data(config: Config, dp_size: int, env: Mapping[str, str] | None = None,
+              sagemaker_root: str | None = None, num_partitions: int | None = None) -> DataPlan:
+    """Resolve and check the job's data; ConfigError names the key, the URI and what is wrong.
+
+    ``num_partitions`` (from a saved loader state) wins over ``data.num_partitions`` when that is auto.
+    """
+    data, train = config.data, config.train
+    env = os.environ if env is None else env
+    try:
+        location = resolve_location(data.uri, env, sagemaker_root)
+    except LocationError as err:
+        raise ConfigError(str(err)) from None
+    if location.kind == "bundled":
+        return DataPlan(location)
+    for key in ("num_workers", "max_open_shards", "shuffle_block", "max_attempts"):
+        if getattr(data, key) < (0 if key == "num_workers" else 1):
+            raise ConfigError(f"data.{key} must be >= {0 if key == 'num_workers' else 1}, got {getattr(data, key)}")
+    try:
+        index, fingerprint = load_index(location.uri, max_attempts=data.max_attempts)
+    except (SourceError, ValueError) as err:
+        raise ConfigError(f"data.uri ({location.describe()}): {err}") from None
+    if index.seq_len != train.seq_len:
+        raise ConfigError(f"data.uri ({location.describe()}) holds sequences of {index.seq_len} tokens "
+                          f"(index.json seq_len) but train.seq_len={train.seq_len}; set --train.seq_len="
+                          f"{index.seq_len} or prepare the data again")
+    if index.vocab_size > 256 or index.tokenizer != "byte":
+        raise ConfigError(f"data.uri ({location.describe()}) was tokenized with {index.tokenizer!r} "
+                          f"(vocab {index.vocab_size}); the bundled model reads byte tokens")
+    parts = num_partitions or data.num_partitions or auto_partitions(dp_size, data.num_workers)
+    try:
+        order = DataOrder(tuple(s.samples for s in index.shards), batch_size=train.batch_size,
+                          num_partitions=parts, shuffle_block=data.shuffle_block, seed=train.seed)
+        streams = order.check_layout(dp_size, data.num_workers)
+    except OrderError as err:
+        raise ConfigError(f"{err} (data at {location.describe()})") from None
+    if streams > data.max_open_shards:
+        raise ConfigError(f"each DataLoader worker would stream {streams} partitions at once but "
+                          f"data.max_open_shards={data.max_open_shards}; raise it, add data.num_workers, "
+                          "or lower data.num_partitions")
+    return DataPlan(location, index, fingerprint, order)
+
+
+class BundledLoader:
+    """No data configured: seeded random windows of the bundled text (a function of seed and step)."""
+
+    def __init__(self, config: Config, dp_rank: int, dp_size: int):
+        from ..models import ByteTokenizer, bundled_text
+
+        self.train, self.dp_rank, self.dp_size = config.train, dp_rank, dp_size
+        self.tokens = torch.from_numpy(ByteTokenizer().encode_array(bundled_text()).astype(np.int64))
+        self.offsets = torch.arange(self.train.seq_len + 1)
+        self.step = 0
+
+    def next_batch(self) -> torch.Tensor:
+        from ..train import global_batch_starts
+
+        train, per_replica = self.train, self.train.batch_size // self.dp_size
+        self.step += 1
+        starts = global_batch_starts(train.seed, self.step, train.batch_size, len(self.tokens), train.seq_len)
+        mine = torch.from_numpy(starts[self.dp_rank * per_replica:(self.dp_rank + 1) * per_replica])
+        return self.tokens[mine[:, None] + self.offsets]
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "bundled": True, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state.get("bundled"):
+            raise ValueError("the saved data position is for token shards, but this run reads the bundled text")
+        self.step = int(state["step"])
+
+    def close(self) -> None:
+        pass
+
+
+def build_loader(config: Config, dims, *, dp_rank: int, local_rank: int = 0, env: Mapping[str, str] | None = None,
+                 sagemaker_root: str | None = None, plan: DataPlan | None = None) -> ShardLoader | BundledLoader:
+    """This rank's loader: its data-parallel replica's rows of every global batch."""
+    data = config.data
+    plan = plan or plan_data(config, dims.dp_size, env, sagemaker_root)
+    if plan.index is None:
+        return BundledLoader(config, dp_rank, dims.dp_size)
+    uri = plan.location.uri
+    if data.mode == "stage":
+        from .stage import stage
+
+        uri = stage(uri, plan.index, plan.fingerprint, stage_dir=data.stage_dir, local_rank=local_rank,
+                    timeout_s=data.stage_timeout_s)
+    sequential = plan.location.sequential
+    spec = LoaderSpec(uri=uri, names=tuple(s.name for s in plan.index.shards), order=plan.order,
+                      layout=RecordLayout.for_index(plan.index), dp_rank=dp_rank, dp_size=dims.dp_size,
+                      num_workers=data.num_workers, threads=1 if sequential else data.max_open_shards,
+                      max_attempts=data.max_attempts, read_size=(8 if sequential else 1) << 20)
+    return ShardLoader(spec, fingerprint=plan.fingerprint, location=plan.location.describe(),
+                       timeout_s=data.timeout_s)

