@@ -113,14 +113,30 @@ class BundledLoader:
     def close(self) -> None:
         pass
 
+    def __enter__(self) -> "BundledLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def build_loader(config: Config, dims, *, dp_rank: int, local_rank: int = 0, env: Mapping[str, str] | None = None,
-                 sagemaker_root: str | None = None, plan: DataPlan | None = None) -> ShardLoader | BundledLoader:
-    """This rank's loader: its data-parallel replica's rows of every global batch."""
+                 sagemaker_root: str | None = None, plan: DataPlan | None = None,
+                 state: dict | None = None) -> ShardLoader | BundledLoader:
+    """This rank's loader: its data-parallel replica's rows of every global batch.
+
+    ``state`` (a saved ``state_dict()``) resumes at its position; with ``data.num_partitions``
+    left at auto, the saved run's partition count is kept, so the order continues unchanged.
+    """
     data = config.data
-    plan = plan or plan_data(config, dims.dp_size, env, sagemaker_root)
+    saved_parts = (state or {}).get("num_partitions") if not data.num_partitions else None
+    if plan is None or (saved_parts and plan.order is not None and plan.order.num_partitions != saved_parts):
+        plan = plan_data(config, dims.dp_size, env, sagemaker_root, num_partitions=saved_parts)
     if plan.index is None:
-        return BundledLoader(config, dp_rank, dims.dp_size)
+        loader = BundledLoader(config, dp_rank, dims.dp_size)
+        if state:
+            loader.load_state_dict(state)
+        return loader
     uri = plan.location.uri
     if data.mode == "stage":
         from .stage import stage
@@ -132,5 +148,8 @@ def build_loader(config: Config, dims, *, dp_rank: int, local_rank: int = 0, env
                       layout=RecordLayout.for_index(plan.index), dp_rank=dp_rank, dp_size=dims.dp_size,
                       num_workers=data.num_workers, threads=1 if sequential else data.max_open_shards,
                       max_attempts=data.max_attempts, read_size=(8 if sequential else 1) << 20)
-    return ShardLoader(spec, fingerprint=plan.fingerprint, location=plan.location.describe(),
-                       timeout_s=data.timeout_s)
+    loader = ShardLoader(spec, fingerprint=plan.fingerprint, location=plan.location.describe(),
+                         timeout_s=data.timeout_s)
+    if state:
+        loader.load_state_dict(state)
+    return loader

@@ -1,0 +1,166 @@
+"""The shard loader on local files: exact order, resume, resizing, workers, damaged shards."""
+import itertools
+
+import numpy as np
+import pytest
+
+from llm_runtime.config import Config, ConfigError
+from llm_runtime.data.build import build_loader, plan_data
+from llm_runtime.data.order import DataOrder
+from llm_runtime.data.stage import StageError
+from tests.datasets import global_id, sample_ids, write_dataset
+
+SIZES = (9, 4, 13, 6, 8)  # 40 samples: 5 global batches of 8
+
+
+class Dims:
+    def __init__(self, dp):
+        self.dp_size = dp
+
+
+@pytest.fixture
+def shards(tmp_path):
+    write_dataset(tmp_path / "shards", SIZES)
+    return tmp_path / "shards"
+
+
+def config(uri, **data):
+    c = Config()
+    c.train.seq_len, c.train.batch_size, c.train.seed = 16, 8, 5
+    c.data.uri, c.data.shuffle_block, c.data.num_partitions = str(uri), 3, 4
+    for key, value in data.items():
+        setattr(c.data, key, value)
+    return c
+
+
+def reference(steps, **kw):
+    args = dict(shard_samples=SIZES, batch_size=8, num_partitions=4, shuffle_block=3, seed=5)
+    args.update(kw)
+    o = DataOrder(**args)
+    return [[global_id(SIZES, s, i) for s, i in o.global_ids(step)] for step in range(steps)]
+
+
+def read(cfg, dp, rank, steps, state=None):
+    with build_loader(cfg, Dims(dp), dp_rank=rank, state=state) as loader:
+        batches = [loader.next_batch() for _ in range(steps)]
+        return batches, loader.state_dict(), loader.stats()
+
+
+@pytest.mark.parametrize("dp,workers", [(1, 0), (2, 0), (2, 2), (4, 1)])
+def test_replicas_read_exactly_their_rows_of_the_defined_global_batch(shards, dp, workers):
+    steps = 12  # two epochs and a bit
+    expected = reference(steps)
+    per_rank = [read(config(shards, num_workers=workers), dp, rank, steps)[0] for rank in range(dp)]
+    for step in range(steps):
+        for rank in range(dp):
+            assert sample_ids(per_rank[rank][step]) == expected[step][rank::dp], (step, rank)
+    batch = per_rank[0][0]
+    assert batch.dtype.is_floating_point is False and tuple(batch.shape) == (8 // dp, 17)
+
+
+def test_a_resumed_loader_yields_exactly_what_an_uninterrupted_one_would(shards):
+    cfg = config(shards, num_workers=2)
+    straight, _, _ = read(cfg, 2, 1, 9)
+    first, state, _ = read(cfg, 2, 1, 3)
+    rest, _, _ = read(cfg, 2, 1, 6, state=state)
+    assert [sample_ids(b) for b in first + rest] == [sample_ids(b) for b in straight]
+    assert state["step"] == 3 and state["num_partitions"] == 4
+
+
+def test_resizing_from_four_replicas_to_two_covers_the_epoch_exactly_once(shards):
+    cfg = config(shards, num_partitions=0, num_workers=0)  # auto: 4 partitions from dp 4 x 1 worker
+    seen, states = [], []
+    for rank in range(4):
+        batches, state, _ = read(cfg, 4, rank, 2)
+        seen += [i for b in batches for i in sample_ids(b)]
+        states.append(state)
+    assert all(s == states[0] for s in states) and states[0]["num_partitions"] == 4
+    for rank in range(2):  # dp 2 would default to 2 partitions: the saved 4 are kept
+        batches, _, _ = read(cfg, 2, rank, 3, state=states[0])
+        seen += [i for b in batches for i in sample_ids(b)]
+    assert sorted(seen) == list(range(40))
+
+
+def test_a_saved_position_from_other_data_is_refused(shards, tmp_path):
+    _, state, _ = read(config(shards), 1, 0, 1)
+    write_dataset(tmp_path / "other", (20, 20))
+    with pytest.raises(ValueError, match="fingerprint"):
+        read(config(tmp_path / "other"), 1, 0, 1, state=state)
+
+
+def test_each_shard_is_opened_once_per_partition_pass(shards):
+    _, _, stats = read(config(shards, num_partitions=1, num_workers=0, shuffle_block=2), 1, 0, 5)
+    assert stats["requests"] == len(SIZES)  # one sequential read per shard for the whole epoch
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda data: data[:len(data) // 2 + 100], "truncated at byte offset"),
+    (lambda data: data[:2048 + 257] + b"XXXXX" + data[2048 + 262:], "corrupt at byte offset 2048"),
+])
+def test_a_damaged_shard_is_named_with_the_byte_offset(shards, damage, needle):
+    path = shards / "shard-000002.tar"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises((ValueError, OSError), match=f"shard-000002.tar.*{needle}"):
+        read(config(shards, num_partitions=1, num_workers=0), 1, 0, 5)
+
+
+def test_staged_copies_are_verified_against_the_index(shards, tmp_path):
+    good, _, _ = read(config(shards, mode="stage", stage_dir=str(tmp_path / "stage")), 1, 0, 3)
+    assert [sample_ids(b) for b in good] == reference(3)
+    (shards / "shard-000001.tar").write_bytes(b"\0" * 100)  # the source changed under the index
+    with pytest.raises(StageError, match="shard-000001.tar .* does not match index.json"):
+        read(config(shards, mode="stage", stage_dir=str(tmp_path / "stage2")), 1, 0, 1)
+
+
+def test_the_reused_staged_copy_is_the_verified_one(shards, tmp_path):
+    cfg = config(shards, mode="stage", stage_dir=str(tmp_path / "stage"))
+    read(cfg, 1, 0, 1)
+    (shards / "shard-000001.tar").unlink()  # a second run on the host reads the verified copy
+    batches, _, _ = read(cfg, 1, 0, 2)
+    assert [sample_ids(b) for b in batches] == reference(2)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(seq_len=32), "holds sequences of 16 tokens .* train.seq_len=32"),
+    (dict(batch_size=64), "fewer than one global batch"),
+    (dict(num_partitions=3), "data.num_partitions=3 must divide train.batch_size=8"),
+    (dict(max_open_shards=1, num_partitions=8), "would stream 8 partitions at once but data.max_open_shards=1"),
+    (dict(uri="/no/such/dir"), "cannot read /no/such/dir/index.json"),
+    (dict(uri="s3://Bad_Bucket/x"), "not a valid S3 bucket name"),
+    (dict(uri="gs://bucket/x"), "only local paths, s3:// and channel:NAME"),
+])
+def test_data_that_does_not_fit_the_job_fails_before_training_with_the_key_named(shards, change, needle):
+    cfg = config(shards, num_workers=1)
+    for key, value in change.items():
+        setattr(cfg.train if key in ("seq_len", "batch_size") else cfg.data, key, value)
+    with pytest.raises(ConfigError, match=needle):
+        plan_data(cfg, 1, env={})
+
+
+def test_index_names_that_escape_the_data_directory_are_refused(shards):
+    index = (shards / "index.json").read_text().replace('"shard-000000.tar"', '"../../etc/passwd"')
+    (shards / "index.json").write_text(index)
+    with pytest.raises(ConfigError, match="'../../etc/passwd' is not a plain relative path"):
+        plan_data(config(shards), 1, env={})
+
+
+def test_no_data_at_all_trains_on_the_bundled_text(tmp_path):
+    cfg = Config()
+    plan = plan_data(cfg, 2, env={}, sagemaker_root=str(tmp_path))
+    assert plan.location.kind == "bundled"
+    with build_loader(cfg, Dims(2), dp_rank=1, env={}, sagemaker_root=str(tmp_path)) as loader:
+        rows = [loader.next_batch() for _ in range(2)]
+        state = loader.state_dict()
+    assert tuple(rows[0].shape) == (8, 129) and state["step"] == 2
+    with build_loader(cfg, Dims(2), dp_rank=1, env={}, sagemaker_root=str(tmp_path), state=state) as loader:
+        assert loader.step == 2
+
+
+def test_workers_leave_no_processes_or_threads_behind(shards):
+    import threading
+
+    before = threading.active_count()
+    for _ in itertools.repeat(None, 2):
+        read(config(shards, num_workers=2), 2, 0, 2)
+        read(config(shards, num_workers=0), 2, 0, 2)
+    assert threading.active_count() <= before

@@ -1,0 +1,60 @@
+"""data.uri -> where the job reads: paths, s3://, SageMaker channels and their input modes."""
+import json
+
+import pytest
+
+from llm_runtime.data.location import LocationError, resolve_location
+
+
+@pytest.fixture
+def root(tmp_path):
+    config = tmp_path / "input" / "config"
+    config.mkdir(parents=True)
+    (config / "inputdataconfig.json").write_text(json.dumps({
+        "train": {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"},
+        "fast": {"TrainingInputMode": "FastFile"},
+        "piped": {"TrainingInputMode": "Pipe"},
+    }))
+    return tmp_path
+
+
+@pytest.mark.parametrize("uri,env,kind,where,mode", [
+    ("", {}, "local", "{root}/input/data/train", "File"),
+    ("", {"SM_CHANNEL_TRAIN": "/mnt/fsx/tokens"}, "local", "/mnt/fsx/tokens", "File"),
+    ("channel:fast", {}, "local", "{root}/input/data/fast", "FastFile"),
+    ("channel:extra", {"SM_CHANNEL_EXTRA": "/data/x"}, "local", "/data/x", "File"),
+    ("s3://my-bucket/tokens/v1/", {}, "s3", "s3://my-bucket/tokens/v1", ""),
+    ("/fsx/tokens", {}, "local", "/fsx/tokens", ""),
+])
+def test_data_uri_resolves_to_a_path_a_bucket_or_a_channel(root, uri, env, kind, where, mode):
+    location = resolve_location(uri, env, root)
+    assert (location.kind, location.uri, location.input_mode) == (kind, where.format(root=root), mode)
+
+
+def test_fastfile_channels_are_read_sequentially(root):
+    assert resolve_location("channel:fast", {}, root).sequential
+    assert not resolve_location("channel:train", {}, root).sequential
+
+
+def test_without_a_train_channel_or_a_uri_the_bundled_text_is_used(tmp_path):
+    assert resolve_location("", {}, tmp_path).kind == "bundled"
+
+
+@pytest.mark.parametrize("uri,needle", [
+    ("channel:valid", "no input channel 'valid' \\(channels: fast, piped, train\\)"),
+    ("channel:piped", "Pipe input mode"),
+    ("s3://x/y", "not a valid S3 bucket name"),
+    ("s3://bucket/a/../b", "may not contain"),
+    ("https://example.com/data", "only local paths, s3:// and channel:NAME"),
+])
+def test_a_data_uri_that_names_nothing_usable_says_what_exists(root, uri, needle):
+    with pytest.raises(LocationError, match=needle):
+        resolve_location(uri, {}, root)
+
+
+def test_a_malformed_inputdataconfig_is_named(tmp_path):
+    path = tmp_path / "input" / "config" / "inputdataconfig.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    with pytest.raises(LocationError, match="inputdataconfig.json is not readable JSON"):
+        resolve_location("", {}, tmp_path)
