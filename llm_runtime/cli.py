@@ -35,7 +35,8 @@ commands:
       the built-in trainer: a small Llama-style model on the bundled text
   info [--json] [--cluster KIND]
       the detected cluster and the network environment plan
-  prepare-data --input PATH... --output DIR --seq-len N [--tokenizer byte] [--shard-size 256MB] [--workers K]
+  prepare-data --input PATH|s3://...  --output DIR|s3://... --seq-len N [--shard-size 256MB] [--workers K]
+               [--prefixes N] [--host-index I --num-hosts H]  (hosts default to the detected cluster)
       tokenize text / jsonl (.gz) files into webdataset token shards with index.json
 """
 
@@ -227,16 +228,27 @@ def cmd_prepare_data(args: Sequence[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="llm-runtime prepare-data")
     parser.add_argument("--input", nargs="+", required=True, action="extend", help="files, globs or directories")
-    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--output", required=True, help="output directory or s3://bucket/prefix")
     parser.add_argument("--seq-len", type=int, required=True)
     parser.add_argument("--tokenizer", default="byte")
     parser.add_argument("--shard-size", default="256MB")
     parser.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
     parser.add_argument("--text-field", default="text", help="the text field of JSON lines inputs")
+    parser.add_argument("--prefixes", type=int, default=1, help="spread shards over this many key prefixes")
+    parser.add_argument("--host-index", type=int, default=None, help="this host's index (default: detected)")
+    parser.add_argument("--num-hosts", type=int, default=None, help="hosts sharing the work (default: detected)")
+    parser.add_argument("--merge-timeout", type=float, default=3600.0,
+                        help="seconds host 0 waits for the other hosts' partial indexes")
     ns = parser.parse_args(args)
+    host, hosts = ns.host_index, ns.num_hosts
+    if host is None or hosts is None:
+        info = detect_here()
+        host = info.node_rank if host is None else host
+        hosts = info.num_nodes if hosts is None else hosts
     try:
         summary = prepare(ns.input, ns.output, seq_len=ns.seq_len, shard_size=parse_size(ns.shard_size),
-                          workers=ns.workers, tokenizer=ns.tokenizer, text_field=ns.text_field)
+                          workers=ns.workers, tokenizer=ns.tokenizer, text_field=ns.text_field,
+                          prefixes=ns.prefixes, host_index=host, num_hosts=hosts, merge_timeout_s=ns.merge_timeout)
     except PrepareError as err:
         raise UsageError(str(err)) from None
     print(summary.line(), flush=True)

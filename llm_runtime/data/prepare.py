@@ -25,10 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from ..models import ByteTokenizer
-from .shards import INDEX_NAME, ShardIndex, ShardInfo, bytes_per_sample, token_dtype, write_shard
+from .shards import INDEX_NAME, ShardIndex, ShardInfo, bytes_per_sample, read_index, token_dtype, write_shard
+from .sources import parse_s3_uri
+from .storage import download, list_s3_inputs, open_output, shard_name
 
-__all__ = ["PrepareError", "PrepareSummary", "expand_inputs", "files_for_host", "parse_size", "prepare",
-           "read_documents"]
+__all__ = ["PrepareError", "PrepareSummary", "expand_inputs", "files_for_host", "merge_indexes", "parse_size",
+           "partial_index_name", "prepare", "read_documents"]
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".txt", ".jsonl", ".json", ".txt.gz", ".jsonl.gz", ".txt.zst", ".jsonl.zst")
@@ -68,12 +70,18 @@ def parse_size(text: str) -> int:
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Local files, globs and directories (recursively) -> a sorted, de-duplicated file list."""
+    """Local files, globs, directories (recursively) and s3:// prefixes -> a sorted, de-duplicated list."""
     files: set[str] = set()
     for item in inputs:
         if item.startswith("s3://"):
-            raise PrepareError(f"--input {item}: s3:// inputs are not supported yet; copy them locally "
-                               "(e.g. with s5cmd) first")
+            try:
+                found = list_s3_inputs(item, SUFFIXES)
+            except (OSError, ValueError) as err:
+                raise PrepareError(f"--input {item}: {err}") from None
+            if not found:
+                raise PrepareError(f"--input {item}: no objects ending in {', '.join(SUFFIXES)} under it")
+            files.update(found)
+            continue
         if os.path.isdir(item):
             for root, _, names in os.walk(item):
                 files.update(os.path.join(root, name) for name in names if name.endswith(SUFFIXES))
@@ -132,7 +140,18 @@ def _tokenize_file(task: tuple[str, int, str, str]) -> tuple[str, int, int]:
     """Worker: one file -> a .npy of [n, seq_len + 1] samples in the scratch dir; (path, samples, tokens)."""
     path, seq_len, scratch, text_field = task
     tokenizer = ByteTokenizer()
-    pieces = [tokenizer.encode_array(document) for document in read_documents(path, text_field)]
+    local = path
+    if path.startswith("s3://"):  # this worker's own copy, removed once tokenized
+        local = os.path.join(scratch, f"input-{os.getpid()}-{os.path.basename(path)}")
+        try:
+            download(path, local)
+        except Exception as err:  # noqa: BLE001 - botocore's errors carry the code; the message names the input
+            raise PrepareError(f"--input {path}: download failed: {type(err).__name__}: {err}") from None
+    try:
+        pieces = [tokenizer.encode_array(document) for document in read_documents(local, text_field)]
+    finally:
+        if local != path:
+            os.unlink(local)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint8)
     width = seq_len + 1
     count = len(tokens) // width
@@ -144,8 +163,13 @@ def _tokenize_file(task: tuple[str, int, str, str]) -> tuple[str, int, int]:
 
 def prepare(inputs: Sequence[str], output: str, *, seq_len: int, shard_size: int = 256 * 10**6, workers: int = 0,
             tokenizer: str = "byte", host_index: int = 0, num_hosts: int = 1, text_field: str = "text",
-            progress: bool | None = None) -> PrepareSummary:
-    """Tokenize ``inputs`` into shards under ``output`` (a local directory) and write index.json."""
+            prefixes: int = 1, merge_timeout_s: float = 3600.0, progress: bool | None = None) -> PrepareSummary:
+    """Tokenize ``inputs`` into shards under ``output`` (a directory or s3://) and write index.json.
+
+    With several hosts each takes its share of the files and writes a partial index; host 0
+    then waits (``merge_timeout_s``) for every host's and writes the merged index.json, so the
+    output must be shared (S3, FSx). The shards are byte-identical for the same inputs and hosts.
+    """
     started = time.monotonic()
     if importlib.util.find_spec("webdataset") is None:  # the shard writer
         raise PrepareError("prepare-data needs webdataset: pip install 'llm-runtime[data]'")
@@ -153,17 +177,84 @@ def prepare(inputs: Sequence[str], output: str, *, seq_len: int, shard_size: int
         raise PrepareError(f"--seq-len must be >= 1, got {seq_len}")
     if tokenizer != "byte":
         raise PrepareError(f"--tokenizer {tokenizer!r}: only the byte tokenizer is supported yet")
+    if not 1 <= prefixes <= 100:
+        raise PrepareError(f"--prefixes must be between 1 and 100, got {prefixes}")
     if output.startswith("s3://"):
-        raise PrepareError(f"--output {output}: s3:// output is not supported yet; write locally and upload")
+        try:
+            parse_s3_uri(output)
+        except ValueError as err:
+            raise PrepareError(f"--output: {err}") from None
     files = files_for_host(expand_inputs(inputs), host_index, num_hosts)
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = open_output(output)
+    try:
+        index, tokens_total = _write_shards(files, out, seq_len=seq_len, shard_size=shard_size, workers=workers,
+                                            tokenizer=tokenizer, text_field=text_field, host=host_index,
+                                            num_hosts=num_hosts, prefixes=prefixes, progress=progress)
+        out.wait()
+        if num_hosts == 1:
+            out.write_text(INDEX_NAME, index.to_json())
+        else:
+            out.write_text(partial_index_name(host_index, num_hosts), index.to_json())
+            if host_index == 0:
+                merged = _merge(out, num_hosts, merge_timeout_s)
+                out.write_text(INDEX_NAME, merged.to_json())
+    finally:
+        out.close()
+    return PrepareSummary(files=len(files), tokens=tokens_total, samples=index.total_samples,
+                          shards=len(index.shards), bytes=sum(s.bytes for s in index.shards),
+                          seconds=time.monotonic() - started)
+
+
+def partial_index_name(host: int, num_hosts: int) -> str:
+    return f"index.host-{host:03d}-of-{num_hosts:03d}.json"
+
+
+def merge_indexes(parts: Sequence[ShardIndex]) -> ShardIndex:
+    """Host partial indexes, in host order -> one index (they must agree on the format)."""
+    first = parts[0]
+    for number, part in enumerate(parts):
+        if (part.seq_len, part.tokenizer, part.dtype) != (first.seq_len, first.tokenizer, first.dtype):
+            raise PrepareError(f"host {number}'s shards were made with seq_len={part.seq_len}, "
+                               f"tokenizer={part.tokenizer}; host 0's with seq_len={first.seq_len}, "
+                               f"tokenizer={first.tokenizer}")
+    return ShardIndex(seq_len=first.seq_len, tokenizer=first.tokenizer, vocab_size=first.vocab_size,
+                      dtype=first.dtype, shards=[shard for part in parts for shard in part.shards])
+
+
+def _merge(out, num_hosts: int, timeout_s: float) -> ShardIndex:
+    deadline = time.monotonic() + timeout_s
+    parts: dict[int, ShardIndex] = {}
+    while len(parts) < num_hosts:
+        for host in range(num_hosts):
+            if host not in parts:
+                text = out.read_text(partial_index_name(host, num_hosts))
+                if text is not None:
+                    parts[host] = read_index(text, f"{out.uri}/{partial_index_name(host, num_hosts)}")
+        if len(parts) < num_hosts:
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(num_hosts)) - set(parts))
+                raise PrepareError(f"host 0 waited {timeout_s:.0f}s for the partial indexes of hosts {missing} "
+                                   f"under {out.uri}; every host must write to the same (shared) output")
+            time.sleep(0.5)
+    return merge_indexes([parts[host] for host in range(num_hosts)])
+
+
+def _write_shards(files, out, *, seq_len, shard_size, workers, tokenizer, text_field, host, num_hosts, prefixes,
+                  progress) -> tuple[ShardIndex, int]:
     vocab = ByteTokenizer.vocab_size
     index = ShardIndex(seq_len=seq_len, tokenizer=tokenizer, vocab_size=vocab, dtype=token_dtype(vocab).name)
     per_shard = max(1, shard_size // bytes_per_sample(seq_len, token_dtype(vocab)))
     show = sys.stderr.isatty() if progress is None else progress
     tokens_total = 0
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
+
+    def flush(samples: list[np.ndarray]) -> None:
+        name = shard_name(len(index.shards), host=host, num_hosts=num_hosts, prefixes=prefixes)
+        local = out.scratch_dir() / name.rsplit("/", 1)[-1]
+        info = write_shard(local, samples, first_key=index.total_samples)
+        index.shards.append(ShardInfo(name=name, samples=info.samples, bytes=info.bytes, sha256=info.sha256))
+        out.put(name, local)
+
+    with tempfile.TemporaryDirectory(dir=out.scratch_dir(), prefix=".scratch-") as scratch:
         tasks = [(path, seq_len, scratch, text_field) for path in files]
         workers = workers or min(len(files), os.cpu_count() or 1)
         with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -174,23 +265,13 @@ def prepare(inputs: Sequence[str], output: str, *, seq_len: int, shard_size: int
                 pending.extend(np.load(scratch_file))
                 os.unlink(scratch_file)
                 while len(pending) >= per_shard:
-                    _flush(out_dir, index, pending[:per_shard])
+                    flush(pending[:per_shard])
                     del pending[:per_shard]
                 if show:
                     print(f"\rprepare-data: {done}/{len(files)} files, {len(index.shards)} shards", end="",
                           file=sys.stderr, flush=True)
             if pending:
-                _flush(out_dir, index, pending)
+                flush(pending)
     if show:
         print(file=sys.stderr)
-    (out_dir / INDEX_NAME).write_text(index.to_json())
-    return PrepareSummary(files=len(files), tokens=tokens_total, samples=index.total_samples,
-                          shards=len(index.shards), bytes=sum(s.bytes for s in index.shards),
-                          seconds=time.monotonic() - started)
-
-
-def _flush(out_dir: Path, index: ShardIndex, samples: list[np.ndarray]) -> ShardInfo:
-    number = len(index.shards)
-    info = write_shard(out_dir / f"shard-{number:06d}.tar", samples, first_key=index.total_samples)
-    index.shards.append(info)
-    return info
+    return index, tokens_total

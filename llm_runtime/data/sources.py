@@ -128,15 +128,26 @@ class S3Source:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def read_text(self, name: str) -> str:
+        """A small object, whole: a failed request or a broken body is retried (backoff with jitter)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
-            body = response["Body"].read()
-        except (ClientError, BotoCoreError) as err:
-            raise SourceError(f"cannot read s3://{self.bucket}/{self.key(name)}: {_describe(err)}") from None
-        self.stats.add(requests=1, nbytes=len(body), retries=response["ResponseMetadata"].get("RetryAttempts", 0))
-        return body.decode("utf-8")
+        key = self.key(name)
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=key)
+                body = response["Body"].read()
+            except ClientError as err:
+                raise SourceError(f"cannot read s3://{self.bucket}/{key}: {_describe(err)}") from None
+            except BotoCoreError as err:  # the body broke off (or the connection did)
+                self.stats.add(requests=1, retries=1)
+                if attempt == self.max_attempts:
+                    raise SourceError(f"cannot read s3://{self.bucket}/{key}: {_describe(err)} "
+                                      f"after {attempt} attempts") from None
+                time.sleep(random.uniform(0, min(10.0, 0.05 * 2 ** attempt)))
+                continue
+            self.stats.add(requests=1, nbytes=len(body), retries=response["ResponseMetadata"].get("RetryAttempts", 0))
+            return body.decode("utf-8")
+        raise AssertionError("unreachable")
 
     def open(self, name: str, offset: int, length: int) -> "_S3Stream":
         return _S3Stream(self, self.key(name), offset, offset + length)
