@@ -6,6 +6,8 @@ import threading
 
 import pytest
 
+pytest_plugins = ["tests.s3server"]  # moto_server / s3 / s3_proxy fixtures (a real S3 server on 127.0.0.1)
+
 
 @pytest.fixture(autouse=True)
 def safe_aws_environment(monkeypatch):

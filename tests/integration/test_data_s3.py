@@ -15,8 +15,6 @@ from llm_runtime.data.sources import SourceError
 from tests.datasets import sample_ids, write_dataset
 from tests.procs import BIN, REPO, clean_env, metrics, run
 
-pytest_plugins = ["tests.s3server"]
-
 SIZES = (37, 21, 50, 44, 28)  # 180 samples of 17 tokens
 
 
