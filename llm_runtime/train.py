@@ -6,6 +6,7 @@ of processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -16,14 +17,14 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError, TrainConfig
-from .models import Llama, LlamaConfig, bundled_text
+from .models import ByteTokenizer, Llama, LlamaConfig, bundled_text
 from .parallel.dims import ParallelDims, resolve_dims
 from .parallel.pipeline import split_layers
 from .parallel.tensor import check_tensor_parallel, llama_root_tp_plan, llama_tp_plan
-from .data.build import build_loader
+from .data.build import DataPlan, build_loader
 from .runtime import Runtime, init, parse_split_points
 
-__all__ = ["batch_layout", "check", "global_batch_starts", "lr_factor", "main", "run"]
+__all__ = ["batch_layout", "check", "check_job", "global_batch_starts", "lr_factor", "main", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +75,30 @@ def check(config: Config, world_size: int, *, nproc_per_node: int | None = None,
     ``report`` (the launcher, once per job) also logs what a user DeepSpeed JSON overrides and
     which data the job reads. ``data`` checks the data too (its index is read).
     """
+    model_config, dims, _ = check_job(config, world_size, nproc_per_node=nproc_per_node, num_nodes=num_nodes,
+                                      report=report, data=data)
+    return model_config, dims
+
+
+def check_job(config: Config, world_size: int, *, nproc_per_node: int | None = None, num_nodes: int = 1,
+              report: bool = False, data: bool = True) -> tuple[LlamaConfig, ParallelDims, DataPlan | None]:
+    """:func:`check`, also returning the data plan; the model's vocabulary follows the data's tokenizer."""
     train, parallel = config.train, config.parallel
     for key in ("steps", "seq_len", "log_every"):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
     if parallel.backend == "deepspeed":
         model_config, dims = _check_deepspeed(config, world_size, report)
-        if data:
-            _check_data(config, dims, report)
-        return model_config, dims
+        plan = _check_data(config, dims, report) if data else None
+        return dataclasses.replace(model_config, vocab_size=_vocab(plan)), dims, plan
     try:
         dims = resolve_dims(world_size=world_size, dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard,
                             tp=parallel.tp, pp=parallel.pp, shard_group_size=parallel.shard_group_size,
                             nproc_per_node=nproc_per_node, num_nodes=num_nodes)
-        model_config = LlamaConfig(dim=config.model.dim, layers=config.model.layers,
-                                   heads=config.model.heads, max_seq_len=train.seq_len).validate()
+        batch_layout(train, dims.dp_size)
+        plan = _check_data(config, dims, report) if data else None
+        model_config = LlamaConfig(dim=config.model.dim, layers=config.model.layers, heads=config.model.heads,
+                                   max_seq_len=train.seq_len, vocab_size=_vocab(plan)).validate()
         check_tensor_parallel(dims.tp, heads=model_config.heads, kv_heads=model_config.num_kv_heads,
                               ffn_hidden=model_config.ffn_hidden_dim, vocab=model_config.vocab_size,
                               seq_len=train.seq_len, sequence_parallel=parallel.sequence_parallel)
@@ -115,10 +125,11 @@ def check(config: Config, world_size: int, *, nproc_per_node: int | None = None,
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    batch_layout(train, dims.dp_size)
-    if data:
-        _check_data(config, dims, report)
-    return model_config, dims
+    return model_config, dims, plan
+
+
+def _vocab(plan: DataPlan | None) -> int:
+    return plan.index.vocab_size if plan is not None and plan.index is not None else ByteTokenizer.vocab_size
 
 
 def _check_data(config: Config, dims: ParallelDims, report: bool = False):
@@ -173,12 +184,11 @@ def _check_deepspeed(config: Config, world_size: int, report: bool = False) -> t
 def run(rt: Runtime) -> dict[str, float]:
     """Train on this worker; returns the final metrics (identical on every rank)."""
     config, train = rt.config, rt.config.train
-    model_config, dims = check(config, rt.world_size, nproc_per_node=rt.cluster.nproc_per_node,
-                               num_nodes=rt.cluster.num_nodes, data=False)
+    model_config, _, plan = check_job(config, rt.world_size, nproc_per_node=rt.cluster.nproc_per_node,
+                                      num_nodes=rt.cluster.num_nodes, report=rt.is_main)
     micro, accumulation = batch_layout(train, rt.dp_size)
     per_replica = micro * accumulation
-    loader = build_loader(config, rt.dims, dp_rank=rt.dp_rank, local_rank=rt.local_rank,
-                          plan=_check_data(config, dims, report=rt.is_main))
+    loader = build_loader(config, rt.dims, dp_rank=rt.dp_rank, local_rank=rt.local_rank, plan=plan)
     try:
         return _train(rt, model_config, loader, per_replica, accumulation)
     finally:

@@ -33,3 +33,17 @@ def sample_ids(rows) -> list[int]:
 
 def global_id(shard_sizes, shard: int, sample: int) -> int:
     return int(sum(shard_sizes[:shard])) + sample
+
+
+def write_bpe_tokenizer(path: Path, vocab_size: int = 300, texts=None) -> Path:
+    """A small byte-level BPE trained with the tokenizers library, saved as a tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts or ["The river bends at the ferry. Lanterns on the water."] * 50, trainer)
+    tokenizer.save(str(path))
+    return path

@@ -62,9 +62,9 @@ def plan_data(config: Config, dp_size: int, env: Mapping[str, str] | None = None
         raise ConfigError(f"data.uri ({location.describe()}) holds sequences of {index.seq_len} tokens "
                           f"(index.json seq_len) but train.seq_len={train.seq_len}; set --train.seq_len="
                           f"{index.seq_len} or prepare the data again")
-    if index.vocab_size > 256 or index.tokenizer != "byte":
-        raise ConfigError(f"data.uri ({location.describe()}) was tokenized with {index.tokenizer!r} "
-                          f"(vocab {index.vocab_size}); the bundled model reads byte tokens")
+    if not 2 <= index.vocab_size <= 2**31:
+        raise ConfigError(f"data.uri ({location.describe()}): index.json vocab_size={index.vocab_size} "
+                          "is not a vocabulary size")
     parts = num_partitions or data.num_partitions or auto_partitions(dp_size, data.num_workers)
     try:
         order = DataOrder(tuple(s.samples for s in index.shards), batch_size=train.batch_size,

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models import ByteTokenizer
 from .shards import INDEX_NAME, ShardIndex, ShardInfo, bytes_per_sample, read_index, token_dtype, write_shard
 from .sources import parse_s3_uri
 from .storage import download, list_s3_inputs, open_output, shard_name
+from .tokenize import TokenizerError, load_tokenizer
 
 __all__ = ["PrepareError", "PrepareSummary", "expand_inputs", "files_for_host", "merge_indexes", "parse_size",
            "partial_index_name", "prepare", "read_documents"]
@@ -138,8 +138,8 @@ def read_documents(path: str, text_field: str = "text") -> Iterator[str]:
 
 def _tokenize_file(task: tuple[str, int, str, str]) -> tuple[str, int, int]:
     """Worker: one file -> a .npy of [n, seq_len + 1] samples in the scratch dir; (path, samples, tokens)."""
-    path, seq_len, scratch, text_field = task
-    tokenizer = ByteTokenizer()
+    path, seq_len, scratch, text_field, tokenizer_spec = task
+    tokenizer = load_tokenizer(tokenizer_spec)
     local = path
     if path.startswith("s3://"):  # this worker's own copy, removed once tokenized
         local = os.path.join(scratch, f"input-{os.getpid()}-{os.path.basename(path)}")
@@ -148,7 +148,7 @@ def _tokenize_file(task: tuple[str, int, str, str]) -> tuple[str, int, int]:
         except Exception as err:  # noqa: BLE001 - botocore's errors carry the code; the message names the input
             raise PrepareError(f"--input {path}: download failed: {type(err).__name__}: {err}") from None
     try:
-        pieces = [tokenizer.encode_array(document) for document in read_documents(local, text_field)]
+        pieces = [tokenizer.encode_document(document) for document in read_documents(local, text_field)]
     finally:
         if local != path:
             os.unlink(local)
@@ -175,8 +175,10 @@ def prepare(inputs: Sequence[str], output: str, *, seq_len: int, shard_size: int
         raise PrepareError("prepare-data needs webdataset: pip install 'llm-runtime[data]'")
     if seq_len < 1:
         raise PrepareError(f"--seq-len must be >= 1, got {seq_len}")
-    if tokenizer != "byte":
-        raise PrepareError(f"--tokenizer {tokenizer!r}: only the byte tokenizer is supported yet")
+    try:
+        load_tokenizer(tokenizer)  # fails here, before any worker starts
+    except TokenizerError as err:
+        raise PrepareError(str(err)) from None
     if not 1 <= prefixes <= 100:
         raise PrepareError(f"--prefixes must be between 1 and 100, got {prefixes}")
     if output.startswith("s3://"):
@@ -241,8 +243,9 @@ def _merge(out, num_hosts: int, timeout_s: float) -> ShardIndex:
 
 def _write_shards(files, out, *, seq_len, shard_size, workers, tokenizer, text_field, host, num_hosts, prefixes,
                   progress) -> tuple[ShardIndex, int]:
-    vocab = ByteTokenizer.vocab_size
-    index = ShardIndex(seq_len=seq_len, tokenizer=tokenizer, vocab_size=vocab, dtype=token_dtype(vocab).name)
+    vocab = load_tokenizer(tokenizer).vocab_size
+    index = ShardIndex(seq_len=seq_len, tokenizer=load_tokenizer(tokenizer).name, vocab_size=vocab,
+                       dtype=token_dtype(vocab).name)
     per_shard = max(1, shard_size // bytes_per_sample(seq_len, token_dtype(vocab)))
     show = sys.stderr.isatty() if progress is None else progress
     tokens_total = 0
@@ -255,7 +258,7 @@ def _write_shards(files, out, *, seq_len, shard_size, workers, tokenizer, text_f
         out.put(name, local)
 
     with tempfile.TemporaryDirectory(dir=out.scratch_dir(), prefix=".scratch-") as scratch:
-        tasks = [(path, seq_len, scratch, text_field) for path in files]
+        tasks = [(path, seq_len, scratch, text_field, tokenizer) for path in files]
         workers = workers or min(len(files), os.cpu_count() or 1)
         with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
             results = pool.map(_tokenize_file, tasks)  # yields in input order: packing stays deterministic

@@ -122,5 +122,5 @@ def stage(uri: str, index: ShardIndex, fingerprint: str, *, stage_dir: str, loca
         if failed.exists() and failed.stat().st_mtime >= started_wall - 5:
             raise StageError(f"local rank 0 failed to stage {uri}: {failed.read_text()}")
         time.sleep(0.2)
-    raise StageError(f"local rank {local_rank} waited {timeout_s:.0f}s (data.stage_timeout_s) for local rank 0 "
+    raise StageError(f"local rank {local_rank} waited {timeout_s:g}s (data.stage_timeout_s) for local rank 0 "
                      f"to stage {uri} to {dest}")

@@ -1,4 +1,5 @@
 """The main job end to end: llm-runtime train through the launcher, on CPU workers."""
+import json
 import math
 
 import pytest
@@ -60,3 +61,20 @@ def test_demo_script_trains_the_bundled_model_to_completion(tmp_path):
     losses = [float(line.split("loss=")[1].split()[0]) for line in lines]
     assert losses[-1] < losses[0] - 0.5, losses  # it learns, not just runs
     assert "done steps=" in proc.stdout and "tokens_per_s=" in proc.stdout
+
+
+def test_train_on_prepared_shards_with_a_tokenizer_json_sizes_the_model_to_its_vocabulary(tmp_path):
+    from tests.datasets import write_bpe_tokenizer
+
+    text = (REPO / "llm_runtime/models/data/bundled.txt").read_text()
+    (tmp_path / "corpus.txt").write_text(text)
+    tokenizer = write_bpe_tokenizer(tmp_path / "tokenizer.json", vocab_size=1200, texts=text.splitlines())
+    vocab = json.loads(tokenizer.read_text())["model"]["vocab"]
+    assert len(vocab) > 1000
+    run([str(BIN / "llm-runtime"), "prepare-data", "--input", str(tmp_path / "corpus.txt"), "--output",
+         str(tmp_path / "shards"), "--seq-len", "64", "--shard-size", "64KB", "--tokenizer", str(tokenizer)],
+        timeout=120)
+    curve, proc = train(tmp_path, "bpe", f"--data.uri={tmp_path / 'shards'}", "--train.steps=6")
+    assert [m["step"] for m in curve] == [1, 2, 3, 4, 5, 6] and curve[-1]["loss"] < curve[0]["loss"]
+    assert abs(curve[0]["loss"] - math.log(len(vocab))) < 0.4  # logits over the tokenizer's vocabulary, not 256
+    assert f"data: {tmp_path / 'shards'}: " in proc.stderr + proc.stdout

@@ -164,3 +164,47 @@ def test_workers_leave_no_processes_or_threads_behind(shards):
         read(config(shards, num_workers=2), 2, 0, 2)
         read(config(shards, num_workers=0), 2, 0, 2)
     assert threading.active_count() <= before
+
+
+def test_a_fastfile_channel_is_read_with_one_sequential_stream_per_worker(shards, tmp_path):
+    import json
+
+    config_dir = tmp_path / "ml" / "input" / "config"
+    config_dir.mkdir(parents=True)
+    (config_dir / "inputdataconfig.json").write_text(json.dumps({"train": {"TrainingInputMode": "FastFile"}}))
+    cfg = config("")  # no data.uri: the train channel
+    env = {"SM_CHANNEL_TRAIN": str(shards)}
+    with build_loader(cfg, Dims(1), dp_rank=0, env=env, sagemaker_root=str(tmp_path / "ml")) as fast:
+        assert (fast.spec.threads, fast.spec.read_size) == (1, 8 << 20)
+        assert sample_ids(fast.next_batch()) == reference(1)[0]
+    (config_dir / "inputdataconfig.json").write_text(json.dumps({"train": {"TrainingInputMode": "File"}}))
+    with build_loader(cfg, Dims(1), dp_rank=0, env=env, sagemaker_root=str(tmp_path / "ml")) as file_mode:
+        assert file_mode.spec.threads == cfg.data.max_open_shards
+
+
+def test_other_local_ranks_wait_for_local_rank_zero_to_stage(shards, tmp_path):
+    import threading
+
+    cfg = config(shards, mode="stage", stage_dir=str(tmp_path / "stage"))
+    results = {}
+
+    def local_rank_one():
+        results["one"], _, _ = read_one(cfg)
+
+    def read_one(c):
+        with build_loader(c, Dims(1), dp_rank=0, local_rank=1) as loader:
+            return [sample_ids(loader.next_batch())], None, None
+
+    waiter = threading.Thread(target=local_rank_one, daemon=True)
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # nothing staged yet: local rank 1 waits
+    zero, _, _ = read(cfg, 1, 0, 1)
+    waiter.join(30)
+    assert not waiter.is_alive() and results["one"] == [sample_ids(zero[0])]
+
+
+def test_a_local_rank_gives_up_waiting_for_staging_with_a_clear_error(shards, tmp_path):
+    cfg = config(shards, mode="stage", stage_dir=str(tmp_path / "stage"), stage_timeout_s=0.5)
+    with pytest.raises(StageError, match="local rank 1 waited 0.5s .*data.stage_timeout_s.* for local rank 0"):
+        build_loader(cfg, Dims(1), dp_rank=0, local_rank=1)

@@ -9,6 +9,7 @@ import pytest
 from llm_runtime.cli import main
 from llm_runtime.data import PrepareError, prepare, read_index, read_shard
 from llm_runtime.data.prepare import expand_inputs, files_for_host, parse_size
+from tests.datasets import write_bpe_tokenizer
 
 
 @pytest.fixture
@@ -113,3 +114,33 @@ def test_cli_prints_the_summary_line(corpus, tmp_path, capsys):
                  "--shard-size", "16KB"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("prepared files=3 tokens=") and "shards=" in line and "seconds=" in line
+
+
+@pytest.fixture
+def bpe_tokenizer(tmp_path):
+    return write_bpe_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_a_tokenizer_json_names_itself_in_the_index_and_ends_documents(corpus, tmp_path, bpe_tokenizer):
+    from tokenizers import Tokenizer
+
+    prepare([str(corpus)], str(tmp_path / "out"), seq_len=32, shard_size=8192, tokenizer=str(bpe_tokenizer),
+            progress=False)
+    index = read_index((tmp_path / "out" / "index.json").read_text(), "index.json")
+    digest = hashlib.sha256(bpe_tokenizer.read_bytes()).hexdigest()[:16]
+    tokenizer = Tokenizer.from_file(str(bpe_tokenizer))
+    assert index.tokenizer == f"tokenizer.json@sha256:{digest}"
+    assert index.vocab_size == tokenizer.get_vocab_size() and index.dtype == "uint16"
+    samples = np.concatenate([np.stack(list(read_shard(tmp_path / "out" / s.name))) for s in index.shards])
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    assert samples.max() < index.vocab_size and (samples == eos).sum() >= 2  # a.txt and b.txt end in it
+    assert "The river bends at the ferry." in tokenizer.decode(samples.ravel().tolist())
+
+
+def test_a_tokenizer_that_is_not_a_tokenizer_json_is_named(corpus, tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{}")
+    with pytest.raises(PrepareError, match="tokenizer.json: not a tokenizer.json"):
+        prepare([str(corpus)], str(tmp_path / "out"), seq_len=32, tokenizer=str(bad), progress=False)
+    with pytest.raises(PrepareError, match="no/such.json: No such file"):
+        prepare([str(corpus)], str(tmp_path / "out"), seq_len=32, tokenizer="no/such.json", progress=False)
