@@ -89,14 +89,16 @@ def check_job(config: Config, world_size: int, *, nproc_per_node: int | None = N
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
     if parallel.backend == "deepspeed":
         model_config, dims = _check_deepspeed(config, world_size, report)
-        plan = _check_data(config, dims, report) if data else None
+        plan = _check_data(config, dims) if data else None
+        if report and plan is not None:
+            log.info("data: %s", plan.describe())
         return dataclasses.replace(model_config, vocab_size=_vocab(plan)), dims, plan
     try:
         dims = resolve_dims(world_size=world_size, dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard,
                             tp=parallel.tp, pp=parallel.pp, shard_group_size=parallel.shard_group_size,
                             nproc_per_node=nproc_per_node, num_nodes=num_nodes)
         batch_layout(train, dims.dp_size)
-        plan = _check_data(config, dims, report) if data else None
+        plan = _check_data(config, dims) if data else None
         model_config = LlamaConfig(dim=config.model.dim, layers=config.model.layers, heads=config.model.heads,
                                    max_seq_len=train.seq_len, vocab_size=_vocab(plan)).validate()
         check_tensor_parallel(dims.tp, heads=model_config.heads, kv_heads=model_config.num_kv_heads,
@@ -125,6 +127,8 @@ def check_job(config: Config, world_size: int, *, nproc_per_node: int | None = N
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if report and plan is not None:  # only once everything passed: an error stays the one line printed
+        log.info("data: %s", plan.describe())
     return model_config, dims, plan
 
 
@@ -132,7 +136,7 @@ def _vocab(plan: DataPlan | None) -> int:
     return plan.index.vocab_size if plan is not None and plan.index is not None else ByteTokenizer.vocab_size
 
 
-def _check_data(config: Config, dims: ParallelDims, report: bool = False):
+def _check_data(config: Config, dims: ParallelDims) -> DataPlan:
     """The data plan (index read, order checked); the bundled text must hold one sequence."""
     from .data.build import plan_data
 
@@ -141,8 +145,6 @@ def _check_data(config: Config, dims: ParallelDims, report: bool = False):
         text_bytes = len(bundled_text().encode())
         if text_bytes < config.train.seq_len + 2:
             raise ConfigError(f"train.seq_len={config.train.seq_len} is longer than the text ({text_bytes} tokens)")
-    if report:
-        log.info("data: %s", plan.describe())
     return plan
 
 
@@ -185,7 +187,9 @@ def run(rt: Runtime) -> dict[str, float]:
     """Train on this worker; returns the final metrics (identical on every rank)."""
     config, train = rt.config, rt.config.train
     model_config, _, plan = check_job(config, rt.world_size, nproc_per_node=rt.cluster.nproc_per_node,
-                                      num_nodes=rt.cluster.num_nodes, report=rt.is_main)
+                                      num_nodes=rt.cluster.num_nodes)
+    if rt.is_main:
+        log.info("data: %s", plan.describe())
     micro, accumulation = batch_layout(train, rt.dp_size)
     per_replica = micro * accumulation
     loader = build_loader(config, rt.dims, dp_rank=rt.dp_rank, local_rank=rt.local_rank, plan=plan)

@@ -61,6 +61,7 @@ class _Partition:
         self.stream_at: tuple[int, int, int] | None = None  # (epoch, shard, next sample)
         self.block: tuple[tuple[int, int], np.ndarray] | None = None
         self.pending: tuple[tuple[int, int], Future] | None = None
+        self.stopped = False
 
     def sample(self, epoch: int, local: int) -> np.ndarray:
         key = (epoch, local // self.spec.order.shuffle_block)
@@ -89,6 +90,8 @@ class _Partition:
     def _read(self, epoch: int, segment: Segment) -> np.ndarray:
         size = self.spec.layout.record_bytes
         name = self.spec.names[segment.shard]
+        if self.stopped:
+            raise SourceError(f"reading {name} stopped: the loader was closed")
         if self.stream_at != (epoch, segment.shard, segment.first):
             self.close()
             # One streaming request for everything this partition reads from the shard this epoch.
@@ -104,6 +107,13 @@ class _Partition:
             parts.append(self.spec.layout.decode(buffer, name, offset + chunk_start * size))
         self.stream_at = (epoch, segment.shard, segment.first + segment.count)
         return np.concatenate(parts)
+
+    def stop(self) -> None:
+        """From the consumer's thread: a prefetch in progress fails fast instead of retrying on."""
+        self.stopped = True
+        stream = self.stream
+        if stream is not None:
+            stream.stop()
 
     def close(self) -> None:
         if self.stream is not None:
@@ -125,22 +135,22 @@ class ShardDataset(torch.utils.data.IterableDataset):
         source = open_source(spec.uri, max_attempts=spec.max_attempts, read_size=spec.read_size)
         rows = [(p, i) for j, (p, i) in enumerate(order.replica_rows(spec.dp_rank, spec.dp_size))
                 if j % workers == worker]
-        with ThreadPoolExecutor(max_workers=spec.threads, thread_name_prefix="shard-prefetch") as pool:
-            readers = {p: _Partition(spec, source, p, pool)
-                       for p in order.worker_partitions(spec.dp_rank, spec.dp_size, worker, workers)}
-            try:
-                step = self.start_step
-                while True:
-                    epoch, inner = order.locate(step)
-                    chunk = np.stack([readers[p].sample(epoch, inner * order.per_step + i) for p, i in rows])
-                    yield step, worker, chunk, source.stats.as_dict()
-                    step += 1
-            finally:
-                for reader in readers.values():
-                    if reader.pending is not None:
-                        reader.pending[1].cancel()
-                for reader in readers.values():
-                    reader.close()
+        pool = ThreadPoolExecutor(max_workers=spec.threads, thread_name_prefix="shard-prefetch")
+        readers = {p: _Partition(spec, source, p, pool)
+                   for p in order.worker_partitions(spec.dp_rank, spec.dp_size, worker, workers)}
+        try:
+            step = self.start_step
+            while True:
+                epoch, inner = order.locate(step)
+                chunk = np.stack([readers[p].sample(epoch, inner * order.per_step + i) for p, i in rows])
+                yield step, worker, chunk, source.stats.as_dict()
+                step += 1
+        finally:  # stop prefetches in flight first, so closing never waits out their retries
+            for reader in readers.values():
+                reader.stop()
+            pool.shutdown(wait=True, cancel_futures=True)
+            for reader in readers.values():
+                reader.close()
 
 
 def _as_is(item):
@@ -181,8 +191,12 @@ class ShardLoader:
         for expected in range(workers):
             try:
                 step, worker, chunk, stats = next(self._iterator)
-            except (SourceError, ValueError) as err:
-                raise type(err)(f"data loader ({self.location}): {err}") from None
+            except BaseException as err:
+                self.close()  # half a step was taken: the next call starts afresh from self.step
+                if isinstance(err, (SourceError, ValueError)):
+                    kind = SourceError if isinstance(err, SourceError) else ValueError
+                    raise kind(f"data loader ({self.location}): {err}") from None
+                raise
             if (step, worker) != (self.step, expected):
                 raise RuntimeError(f"data loader out of order: got step {step} worker {worker}, "
                                    f"expected step {self.step} worker {expected}")

@@ -36,13 +36,18 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
         raise ValueError(f"{uri!r}: {bucket!r} is not a valid S3 bucket name")
     if any(part in ("..", ".") for part in prefix.split("/")):
         raise ValueError(f"{uri!r}: the key prefix may not contain '.' or '..' parts")
+    if any(ch in prefix for ch in '"\'\n\r\t\0'):
+        raise ValueError(f"{uri!r}: the key prefix may not contain quotes or control characters")
     return bucket, prefix.strip("/")
 
 
+_MEMBER = re.compile(r"^[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*$")
+
+
 def check_member_name(name: str, where: str) -> str:
-    """A shard or member name from an index: relative, no '..', no empty parts."""
-    parts = name.split("/")
-    if not name or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+    """A shard or member name from an index: a relative path of plain characters, no '.' or '..' parts
+    (nothing that could leave the data directory or mean something to a shell, s5cmd or a glob)."""
+    if not _MEMBER.match(name) or any(p in (".", "..") for p in name.split("/")):
         raise ValueError(f"{where}: name {name!r} is not a plain relative path")
     return name
 
@@ -108,6 +113,9 @@ class _LocalStream:
     def close(self) -> None:
         self.handle.close()
 
+    def stop(self) -> None:
+        self.close()
+
 
 class S3Source:
     """``s3://bucket/prefix``: every read is one ranged GET that streams until the range ends."""
@@ -140,7 +148,7 @@ class S3Source:
                 raise SourceError(f"cannot read s3://{self.bucket}/{key}: {_describe(err)}") from None
             except BotoCoreError as err:  # the body broke off (or the connection did)
                 self.stats.add(requests=1, retries=1)
-                if attempt == self.max_attempts:
+                if attempt == self.max_attempts or not _transient(err):
                     raise SourceError(f"cannot read s3://{self.bucket}/{key}: {_describe(err)} "
                                       f"after {attempt} attempts") from None
                 time.sleep(random.uniform(0, min(10.0, 0.05 * 2 ** attempt)))
@@ -154,23 +162,38 @@ class S3Source:
 
 
 class _S3Stream:
+    """A byte range of one object. Failures in a row without progress are limited to
+    ``max_attempts``; a resumed GET must answer from the byte asked for, of the same object (ETag)."""
+
     def __init__(self, source: S3Source, key: str, offset: int, end: int):
         self.source, self.key, self.offset, self.end = source, key, offset, end
         self.body = None
         self.failures = 0
+        self.etag: str | None = None
+        self.stopped = False
 
     def _request(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         source = self.source
+        where = f"s3://{source.bucket}/{self.key}: GET bytes {self.offset}-{self.end - 1}"
+        extra = {"IfMatch": self.etag} if self.etag else {}
         try:
             response = source.client.get_object(Bucket=source.bucket, Key=self.key,
-                                                Range=f"bytes={self.offset}-{self.end - 1}")
+                                                Range=f"bytes={self.offset}-{self.end - 1}", **extra)
         except (ClientError, BotoCoreError) as err:
-            source.stats.add(requests=1, retries=source.max_attempts - 1)
-            raise SourceError(f"s3://{source.bucket}/{self.key}: GET bytes {self.offset}-{self.end - 1} failed "
-                              f"after {source.max_attempts} attempts: {_describe(err)}") from None
+            tries = 1 + int(getattr(err, "response", {}).get("ResponseMetadata", {}).get("RetryAttempts", 0))
+            source.stats.add(requests=1, retries=tries - 1)
+            if getattr(err, "response", {}).get("Error", {}).get("Code") == "PreconditionFailed":
+                raise SourceError(f"{where}: the object changed while it was being read (ETag)") from None
+            raise SourceError(f"{where} failed after {tries} attempt(s): {_describe(err)}") from None
         source.stats.add(requests=1, retries=response["ResponseMetadata"].get("RetryAttempts", 0))
+        content_range = response.get("ContentRange") or ""
+        if not content_range.startswith(f"bytes {self.offset}-"):
+            response["Body"].close()
+            raise SourceError(f"{where}: the answer covers {content_range or 'the whole object'}, not the range "
+                              "asked for (a proxy that ignores Range?)")
+        self.etag = self.etag or response.get("ETag")
         self.body = response["Body"]
 
     def read(self, size: int) -> bytes:
@@ -189,6 +212,7 @@ class _S3Stream:
                 chunks.append(data)
                 got += len(data)
                 self.offset += len(data)
+                self.failures = 0  # progress: the limit is on failures in a row
                 self.source.stats.add(nbytes=len(data))
                 continue
             self._resume(error)
@@ -197,6 +221,8 @@ class _S3Stream:
     def _resume(self, error: BaseException | None) -> None:
         """The body ended before the range did: back off, then GET the rest from the current byte."""
         self.close()
+        if self.stopped:
+            raise SourceError(f"s3://{self.source.bucket}/{self.key}: reading stopped (the loader closed)")
         self.failures += 1
         if self.failures >= self.source.max_attempts:
             raise SourceError(f"s3://{self.source.bucket}/{self.key}: the body broke off at byte {self.offset} "
@@ -205,12 +231,24 @@ class _S3Stream:
         time.sleep(random.uniform(0, min(10.0, 0.05 * 2 ** self.failures)))  # full jitter
 
     def close(self) -> None:
-        if self.body is not None:
+        body, self.body = self.body, None
+        if body is not None:
             try:
-                self.body.close()
+                body.close()
             except Exception:  # noqa: BLE001 - closing a broken connection
                 pass
-            self.body = None
+
+    def stop(self) -> None:
+        """From another thread: make a read in progress fail now instead of retrying."""
+        self.stopped = True
+        self.close()
+
+
+def _transient(err: BaseException) -> bool:
+    """Errors worth another try: broken connections and bodies, not missing credentials or bad input."""
+    from botocore.exceptions import NoCredentialsError, ParamValidationError, PartialCredentialsError
+
+    return not isinstance(err, (NoCredentialsError, PartialCredentialsError, ParamValidationError))
 
 
 def _describe(err: BaseException | None) -> str:

@@ -25,6 +25,7 @@ __all__ = ["StageError", "stage", "s5cmd_binary"]
 
 log = logging.getLogger(__name__)
 DONE, FAILED = ".staged", ".staging-failed"
+WAIT_MARGIN_S = 30.0
 
 
 class StageError(OSError):
@@ -61,7 +62,8 @@ def _copy_s3(uri: str, names: list[str], dest: Path, timeout_s: float) -> None:
             client.download_file(bucket, key, str(dest / name))
         return
     commands = dest / ".s5cmd-commands"
-    commands.write_text("".join(f'cp "s3://{bucket}/{key}" "{dest / name}"\n' for key, name in zip(keys, names)))
+    # Names were checked (plain characters); --raw: no wildcard expansion of a key.
+    commands.write_text("".join(f'cp --raw "s3://{bucket}/{key}" "{dest / name}"\n' for key, name in zip(keys, names)))
     argv = [binary]
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
@@ -77,16 +79,29 @@ def _copy_s3(uri: str, names: list[str], dest: Path, timeout_s: float) -> None:
 
 
 def _copy_and_verify(uri: str, index: ShardIndex, dest: Path, timeout_s: float) -> None:
+    """Copy, then verify, all within ``timeout_s`` (checked between files for the local copy)."""
+    deadline = time.monotonic() + timeout_s
+
+    def check_deadline(what: str) -> None:
+        if time.monotonic() > deadline:
+            raise StageError(f"staging {uri} took longer than data.stage_timeout_s={timeout_s:g}s ({what})")
+
     names = [shard.name for shard in index.shards]
     dest.mkdir(parents=True, exist_ok=True)
     if uri.startswith("s3://"):
         _copy_s3(uri, names, dest, timeout_s)
     else:
         for name in names:
+            check_deadline("copying")
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(os.path.join(uri, name), dest / name)
+
+    def digest(name: str) -> str:
+        check_deadline("verifying checksums")
+        return _sha256(dest / name)
+
     with ThreadPoolExecutor(max_workers=4) as pool:
-        digests = list(pool.map(lambda n: _sha256(dest / n), names))
+        digests = list(pool.map(digest, names))
     for shard, digest in zip(index.shards, digests):
         if digest != shard.sha256:
             raise StageError(f"staged copy of shard {shard.name} from {uri} does not match index.json "
@@ -99,6 +114,7 @@ def stage(uri: str, index: ShardIndex, fingerprint: str, *, stage_dir: str, loca
     """Return the local directory holding a verified copy of the shards at ``uri``."""
     dest = Path(stage_dir or default_stage_dir()) / fingerprint
     done, failed = dest / DONE, dest / FAILED
+    tag = launch_tag()
     if local_rank == 0:
         if done.exists():
             log.info("data: reusing the verified copy of %s at %s", uri, dest)
@@ -109,18 +125,29 @@ def stage(uri: str, index: ShardIndex, fingerprint: str, *, stage_dir: str, loca
             _copy_and_verify(uri, index, dest, timeout_s)
         except Exception as err:
             dest.mkdir(parents=True, exist_ok=True)
-            failed.write_text(str(err))
+            failed.write_text(f"{tag}\n{err}")
             raise StageError(f"staging {uri} to {dest}: {err}") from None
         done.write_text(fingerprint)
         log.info("data: staged %d shards (%d bytes) from %s to %s in %.1fs, checksums verified",
                  len(index.shards), sum(s.bytes for s in index.shards), uri, dest, time.monotonic() - started)
         return str(dest)
-    started_wall, deadline = time.time(), time.monotonic() + timeout_s
+    started_wall = time.time()
+    margin = min(WAIT_MARGIN_S, timeout_s)
+    deadline = time.monotonic() + timeout_s + margin  # local rank 0's own deadline, plus a margin
     while time.monotonic() < deadline:
         if done.exists():
             return str(dest)
-        if failed.exists() and failed.stat().st_mtime >= started_wall - 5:
-            raise StageError(f"local rank 0 failed to stage {uri}: {failed.read_text()}")
+        if failed.exists():
+            owner, _, message = failed.read_text().partition("\n")
+            # This launch's failure (same launcher run and restart), or a fresh one without a launcher.
+            if (tag and owner == tag) or (not tag and failed.stat().st_mtime >= started_wall - 60):
+                raise StageError(f"local rank 0 failed to stage {uri}: {message}")
         time.sleep(0.2)
-    raise StageError(f"local rank {local_rank} waited {timeout_s:g}s (data.stage_timeout_s) for local rank 0 "
-                     f"to stage {uri} to {dest}")
+    raise StageError(f"local rank {local_rank} waited {timeout_s + margin:g}s (data.stage_timeout_s plus "
+                     f"{margin:g}s) for local rank 0 to stage {uri} to {dest}")
+
+
+def launch_tag() -> str:
+    """What the local ranks of one launch share: torchrun's run id and restart count (empty without)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return f"{run_id}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}" if run_id else ""

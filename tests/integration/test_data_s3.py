@@ -89,7 +89,7 @@ def test_an_object_that_keeps_failing_is_named_after_the_attempts_run_out(datase
     s3_proxy.faults, s3_proxy.fault_rate, s3_proxy.only_methods = ("slowdown",), 1.0, {"GET"}
     with build_loader(cfg, Dims(1), dp_rank=0, plan=plan) as loader:
         with pytest.raises(SourceError, match=r"s3://test-bucket/tokens/shard-0000\d\d.tar: GET bytes .* "
-                                              r"failed after 3 attempts: SlowDown"):
+                                              r"failed after 3 attempt\(s\): SlowDown"):
             loader.next_batch()
 
 
@@ -167,3 +167,17 @@ def test_train_streams_from_s3_through_faults_and_tp_peers_get_identical_batches
     assert [m["step"] for m in curve] == [2, 4, 6] and all(math.isfinite(m["loss"]) for m in curve)
     assert "data: s3://test-bucket/tokens: 5 shards, 180 samples" in proc.stderr + proc.stdout
     assert "retries=" in proc.stdout + proc.stderr
+
+
+def test_a_stream_cut_again_and_again_completes_while_each_resume_makes_progress(dataset, s3_proxy):
+    local, remote = dataset
+    clean, _ = read_all(config(local, num_partitions=1), dp=1, steps=15)
+    cfg = config(remote, max_attempts=2, num_partitions=1)  # one stream per shard, cut on most GETs
+    plan = plan_data(cfg, 1)
+    s3_proxy.faults, s3_proxy.fault_rate, s3_proxy.only_methods = ("truncate",), 0.8, {"GET"}
+    with build_loader(cfg, Dims(1), dp_rank=0, plan=plan) as loader:
+        ids = [sample_ids(loader.next_batch()) for _ in range(15)]
+        stats = loader.stats()
+    assert ids == clean
+    assert s3_proxy.faults_injected["truncate"] > 2 * len(SIZES)  # more cuts than attempts per shard
+    assert stats["retries"] >= s3_proxy.faults_injected["truncate"] - 1

@@ -206,5 +206,19 @@ def test_other_local_ranks_wait_for_local_rank_zero_to_stage(shards, tmp_path):
 
 def test_a_local_rank_gives_up_waiting_for_staging_with_a_clear_error(shards, tmp_path):
     cfg = config(shards, mode="stage", stage_dir=str(tmp_path / "stage"), stage_timeout_s=0.5)
-    with pytest.raises(StageError, match="local rank 1 waited 0.5s .*data.stage_timeout_s.* for local rank 0"):
+    with pytest.raises(StageError, match="local rank 1 waited 1s .*data.stage_timeout_s.* for local rank 0"):
+        build_loader(cfg, Dims(1), dp_rank=0, local_rank=1)
+
+
+def test_a_failure_of_local_rank_zero_in_this_launch_stops_the_waiting_ranks_at_once(shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    (shards / "shard-000003.tar").write_bytes(b"not what the index says")
+    cfg = config(shards, mode="stage", stage_dir=str(tmp_path / "stage"), stage_timeout_s=60)
+    with pytest.raises(StageError, match="does not match index.json"):
+        build_loader(cfg, Dims(1), dp_rank=0, local_rank=0)
+    with pytest.raises(StageError, match="local rank 0 failed to stage .*shard-000003.tar"):
+        build_loader(cfg, Dims(1), dp_rank=0, local_rank=1)  # the marker is from this launch: no 60 s wait
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a restarted launch ignores the old failure
+    cfg.data.stage_timeout_s = 0.3
+    with pytest.raises(StageError, match="waited 0.6s"):
         build_loader(cfg, Dims(1), dp_rank=0, local_rank=1)
