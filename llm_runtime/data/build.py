@@ -6,6 +6,7 @@ starts, so a wrong URI, a seq_len mismatch or a layout that does not fit fail fi
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,9 +55,19 @@ def plan_data(config: Config, dp_size: int, env: Mapping[str, str] | None = None
     for key in ("num_workers", "max_open_shards", "shuffle_block", "max_attempts"):
         if getattr(data, key) < (0 if key == "num_workers" else 1):
             raise ConfigError(f"data.{key} must be >= {0 if key == 'num_workers' else 1}, got {getattr(data, key)}")
+    for key in ("timeout_s", "stage_timeout_s"):
+        if not getattr(data, key) > 0:
+            raise ConfigError(f"data.{key} must be > 0 seconds, got {getattr(data, key)}")
+    if location.kind == "s3" and importlib.util.find_spec("boto3") is None:
+        raise ConfigError(f"data.uri={location.uri} needs boto3: pip install 'llm-runtime[s3]'")
     try:
         index, fingerprint = load_index(location.uri, max_attempts=data.max_attempts)
-    except (SourceError, ValueError) as err:
+        layout = RecordLayout.for_index(index)
+        for shard in index.shards:
+            if shard.samples < 0 or shard.bytes < shard.samples * layout.record_bytes:
+                raise ValueError(f"index.json lists shard {shard.name} with {shard.samples} samples in "
+                                 f"{shard.bytes} bytes; records are {layout.record_bytes} bytes each")
+    except (SourceError, ValueError, TypeError) as err:
         raise ConfigError(f"data.uri ({location.describe()}): {err}") from None
     if index.seq_len != train.seq_len:
         raise ConfigError(f"data.uri ({location.describe()}) holds sequences of {index.seq_len} tokens "

@@ -8,8 +8,10 @@ job each host takes every ``num_hosts``-th file (by its host index).
 """
 from __future__ import annotations
 
+import collections
 import glob
 import gzip
+import hashlib
 import importlib.util
 import json
 import logging
@@ -186,9 +188,14 @@ def prepare(inputs: Sequence[str], output: str, *, seq_len: int, shard_size: int
             parse_s3_uri(output)
         except ValueError as err:
             raise PrepareError(f"--output: {err}") from None
-    files = files_for_host(expand_inputs(inputs), host_index, num_hosts)
+    all_files = expand_inputs(inputs)
+    files = files_for_host(all_files, host_index, num_hosts)
+    run = hashlib.sha256(json.dumps([all_files, seq_len, load_tokenizer(tokenizer).name, shard_size, num_hosts,
+                                     prefixes]).encode()).hexdigest()[:12]
     out = open_output(output)
     try:
+        if host_index == 0:
+            out.delete(INDEX_NAME)  # no reader may pair an old index with the shards being rewritten
         index, tokens_total = _write_shards(files, out, seq_len=seq_len, shard_size=shard_size, workers=workers,
                                             tokenizer=tokenizer, text_field=text_field, host=host_index,
                                             num_hosts=num_hosts, prefixes=prefixes, progress=progress)
@@ -196,10 +203,12 @@ def prepare(inputs: Sequence[str], output: str, *, seq_len: int, shard_size: int
         if num_hosts == 1:
             out.write_text(INDEX_NAME, index.to_json())
         else:
-            out.write_text(partial_index_name(host_index, num_hosts), index.to_json())
+            out.write_text(partial_index_name(host_index, num_hosts, run), index.to_json())
             if host_index == 0:
-                merged = _merge(out, num_hosts, merge_timeout_s)
+                merged = _merge(out, num_hosts, run, merge_timeout_s)
                 out.write_text(INDEX_NAME, merged.to_json())
+                for host in range(num_hosts):
+                    out.delete(partial_index_name(host, num_hosts, run))
     finally:
         out.close()
     return PrepareSummary(files=len(files), tokens=tokens_total, samples=index.total_samples,
@@ -207,8 +216,9 @@ def prepare(inputs: Sequence[str], output: str, *, seq_len: int, shard_size: int
                           seconds=time.monotonic() - started)
 
 
-def partial_index_name(host: int, num_hosts: int) -> str:
-    return f"index.host-{host:03d}-of-{num_hosts:03d}.json"
+def partial_index_name(host: int, num_hosts: int, run: str) -> str:
+    """A host's partial index; ``run`` digests the inputs and options, so a rerun never merges stale parts."""
+    return f"index.host-{host:03d}-of-{num_hosts:03d}.{run}.json"
 
 
 def merge_indexes(parts: Sequence[ShardIndex]) -> ShardIndex:
@@ -223,22 +233,35 @@ def merge_indexes(parts: Sequence[ShardIndex]) -> ShardIndex:
                       dtype=first.dtype, shards=[shard for part in parts for shard in part.shards])
 
 
-def _merge(out, num_hosts: int, timeout_s: float) -> ShardIndex:
+def _merge(out, num_hosts: int, run: str, timeout_s: float) -> ShardIndex:
     deadline = time.monotonic() + timeout_s
     parts: dict[int, ShardIndex] = {}
     while len(parts) < num_hosts:
         for host in range(num_hosts):
             if host not in parts:
-                text = out.read_text(partial_index_name(host, num_hosts))
+                name = partial_index_name(host, num_hosts, run)
+                text = out.read_text(name)
                 if text is not None:
-                    parts[host] = read_index(text, f"{out.uri}/{partial_index_name(host, num_hosts)}")
+                    parts[host] = read_index(text, f"{out.uri}/{name}")
         if len(parts) < num_hosts:
             if time.monotonic() > deadline:
                 missing = sorted(set(range(num_hosts)) - set(parts))
                 raise PrepareError(f"host 0 waited {timeout_s:.0f}s for the partial indexes of hosts {missing} "
-                                   f"under {out.uri}; every host must write to the same (shared) output")
+                                   f"under {out.uri} (run {run}); every host must write to the same (shared) "
+                                   "output with the same inputs and options")
             time.sleep(0.5)
     return merge_indexes([parts[host] for host in range(num_hosts)])
+
+
+def _ordered(pool: ProcessPoolExecutor, tasks: list, ahead: int) -> Iterator:
+    """pool.map in input order, with at most ``ahead`` files tokenized and not yet packed (bounded scratch)."""
+    queue = collections.deque()
+    for task in tasks:
+        queue.append(pool.submit(_tokenize_file, task))
+        if len(queue) >= ahead:
+            yield queue.popleft().result()
+    while queue:
+        yield queue.popleft().result()
 
 
 def _write_shards(files, out, *, seq_len, shard_size, workers, tokenizer, text_field, host, num_hosts, prefixes,
@@ -261,7 +284,7 @@ def _write_shards(files, out, *, seq_len, shard_size, workers, tokenizer, text_f
         tasks = [(path, seq_len, scratch, text_field, tokenizer) for path in files]
         workers = workers or min(len(files), os.cpu_count() or 1)
         with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-            results = pool.map(_tokenize_file, tasks)  # yields in input order: packing stays deterministic
+            results = _ordered(pool, tasks, ahead=2 * max(1, workers))  # input order: packing is deterministic
             pending: list[np.ndarray] = []
             for done, (scratch_file, _, tokens) in enumerate(results, 1):
                 tokens_total += tokens

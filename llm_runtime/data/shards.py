@@ -175,6 +175,8 @@ def _layout(seq_len: int, dtype_name: str) -> RecordLayout:
 
     from webdataset import TarWriter
 
+    if dtype_name not in ("uint16", "uint32"):
+        raise ValueError(f"token dtype {dtype_name!r} is not one this format writes (uint16, uint32)")
     dtype = np.dtype(dtype_name)
     sample = np.full(seq_len + 1, np.iinfo(dtype).max, dtype)
     buffer = io.BytesIO()

@@ -79,6 +79,9 @@ class LocalOutput:
         except FileNotFoundError:
             return None
 
+    def delete(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+
     def wait(self) -> None:
         pass
 
@@ -114,6 +117,9 @@ class S3Output:
     def put(self, name: str, local: Path) -> None:
         while len([f for f in self.pending if not f.done()]) >= 4:  # bounded: scratch disk stays small
             time.sleep(0.05)
+        for future in [f for f in self.pending if f.done()]:
+            future.result()  # an upload that failed stops the run now, not at the end
+            self.pending.remove(future)
         self.pending.append(self.pool.submit(self._upload, name, local))
 
     def wait(self) -> None:
@@ -129,6 +135,9 @@ class S3Output:
             return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read().decode()
         except self.client.exceptions.NoSuchKey:
             return None
+
+    def delete(self, name: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.key(name))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

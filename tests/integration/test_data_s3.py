@@ -131,6 +131,14 @@ def test_hosts_prepare_their_share_and_host_zero_merges_the_index(s3, tmp_path):
     names = [shard["name"] for shard in index["shards"]]
     assert len(names) == zero.shards + one.shards and names[0].startswith("shard-h000-")
     assert names[-1].startswith("shard-h001-") and index["total_samples"] == zero.samples + one.samples
+    listed = s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="multi/")["Contents"]
+    assert not [o["Key"] for o in listed if "index.host-" in o["Key"]]  # partial indexes cleaned up
+    # A rerun with other options never merges the earlier run's partial indexes, and drops the old index.
+    prepare([str(corpus)], out, seq_len=32, shard_size=10000, host_index=1, num_hosts=2, progress=False)
+    with pytest.raises(PrepareError, match=r"hosts \[1\]"):
+        prepare([str(corpus)], out, seq_len=16, shard_size=10000, host_index=0, num_hosts=2, merge_timeout_s=1,
+                progress=False)
+    assert "multi/index.json" not in [o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket)["Contents"]]
     with pytest.raises(PrepareError, match=r"waited 1s for the partial indexes of hosts \[1\]"):
         prepare([str(corpus)], s3.url("lonely"), seq_len=32, host_index=0, num_hosts=2, merge_timeout_s=1,
                 progress=False)

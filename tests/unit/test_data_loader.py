@@ -128,6 +128,8 @@ def test_the_reused_staged_copy_is_the_verified_one(shards, tmp_path):
     (dict(uri="/no/such/dir"), "cannot read /no/such/dir/index.json"),
     (dict(uri="s3://Bad_Bucket/x"), "not a valid S3 bucket name"),
     (dict(uri="gs://bucket/x"), "only local paths, s3:// and channel:NAME"),
+    (dict(timeout_s=0), "data.timeout_s must be > 0 seconds"),
+    (dict(stage_timeout_s=-1), "data.stage_timeout_s must be > 0 seconds"),
 ])
 def test_data_that_does_not_fit_the_job_fails_before_training_with_the_key_named(shards, change, needle):
     cfg = config(shards, num_workers=1)
@@ -222,3 +224,13 @@ def test_a_failure_of_local_rank_zero_in_this_launch_stops_the_waiting_ranks_at_
     cfg.data.stage_timeout_s = 0.3
     with pytest.raises(StageError, match="waited 0.6s"):
         build_loader(cfg, Dims(1), dp_rank=0, local_rank=1)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda body: body.replace('"uint16"', '"float32"'), "token dtype 'float32' is not one this format writes"),
+    (lambda body: body.replace('"samples": 9', '"samples": 900'), "shard-000000.tar with 900 samples in"),
+])
+def test_an_index_that_cannot_describe_its_shards_fails_before_training(shards, edit, needle):
+    (shards / "index.json").write_text(edit((shards / "index.json").read_text()))
+    with pytest.raises(ConfigError, match=needle):
+        plan_data(config(shards), 1, env={})
