@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "DataConfig", "DistConfig", "LaunchConfig", "ModelConfig", "NetenvConfig", "ParallelConfig",
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistConfig", "LaunchConfig", "ModelConfig", "NetenvConfig", "ParallelConfig",
            "TrainConfig", "ENV_PREFIX", "load_config", "parse_cli_overrides", "to_dict"]
 
 ENV_PREFIX = "LLM_RUNTIME_"
@@ -150,6 +150,37 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    uri: str = ""
+    """Tier 2: ``s3://bucket/prefix`` or a shared PATH; empty = node-local checkpoints only."""
+    local_dir: str = ""
+    """Tier 1, node-local disk; empty = $TMPDIR/llm_runtime/checkpoints (or /opt/ml/checkpoints with
+    sagemaker_sync)."""
+    sagemaker_sync: bool = False
+    """Write tier 1 under /opt/ml/checkpoints, which SageMaker itself syncs to S3."""
+    run_id: str = ""
+    """Names this run's checkpoints under the URI; empty = derived from checkpoint.uri (stable)."""
+    every_steps: int = 0
+    """Save every N steps (0 = off)."""
+    every_minutes: float = 0.0
+    """Save when this many minutes passed since the last save (0 = off)."""
+    at_end: bool = True
+    """Save after the last step."""
+    keep: int = 2
+    """Complete checkpoints kept locally and in the URI (the newest complete one is never deleted)."""
+    resume: str = "auto"
+    """``auto`` (newest complete checkpoint of this run, if any), ``never``, or a checkpoint URI/PATH."""
+    part_size_mb: int = 64
+    """Multipart upload part size."""
+    upload_concurrency: int = 8
+    """Parts in flight per node upload."""
+    upload_timeout_s: float = 1800.0
+    """A node upload taking longer is a failure (reported, never a silent hang)."""
+    prefix_spread: int = 8
+    """Node objects are spread over this many key prefixes (S3 request rates are per prefix)."""
+
+
+@dataclass
 class DistConfig:
     backend: str = "auto"
     """``auto`` (nccl with GPUs, gloo without), ``nccl`` or ``gloo``."""
@@ -190,6 +221,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     netenv: NetenvConfig = field(default_factory=NetenvConfig)
 

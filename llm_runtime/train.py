@@ -22,6 +22,7 @@ from .parallel.dims import ParallelDims, resolve_dims
 from .parallel.pipeline import split_layers
 from .parallel.tensor import check_tensor_parallel, llama_root_tp_plan, llama_tp_plan
 from .data.build import DataPlan, build_loader
+from .faults import inject
 from .runtime import Runtime, init, parse_split_points
 
 __all__ = ["batch_layout", "check", "check_job", "global_batch_starts", "lr_factor", "main", "run"]
@@ -208,9 +209,38 @@ def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, acc
              model.num_parameters() / 1e6, train.batch_size, train.seq_len, rt.dims.describe(), rt.dp_size,
              per_replica)
 
+    checkpointer = _checkpointer(rt)
+    try:
+        return _loop(rt, trainer, loader, accumulation, checkpointer)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()  # waits for the last upload; its failure fails the job
+
+
+def _checkpointer(rt: Runtime):
+    """Checkpoints are on when any checkpoint.uri / local_dir / cadence / sagemaker_sync is set."""
+    ck = rt.config.checkpoint
+    if not (ck.uri or ck.local_dir or ck.every_steps or ck.every_minutes or ck.sagemaker_sync):
+        return None
+    from .checkpoint.manager import Checkpointer
+
+    return Checkpointer(rt.config, rank=rt.rank, world_size=rt.world_size, local_rank=rt.local_rank,
+                        node_rank=rt.cluster.node_rank, num_nodes=max(1, rt.cluster.num_nodes),
+                        backend=rt.config.parallel.backend)
+
+
+def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer) -> dict[str, float]:
+    train = rt.config.train
+    start = 0
+    state = trainer.checkpoint_state() if checkpointer is not None else None
+    if checkpointer is not None:
+        start = checkpointer.restore(state, loader)
+        if start >= train.steps:
+            log.info("checkpoint step %d reaches train.steps=%d: nothing left to train", start, train.steps)
     metrics = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(1, train.steps + 1):
+    for step in range(start + 1, train.steps + 1):
+        inject(rt.rank, step)
         rows = loader.next_batch().to(rt.device)
         local_loss, grad_norm = trainer.step(rows[:, :-1], rows[:, 1:], accumulation)
         window_steps += 1
@@ -228,6 +258,8 @@ def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, acc
                 with open(train.metrics_path, "a") as sink:
                     sink.write(json.dumps({"step": step, "lr": lr, **metrics}) + "\n")
             window_start, window_steps = time.perf_counter(), 0
+        if checkpointer is not None and checkpointer.due(step, train.steps):
+            checkpointer.save(step, state, loader)
     if train.export_dir:
         export_weights(trainer.model, train.export_dir)  # check() refused it for DeepSpeed
     stats = loader.stats()
@@ -239,30 +271,41 @@ def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, acc
 
 
 class _TorchTrainer:
-    """The torch.distributed backend: rt.parallelize, AdamW, the LR schedule, global-norm clipping."""
+    """The torch.distributed backend: rt.parallelize, AdamW, the LR schedule, global-norm clipping.
+
+    One AdamW (and schedule) per model part: the same update as one optimizer over all of them,
+    and each part's optimizer state is saved under the unsplit model's parameter names.
+    """
 
     def __init__(self, rt: Runtime, model: Llama):
         train, sequence_parallel = rt.config.train, rt.config.parallel.sequence_parallel
         self.train = train
         self.model = rt.parallelize(model, tp_plan=llama_tp_plan(sequence_parallel),
                                     root_tp_plan=llama_root_tp_plan(sequence_parallel))
-        self.optimizer = torch.optim.AdamW(list(self.model.parameters()), lr=train.lr, betas=(0.9, 0.95),
-                                           weight_decay=train.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s + 1, train))
+        self.optimizers = [torch.optim.AdamW(list(part.parameters()), lr=train.lr, betas=(0.9, 0.95),
+                                             weight_decay=train.weight_decay) for part in self.model.parts]
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + 1, train))
+                           for optimizer in self.optimizers]
 
     def step(self, inputs, targets, accumulation: int) -> tuple[torch.Tensor, torch.Tensor]:
         local_loss = self.model.train_step(inputs, targets, accumulation)
         grad_norm = self.model.clip_grad_norm_(self.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
         return local_loss, grad_norm
 
     def global_loss(self, local_loss) -> float:
         return self.model.global_loss(local_loss)
 
     def last_lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return self.schedulers[0].get_last_lr()[0]
+
+    def checkpoint_state(self):
+        from .checkpoint.state import TorchState
+
+        return TorchState(self.model.parts, self.optimizers, self.schedulers)
 
 
 class _DeepSpeedTrainer:
@@ -277,6 +320,11 @@ class _DeepSpeedTrainer:
 
     def last_lr(self) -> float:
         return self.engine.last_lr()
+
+    def checkpoint_state(self):
+        from .checkpoint.state import DeepSpeedState
+
+        return DeepSpeedState(self.engine.engine)
 
 
 def deepspeed_batching(config: Config, dp: int, pp: int) -> tuple[int, int]:

@@ -1,0 +1,154 @@
+"""Checkpoint names, the manifest and the policies (cadence, retention, resume order): pure.
+
+A checkpoint of step ``n`` of run ``R`` under ``URI`` is
+
+    URI/R/step-<n:09d>/s<k>/node-<i:05d>.tar   one tar per node (k = i mod prefix_spread)
+    URI/R/step-<n:09d>/manifest.json           written last, by rank 0, after every node's upload
+
+and exists only once its manifest does. The manifest lists every object with its size and
+sha256, and every member of each node tar with its offset, size and sha256, so one member
+can be fetched with one ranged GET and verified before anything reads it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["MANIFEST", "Manifest", "ManifestError", "Member", "NodeObject", "due", "resume_order", "run_id_for",
+           "step_dir", "node_key", "retention", "parse_step_dir"]
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_STEP = re.compile(r"^step-(\d{9})$")
+_NAME = re.compile(r"^[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*$")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be trusted; the message names it and the field."""
+
+
+def run_id_for(uri: str, explicit: str = "") -> str:
+    """``checkpoint.run_id``, or one derived from the URI: stable across resubmissions, never a time."""
+    if explicit:
+        if not re.match(r"^[A-Za-z0-9._\-]{1,128}$", explicit) or explicit in (".", ".."):
+            raise ValueError(f"checkpoint.run_id={explicit!r}: use letters, digits, '.', '_' and '-' only")
+        return explicit
+    return "run-" + hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:12]
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    match = _STEP.match(name)
+    return int(match.group(1)) if match else None
+
+
+def node_key(step: int, node: int, spread: int) -> str:
+    """The node object's key relative to the run: spread over ``spread`` prefixes."""
+    return f"{step_dir(step)}/s{node % max(1, spread):02d}/node-{node:05d}.tar"
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    offset: int
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class NodeObject:
+    key: str
+    """Relative to the run: ``step-N/sK/node-I.tar``."""
+    node: int
+    size: int
+    sha256: str
+    members: tuple[Member, ...]
+
+
+@dataclass
+class Manifest:
+    run_id: str
+    step: int
+    world_size: int
+    num_nodes: int
+    backend: str
+    objects: list[NodeObject] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    """JSON facts for people and checks: the resolved config, the layout."""
+    format_version: int = FORMAT_VERSION
+
+    def member(self, name: str) -> tuple[NodeObject, Member]:
+        for obj in self.objects:
+            for member in obj.members:
+                if member.name == name:
+                    return obj, member
+        raise KeyError(name)
+
+    def member_names(self) -> list[str]:
+        return [m.name for obj in self.objects for m in obj.members]
+
+    def total_bytes(self) -> int:
+        return sum(obj.size for obj in self.objects)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> "Manifest":
+        """Parse and check: keys stay under this step's prefix, names are plain relative paths."""
+        try:
+            body = json.loads(text)
+            if body.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {body.get('format_version')!r}, this reader knows {FORMAT_VERSION}")
+            objects = [NodeObject(key=o["key"], node=int(o["node"]), size=int(o["size"]), sha256=str(o["sha256"]),
+                                  members=tuple(Member(**m) for m in o["members"])) for o in body["objects"]]
+            manifest = cls(run_id=str(body["run_id"]), step=int(body["step"]), world_size=int(body["world_size"]),
+                           num_nodes=int(body["num_nodes"]), backend=str(body["backend"]), objects=objects,
+                           extra=dict(body.get("extra") or {}))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ManifestError(f"{source} is not a valid checkpoint manifest: {err}") from None
+        prefix = step_dir(manifest.step) + "/"
+        names = set()
+        for obj in manifest.objects:
+            if not obj.key.startswith(prefix) or not _NAME.match(obj.key) or ".." in obj.key.split("/"):
+                raise ManifestError(f"{source}: object key {obj.key!r} is not under {prefix}")
+            for member in obj.members:
+                if not _NAME.match(member.name) or member.name.split("/")[0] in ("..", "."):
+                    raise ManifestError(f"{source}: member name {member.name!r} is not a plain relative path")
+                if member.offset < 0 or member.size < 0 or member.offset + member.size > obj.size:
+                    raise ManifestError(f"{source}: member {member.name} lies outside {obj.key}")
+                if member.name in names:
+                    raise ManifestError(f"{source}: member {member.name} is listed twice")
+                names.add(member.name)
+        return manifest
+
+
+def due(step: int, last_step: int, *, every_steps: int, every_minutes: float, minutes_since_save: float,
+        at_end: bool) -> bool:
+    """Whether to save after ``step`` (of ``last_step``)."""
+    if step == last_step and at_end:
+        return True
+    if every_steps and step % every_steps == 0:
+        return True
+    return bool(every_minutes) and minutes_since_save >= every_minutes
+
+
+def retention(complete: list[int], present: list[int], keep: int) -> list[int]:
+    """Steps to delete: all but the newest ``keep`` complete ones, and incomplete ones older than the
+    newest complete (a newer incomplete one may be an upload in progress). Never the newest complete."""
+    if not complete:
+        return []
+    keep_set = set(sorted(complete)[-max(1, keep):])
+    newest = max(complete)
+    return sorted(s for s in set(present) | set(complete)
+                  if s not in keep_set and (s in complete or s < newest))
+
+
+def resume_order(complete: list[int], not_after: int | None = None) -> list[int]:
+    """Checkpoints to try, newest first (a corrupt one falls back to the next)."""
+    return sorted((s for s in complete if not_after is None or s <= not_after), reverse=True)
