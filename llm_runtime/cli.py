@@ -38,6 +38,8 @@ commands:
   prepare-data --input PATH|s3://...  --output DIR|s3://... --seq-len N [--shard-size 256MB] [--workers K]
                [--prefixes N] [--host-index I --num-hosts H]  (hosts default to the detected cluster)
       tokenize text / jsonl (.gz) files into webdataset token shards with index.json
+  checkpoints (list | verify [--step N]) URI [--run-id ID]
+      a job's checkpoints under checkpoint.uri: complete or not, objects, bytes; verify checksums
 """
 
 # Launcher options shared by `launch` and `train`, mapped onto config keys.
@@ -255,7 +257,18 @@ def cmd_prepare_data(args: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"launch": cmd_launch, "train": cmd_train, "info": cmd_info, "prepare-data": cmd_prepare_data}
+def cmd_checkpoints(args: Sequence[str]) -> int:
+    from .checkpoint.inspect import main as checkpoints_main
+    from .checkpoint.store import StoreError
+
+    try:
+        return checkpoints_main(args)
+    except (ValueError, StoreError) as err:
+        raise UsageError(str(err)) from None
+
+
+COMMANDS = {"launch": cmd_launch, "train": cmd_train, "info": cmd_info, "prepare-data": cmd_prepare_data,
+            "checkpoints": cmd_checkpoints}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

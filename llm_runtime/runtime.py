@@ -173,6 +173,22 @@ class Runtime:
             dist.destroy_process_group()
 
 
+def die_with_parent() -> None:
+    """A worker whose launcher is killed (torchrun's agent, orted) is killed too (Linux), instead of
+    living on, holding its device, until a collective times out; torchrun starts each worker in a
+    session of its own, so nothing else would reach it."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the call above
+        os._exit(1)
+
+
 def init(config: Config | None = None) -> Runtime:
     """Start this worker: process group with init then train timeouts, device, seeds, logging.
 
@@ -194,6 +210,8 @@ def init(config: Config | None = None) -> Runtime:
         rank, local_rank, world = 0, 0, 1
     dims = dims_for(config.parallel, world, info)  # a layout that cannot fit fails before any group
     _setup_logging(rank)
+    if info.is_worker and ("TORCHELASTIC_RUN_ID" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ):
+        die_with_parent()
 
     if backend == "nccl":
         netenv.apply(netenv.plan(info, netenv.probe_fabric(overrides=netenv.config_overrides(**vars(config.netenv)))), os.environ)

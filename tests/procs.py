@@ -58,12 +58,39 @@ def run(argv, *, timeout: float, env=None, cwd=None, check: bool = True) -> subp
     return result
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found through /proc), whatever their session:
+    torch.distributed.run starts each worker in a session of its own."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as handle:
+                    children = [int(c) for c in handle.read().split()]
+            except OSError:
+                continue
+            found.extend(children)
+            queue.extend(children)
+    return found
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
-    """Kill a process started with start_new_session=True and everything in its session."""
+    """Kill a process started with start_new_session=True, its session and every descendant."""
+    victims = descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def read_rank_reports(out: Path, expected: int) -> list[dict]:

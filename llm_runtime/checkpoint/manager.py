@@ -217,7 +217,8 @@ class Checkpointer:
         store = self.store
         if self.ck.resume not in ("auto", "never"):
             store = _explicit_store(self.ck.resume, self.ck)
-        for where, step in self._candidates():
+        candidates = self._candidates()
+        for where, step in candidates:
             try:
                 manifest = self._manifest(where, step)
                 ok, error = True, ""
@@ -242,6 +243,10 @@ class Checkpointer:
                          store.uri if store is not None and where != "local" else self.local_root)
             self._last_save = time.monotonic()
             return step
+        if candidates:  # days of training must not restart from zero by accident
+            raise CorruptCheckpoint(f"none of the {len(candidates)} complete checkpoint(s) of run {self.run_id} "
+                                    "could be loaded (see the warnings above); fix or remove them, or set "
+                                    "checkpoint.resume=never to start over")
         return 0
 
     def _load(self, manifest: Manifest, state, store) -> dict:

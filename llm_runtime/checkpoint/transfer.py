@@ -35,14 +35,14 @@ def sha256_file(path: Path) -> str:
 
 def build_node_tar(root: Path, names: list[str], tar_path: Path, key: str, node: int) -> NodeObject:
     """Pack ``names`` (relative to ``root``) into one tar; returns its manifest entry."""
-    members = []
     with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
         for name in sorted(names):
             info = tar.gettarinfo(str(root / name), arcname=name)
             info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
             with open(root / name, "rb") as handle:
                 tar.addfile(info, handle)
-            members.append((name, info.offset_data, info.size))
+    with tarfile.open(tar_path, "r") as tar:  # offsets as a reader sees them
+        members = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
     object_digest = sha256_file(tar_path)
     out = []
     with open(tar_path, "rb") as handle:

@@ -1,11 +1,12 @@
 """Real launchers around llm_runtime.init: torchrun, mpirun and llm-runtime launch (gloo, CPU)."""
 import json
+import os
 import shutil
 import time
 
 import pytest
 
-from tests.procs import BIN, PYTHON, REPO, clean_env, read_rank_reports, run
+from tests.procs import BIN, PYTHON, REPO, clean_env, kill_tree, read_rank_reports, run
 
 WORKER = str(REPO / "tests" / "workers" / "report.py")
 
@@ -59,3 +60,49 @@ def test_a_rank_that_never_joins_a_collective_fails_the_job_after_the_train_time
     report = json.loads((tmp_path / "rank-0.json").read_text())
     assert "Timed out" in report.get("traceback", ""), report  # gloo's timeout, not a hang
     assert elapsed < 100, f"the job took {elapsed:.0f}s to fail"  # bound, not a benchmark: 5 s timeout + teardown
+
+
+def test_workers_die_with_a_killed_launcher_instead_of_living_on(tmp_path):
+    import subprocess
+    import time
+
+    from tests.procs import descendants
+
+    out = tmp_path / "reports"
+    out.mkdir()
+    proc = subprocess.Popen([str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", WORKER, str(out),
+                             "--hang-rank", "0"], env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        workers = []
+        while len(workers) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "the workers never started"
+            workers = [p for p in descendants(proc.pid) if "report.py" in _cmdline(p)]
+            time.sleep(0.2)
+        time.sleep(3)  # past init(), where the workers ask to die with their parent
+        proc.kill()  # the launcher (torch.distributed.run in-process) dies without any cleanup
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in workers):
+            assert time.monotonic() < deadline, f"workers {workers} outlived their launcher"
+            time.sleep(0.2)
+    finally:
+        kill_tree(proc)
+        proc.wait(timeout=30)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as handle:
+            return handle.read().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

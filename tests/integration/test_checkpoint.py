@@ -1,0 +1,168 @@
+"""Checkpoints end to end: real workers, real DCP / DeepSpeed files, a real S3 server (moto over HTTP
+on 127.0.0.1, through the fault proxy). A job is "killed" the way a host dies: its rank 0 hangs at
+a step (LLM_RUNTIME_FAULT), the test waits for the checkpoint it expects, then SIGKILLs the tree.
+"""
+import math
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.procs import BIN, clean_env, kill_tree, metrics, run
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--model.dim=64", "--model.layers=2", "--model.heads=4", "--train.seq_len=32", "--train.batch_size=8",
+        "--train.log_every=1", "--train.warmup_steps=2", "--parallel.mixed_precision=fp32"]
+
+
+def command(tmp_path, name, *args, nproc=2, steps=10):
+    return [str(BIN / "llm-runtime"), "train", "--nproc-per-node", str(nproc), *TINY, f"--train.steps={steps}",
+            f"--train.metrics_path={tmp_path / name}.jsonl", *args]
+
+
+def train(tmp_path, name, *args, nproc=2, steps=10, timeout=240, check=True, **env):
+    proc = run(command(tmp_path, name, *args, nproc=nproc, steps=steps), timeout=timeout, check=check,
+               env=clean_env(**env))
+    (tmp_path / f"{name}.out").write_text(proc.stdout + proc.stderr)  # kept for a failure's diagnosis
+    return (metrics(tmp_path / f"{name}.jsonl") if (tmp_path / f"{name}.jsonl").exists() else []), proc
+
+
+def hang_and_kill(tmp_path, name, *args, until, nproc=2, steps=10, hang_step=7, timeout=180):
+    """Start the job with rank 0 hanging at ``hang_step``; once ``until()`` holds, kill every process."""
+    env = clean_env(LLM_RUNTIME_FAULT=f"hang:rank=0,step={hang_step}")
+    log = open(tmp_path / f"{name}.log", "w")
+    proc = subprocess.Popen(command(tmp_path, name, *args, nproc=nproc, steps=steps), env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not until():
+            assert proc.poll() is None, f"the job exited ({proc.returncode}):\n{(tmp_path / f'{name}.log').read_text()}"
+            assert time.monotonic() < deadline, f"timed out:\n{(tmp_path / f'{name}.log').read_text()}"
+            time.sleep(0.2)
+    finally:
+        kill_tree(proc)
+        proc.wait(timeout=30)
+        log.close()
+    return metrics(tmp_path / f"{name}.jsonl")
+
+
+def manifests(s3, prefix="ck/"):
+    listed = s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents", [])
+    return sorted(o["Key"] for o in listed if o["Key"].endswith("/manifest.json"))
+
+
+def objects_of_step(s3, step, prefix="ck/"):
+    listed = s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents", [])
+    return sorted(o["Key"] for o in listed if f"/step-{step:09d}/" in o["Key"])
+
+
+def weights(directory):
+    out = {}
+    for path in sorted(directory.glob("weights-pp*.pt")):
+        out.update(torch.load(path, weights_only=True))
+    return out
+
+
+def assert_same_tail(full, resumed, first_step):
+    tail = [m for m in full if m["step"] >= first_step]
+    assert [m["step"] for m in resumed] == [m["step"] for m in tail]
+    for a, b in zip(tail, resumed):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["lr"] == b["lr"], (a, b)
+
+
+@pytest.mark.parametrize("layout,nproc", [
+    ([], 2),                                                             # FSDP2
+    (["--parallel.pp=2", "--parallel.tp=2", "--parallel.dp_shard=2"], 8),   # 3-D: pp x fsdp x tp
+])
+def test_a_killed_job_resumes_from_its_s3_checkpoint_exactly_as_if_never_stopped(tmp_path, s3, layout, nproc):
+    ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}",
+          "--checkpoint.every_steps=5", *layout]
+    full, _ = train(tmp_path, "full", *layout, f"--train.export_dir={tmp_path / 'w-full'}", nproc=nproc)
+    hang_and_kill(tmp_path, "first", *ck, nproc=nproc, until=lambda: len(manifests(s3)) == 1)
+    assert manifests(s3)[0].endswith("/step-000000005/manifest.json")
+    assert len(objects_of_step(s3, 5)) == 2  # one node: its tar and the manifest
+    resumed, proc = train(tmp_path, "resumed", *ck, f"--train.export_dir={tmp_path / 'w-resumed'}", nproc=nproc)
+    assert "resumed from checkpoint step 5" in proc.stdout + proc.stderr
+    assert_same_tail(full, resumed, 6)
+    a, b = weights(tmp_path / "w-full"), weights(tmp_path / "w-resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deepspeed_zero3_resumes_exactly_from_its_checkpoint(tmp_path, s3):
+    ds = ["--parallel.backend=deepspeed", "--parallel.zero_stage=3"]
+    ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}",
+          "--checkpoint.every_steps=5", *ds]
+    full, _ = train(tmp_path, "full", *ds)
+    hang_and_kill(tmp_path, "first", *ck, until=lambda: len(manifests(s3)) == 1)
+    (tmp_path / "local").rename(tmp_path / "gone")  # a fresh host: every file comes from S3, verified
+    resumed, proc = train(tmp_path, "resumed", *ck)
+    assert "resumed from checkpoint step 5" in proc.stdout + proc.stderr
+    assert_same_tail(full, resumed, 6)
+
+
+def test_a_checkpoint_of_four_ranks_resumes_on_two_with_its_data_position(tmp_path, s3):
+    ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}",
+          "--checkpoint.every_steps=5"]
+    full, _ = train(tmp_path, "full", nproc=4)
+    hang_and_kill(tmp_path, "first", *ck, nproc=4, until=lambda: len(manifests(s3)) == 1)
+    resumed, proc = train(tmp_path, "resumed", *ck, nproc=2)
+    assert "resumed from checkpoint step 5" in proc.stdout + proc.stderr
+    tail = [m for m in full if m["step"] >= 6]
+    assert [m["step"] for m in resumed] == [6, 7, 8, 9, 10]
+    for a, b in zip(tail, resumed):  # same samples, same weights; only the reduction order differs
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a, b)
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, s3):
+    ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}",
+          "--checkpoint.every_steps=3", "--checkpoint.keep=3", "--train.lr_schedule=constant"]
+    train(tmp_path, "first", *ck, steps=6)
+    assert [k.split("/")[-2] for k in manifests(s3)] == ["step-000000003", "step-000000006"]
+    (tar,) = [k for k in objects_of_step(s3, 6) if k.endswith(".tar")]
+    body = bytearray(s3.client.get_object(Bucket=s3.bucket, Key=tar)["Body"].read())
+    body[len(body) // 2] ^= 0xFF
+    s3.client.put_object(Bucket=s3.bucket, Key=tar, Body=bytes(body))
+    (tmp_path / "local").rename(tmp_path / "gone")
+    verify = run([str(BIN / "llm-runtime"), "checkpoints", "verify", "s3://test-bucket/ck"], timeout=60, check=False)
+    assert verify.returncode == 1 and "step 6:" in verify.stderr and "does not match the manifest" in verify.stderr
+    assert "step 3: ok" in verify.stdout
+    full, _ = train(tmp_path, "full", "--train.lr_schedule=constant", steps=8)
+    resumed, proc = train(tmp_path, "resumed", *ck, steps=8)
+    out = proc.stdout + proc.stderr
+    assert "checkpoint step 6 is not usable" in out and "resumed from checkpoint step 3" in out
+    assert_same_tail(full, resumed, 4)
+
+
+def test_a_job_killed_during_an_upload_resumes_from_the_previous_complete_checkpoint(tmp_path, s3_proxy, s3):
+    ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}",
+          "--checkpoint.every_steps=5", "--checkpoint.upload_timeout_s=120"]
+
+    def second_upload_under_way():
+        if len(manifests(s3)) == 1 and not s3_proxy.fault_rate:
+            s3_proxy.only_methods, s3_proxy.faults, s3_proxy.fault_rate = {"PUT"}, ("slowdown",), 1.0
+            s3_proxy.reset_counts()
+        return s3_proxy.faults_injected["slowdown"] >= 2  # step 10's upload is failing and retrying
+
+    hang_and_kill(tmp_path, "first", *ck, steps=14, hang_step=12, until=second_upload_under_way)
+    s3_proxy.fault_rate = 0.0
+    assert [k.split("/")[-2] for k in manifests(s3)] == ["step-000000005"]
+    listing = run([str(BIN / "llm-runtime"), "checkpoints", "list", "s3://test-bucket/ck"], timeout=60)
+    assert "complete" in listing.stdout
+    resumed, proc = train(tmp_path, "resumed", *ck, steps=14)
+    assert "resumed from checkpoint step 5" in proc.stdout + proc.stderr
+    assert [m["step"] for m in resumed] == list(range(6, 15))
+
+
+def test_retention_keeps_the_newest_checkpoints_locally_and_in_s3(tmp_path, s3):
+    ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}",
+          "--checkpoint.every_steps=2", "--checkpoint.keep=2"]
+    _, proc = train(tmp_path, "run", *ck, steps=8)
+    assert [k.split("/")[-2] for k in manifests(s3)] == ["step-000000006", "step-000000008"]
+    (node,) = (tmp_path / "local").glob("run-*/node-00000")
+    assert sorted(p.name for p in node.iterdir() if p.name.startswith("step-")) == ["step-000000006",
+                                                                                    "step-000000008"]
+    assert "checkpoint step=8 blocked_s=" in proc.stdout + proc.stderr
+    again, proc = train(tmp_path, "again", *ck, steps=8)  # nothing left: the job says so and ends
+    assert again == [] and "nothing left to train" in proc.stdout + proc.stderr
