@@ -115,6 +115,31 @@ def _env_plan(info: ClusterInfo, config: Config) -> tuple[netenv.EnvPlan, netenv
     return netenv.plan(info, fabric, timeout_dump=fabric.gpus > 0), fabric
 
 
+def _check_checkpoint(config: Config) -> None:
+    """checkpoint.* values that would fail in every worker, refused once here."""
+    ck = config.checkpoint
+    from .checkpoint.layout import run_id_for
+
+    try:
+        if ck.uri.startswith("s3://"):
+            from .data.sources import parse_s3_uri
+
+            parse_s3_uri(ck.uri)
+        elif "://" in ck.uri:
+            raise ValueError(f"checkpoint.uri={ck.uri!r}: use s3://bucket/prefix or a directory path")
+        run_id_for(ck.uri, ck.run_id)
+        if ck.resume not in ("auto", "never") and "step-" not in ck.resume.rstrip("/").rsplit("/", 1)[-1]:
+            raise ValueError(f"checkpoint.resume={ck.resume!r}: use auto, never, or the URI of one checkpoint "
+                             "(.../<run_id>/step-NNNNNNNNN)")
+        for key in ("keep", "part_size_mb", "upload_concurrency", "prefix_spread"):
+            if getattr(ck, key) < 1:
+                raise ValueError(f"checkpoint.{key} must be >= 1, got {getattr(ck, key)}")
+        if ck.every_steps < 0 or ck.every_minutes < 0 or ck.upload_timeout_s <= 0:
+            raise ValueError("checkpoint.every_steps / every_minutes must be >= 0 and upload_timeout_s > 0")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hyper: dict) -> int:
     mpi = config.launch.mpi or flags["mpi"] or bool(hyper.get("sagemaker_mpi_enabled"))
     nproc = config.launch.nproc_per_node or int(hyper.get("sagemaker_mpi_num_of_processes_per_host") or 0)
@@ -123,8 +148,17 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hype
 
         # Every config error of the built-in trainer surfaces here, once, not in N workers.
         per_node = nproc or info.nproc_per_node
+        from .faults import FaultError, parse_faults
+
+        try:
+            faults = parse_faults(os.environ.get("LLM_RUNTIME_FAULT", ""))
+        except FaultError as err:
+            raise UsageError(str(err)) from None
+        _check_checkpoint(config)
         check(config, per_node * max(1, info.num_nodes), nproc_per_node=per_node, num_nodes=info.num_nodes,
               report=True)
+        if faults:
+            log.warning("LLM_RUNTIME_FAULT=%s is set: faults will be injected", os.environ["LLM_RUNTIME_FAULT"])
     env_plan, fabric = _env_plan(info, config)
     plan = plan_launch(info, target, nproc=nproc, max_restarts=config.launch.max_restarts, mpi=mpi,
                        env_exports=mpi_export_names(os.environ, netenv.mpi_exports(env_plan)),

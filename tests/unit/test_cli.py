@@ -222,6 +222,14 @@ BAD_INPUT_CASES = [
     ("train-bad-hyperparameter", ["train"], {}, {"hosts": ["algo-1"], "hyperparameters": {"train.steps": "x"}},
      "hyperparameters"),
     ("launch-sagemaker-program-not-python", ["launch", "train"], {"SAGEMAKER_PROGRAM": "run.sh"}, None, "run.sh"),
+    ("train-fault-spec-malformed", ["train"], {"LLM_RUNTIME_FAULT": "hang:rank=x"}, None, "LLM_RUNTIME_FAULT"),
+    ("train-checkpoint-uri-scheme", ["train", "--checkpoint.uri=gs://b/c"], {}, None, "checkpoint.uri"),
+    ("train-checkpoint-uri-bucket", ["train", "--checkpoint.uri=s3://B_b/c"], {}, None, "bucket"),
+    ("train-checkpoint-run-id", ["train", "--checkpoint.run_id=../x"], {}, None, "checkpoint.run_id"),
+    ("train-checkpoint-resume", ["train", "--checkpoint.resume=latest"], {}, None, "checkpoint.resume"),
+    ("train-checkpoint-keep", ["train", "--checkpoint.keep=0"], {}, None, "checkpoint.keep"),
+    ("train-data-uri-scheme", ["train", "--data.uri=gs://b/tokens"], {}, None, "data.uri"),
+    ("train-data-uri-missing", ["train", "--data.uri=/no/such/tokens"], {}, None, "/no/such/tokens/index.json"),
 ]
 
 

@@ -1,0 +1,122 @@
+"""Checkpoint names, manifests and policies (pure tables), and the fault-injection spec."""
+import json
+
+import pytest
+
+from llm_runtime.checkpoint.layout import (Manifest, ManifestError, Member, NodeObject, due, node_key, resume_order,
+                                           retention, run_id_for, step_dir)
+from llm_runtime.faults import Fault, FaultError, parse_faults
+
+
+def test_run_id_is_stable_for_a_uri_and_never_a_timestamp():
+    a, b = run_id_for("s3://bucket/ckpt/"), run_id_for("s3://bucket/ckpt")
+    assert a == b and a.startswith("run-") and a != run_id_for("s3://bucket/other")
+    assert run_id_for("s3://bucket/ckpt", "llama-7b-v2") == "llama-7b-v2"
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", " ", "x" * 129, ".", "a\nb"])
+def test_a_run_id_that_could_escape_its_prefix_is_refused(bad):
+    with pytest.raises(ValueError, match="checkpoint.run_id"):
+        run_id_for("s3://b/p", bad)
+
+
+@pytest.mark.parametrize("step,node,spread,key", [
+    (5, 0, 8, "step-000000005/s00/node-00000.tar"),
+    (5, 9, 8, "step-000000005/s01/node-00009.tar"),
+    (120, 3, 1, "step-000000120/s00/node-00003.tar"),
+])
+def test_node_objects_are_spread_over_key_prefixes(step, node, spread, key):
+    assert node_key(step, node, spread) == key
+
+
+def manifest(**changes):
+    body = Manifest(run_id="r", step=5, world_size=4, num_nodes=2, backend="fsdp", objects=[
+        NodeObject(key="step-000000005/s00/node-00000.tar", node=0, size=3000, sha256="a" * 64,
+                   members=(Member("dcp/__0_0.distcp", 512, 1000, "b" * 64), Member("rank-00000.json", 2048, 10,
+                                                                                      "c" * 64)))])
+    data = json.loads(body.to_json())
+    for path, value in changes.items():
+        target = data
+        *parents, last = path.split(".")
+        for part in parents:
+            target = target[int(part)] if part.isdigit() else target[part]
+        target[last] = value
+    return json.dumps(data)
+
+
+def test_a_manifest_round_trips_and_finds_members():
+    parsed = Manifest.parse(manifest(), "m")
+    obj, member = parsed.member("rank-00000.json")
+    assert (obj.node, member.offset, member.size) == (0, 2048, 10)
+    assert parsed.member_names() == ["dcp/__0_0.distcp", "rank-00000.json"] and parsed.total_bytes() == 3000
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"objects.0.key": "../other-run/step-000000005/x.tar"}, "is not under step-000000005/"),
+    ({"objects.0.key": "step-000000006/s00/node-00000.tar"}, "is not under step-000000005/"),
+    ({"objects.0.members.0.name": "../../etc/passwd"}, "is not a plain relative path"),
+    ({"objects.0.members.0.name": "/abs"}, "is not a plain relative path"),
+    ({"objects.0.members.1.offset": 2995}, "lies outside"),
+    ({"objects.0.members.1.name": "dcp/__0_0.distcp"}, "listed twice"),
+    ({"format_version": 9}, "format_version 9"),
+    ({"step": "five"}, "not a valid checkpoint manifest"),
+])
+def test_a_manifest_that_points_outside_its_checkpoint_is_refused(changes, needle):
+    with pytest.raises(ManifestError, match=needle):
+        Manifest.parse(manifest(**changes), "m")
+
+
+@pytest.mark.parametrize("step,last,steps,minutes,since,at_end,expected", [
+    (5, 10, 5, 0, 0, True, True),
+    (6, 10, 5, 0, 0, True, False),
+    (10, 10, 0, 0, 0, True, True),
+    (10, 10, 0, 0, 0, False, False),
+    (3, 10, 0, 60, 61, False, True),
+    (3, 10, 0, 60, 59, False, False),
+    (3, 10, 0, 0, 1e9, False, False),
+])
+def test_saves_happen_every_n_steps_every_t_minutes_and_at_the_end(step, last, steps, minutes, since, at_end,
+                                                                   expected):
+    assert due(step, last, every_steps=steps, every_minutes=minutes, minutes_since_save=since,
+               at_end=at_end) is expected
+
+
+@pytest.mark.parametrize("complete,present,keep,deleted", [
+    ([2, 4, 6, 8], [2, 4, 6, 8], 2, [2, 4]),
+    ([2, 4, 6, 8], [2, 4, 5, 6, 8, 9], 2, [2, 4, 5]),   # 9: maybe an upload in progress; 5: a dead one
+    ([8], [8, 10], 1, []),
+    ([], [3, 4], 2, []),                                # nothing complete: delete nothing
+    ([2, 4], [2, 4], 0, [2]),                           # keep=0 still keeps the newest complete
+])
+def test_retention_keeps_the_newest_complete_checkpoints(complete, present, keep, deleted):
+    assert retention(complete, present, keep) == deleted
+
+
+def test_resume_tries_newest_first_and_can_stop_at_a_step():
+    assert resume_order([3, 9, 6]) == [9, 6, 3]
+    assert resume_order([3, 9, 6], not_after=6) == [6, 3]
+    assert step_dir(42) == "step-000000042"
+
+
+@pytest.mark.parametrize("text,faults", [
+    ("", []),
+    ("hang:rank=1,step=3", [Fault("hang", 1, 3)]),
+    ("kill:step=5", [Fault("kill", None, 5)]),
+    ("kill:rank=0;hang:rank=2,step=9", [Fault("kill", 0, None), Fault("hang", 2, 9)]),
+])
+def test_fault_specs_name_a_kind_rank_and_step(text, faults):
+    assert parse_faults(text) == faults
+
+
+@pytest.mark.parametrize("text,needle", [("explode:rank=1", "'explode' is not one of hang, kill"),
+                                         ("hang:rank=one", "'rank=one' is not rank=N or step=N"),
+                                         ("hang:host=2", "'host=2' is not rank=N or step=N")])
+def test_a_malformed_fault_spec_is_quoted(text, needle):
+    with pytest.raises(FaultError, match=needle):
+        parse_faults(text)
+
+
+def test_a_fault_fires_only_on_its_rank_and_step():
+    fault = Fault("hang", 1, 3)
+    assert fault.fires(1, 3) and not fault.fires(0, 3) and not fault.fires(1, 4)
+    assert Fault("kill").fires(7, 99)
