@@ -66,6 +66,9 @@ class TrainConfig:
     """When set, rank 0 appends one JSON line per logged step (step, loss, grad_norm, lr, tokens_per_s)."""
     export_dir: str = ""
     """When set, the final full weights are written there (one torch file per pipeline rank; fsdp backend)."""
+    model_dir: str = ""
+    """Where the final consolidated model.safetensors goes; empty = SageMaker's model dir
+    (SM_MODEL_DIR, /opt/ml/model) on SageMaker, else none."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ from .models import ByteTokenizer, Llama, LlamaConfig, bundled_text
 from .parallel.dims import ParallelDims, resolve_dims
 from .parallel.pipeline import split_layers
 from .parallel.tensor import check_tensor_parallel, llama_root_tp_plan, llama_tp_plan
+from .checkpoint.export import export_model, model_dir_for
 from .data.build import DataPlan, build_loader
 from .faults import inject
 from .runtime import Runtime, init, parse_split_points
@@ -211,7 +212,7 @@ def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, acc
 
     checkpointer = _checkpointer(rt)
     try:
-        return _loop(rt, trainer, loader, accumulation, checkpointer)
+        return _loop(rt, trainer, loader, accumulation, checkpointer, model_config)
     finally:
         if checkpointer is not None:
             checkpointer.close()  # waits for the last upload; its failure fails the job
@@ -229,7 +230,7 @@ def _checkpointer(rt: Runtime):
                         backend=rt.config.parallel.backend)
 
 
-def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer) -> dict[str, float]:
+def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_config) -> dict[str, float]:
     train = rt.config.train
     start = 0
     state = trainer.checkpoint_state() if checkpointer is not None else None
@@ -262,6 +263,9 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer) -> dict
             checkpointer.save(step, state, loader)
     if train.export_dir:
         export_weights(trainer.model, train.export_dir)  # check() refused it for DeepSpeed
+    model_dir = model_dir_for(train.model_dir, os.environ, rt.cluster.kind)
+    if model_dir:
+        export_model(trainer, rt, model_dir, model_config)
     stats = loader.stats()
     if stats:
         log.info("data requests=%d bytes=%d retries=%d (this rank's reads)", stats["requests"], stats["bytes"],

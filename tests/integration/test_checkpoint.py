@@ -166,3 +166,29 @@ def test_retention_keeps_the_newest_checkpoints_locally_and_in_s3(tmp_path, s3):
     assert "checkpoint step=8 blocked_s=" in proc.stdout + proc.stderr
     again, proc = train(tmp_path, "again", *ck, steps=8)  # nothing left: the job says so and ends
     assert again == [] and "nothing left to train" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("layout,nproc", [
+    (["--parallel.pp=2"], 4),                                              # two stages, two replicas
+    (["--parallel.backend=deepspeed", "--parallel.zero_stage=3"], 2),
+])
+def test_the_final_model_is_one_safetensors_file_that_loads_into_the_unsplit_model(tmp_path, layout, nproc):
+    import json
+
+    from safetensors.torch import load_file
+
+    from llm_runtime.models import Llama, LlamaConfig
+
+    export = [] if "deepspeed" in layout[0] else [f"--train.export_dir={tmp_path / 'w'}"]
+    train(tmp_path, "run", *layout, *export, f"--train.model_dir={tmp_path / 'model'}", nproc=nproc, steps=3)
+    state = load_file(tmp_path / "model" / "model.safetensors")
+    config = LlamaConfig(**json.loads((tmp_path / "model" / "config.json").read_text()))
+    model = Llama(config)
+    model.load_state_dict(state, strict=True)  # every parameter, canonical names, nothing extra
+    if export:
+        reference = weights(tmp_path / "w")
+        assert all(torch.equal(state[k], reference[k]) for k in reference)
+    else:
+        initial = Llama(config)
+        initial.init_weights(torch.Generator().manual_seed(1234))
+        assert not torch.equal(state["output.weight"], initial.output.weight.detach())  # trained, not initial

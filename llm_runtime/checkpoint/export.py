@@ -1,0 +1,91 @@
+"""The final model as one consolidated ``model.safetensors`` (plus ``config.json``) in the model dir.
+
+Every rank takes part (gathering shards is a collective); rank 0 writes. Pipeline stages held
+by other ranks reach rank 0 as safetensors bytes over a gloo group (no pickles).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["export_model", "model_dir_for"]
+
+log = logging.getLogger(__name__)
+
+
+def model_dir_for(configured: str, env, cluster_kind: str) -> str:
+    """``train.model_dir``, else SageMaker's (SM_MODEL_DIR, /opt/ml/model), else none."""
+    if configured:
+        return configured
+    if env.get("SM_MODEL_DIR"):
+        return env["SM_MODEL_DIR"]
+    return "/opt/ml/model" if cluster_kind == "sagemaker" else ""
+
+
+def _gather_to_rank0(payload: bytes, group) -> list[bytes]:
+    world = dist.get_world_size(group)
+    size = torch.tensor([len(payload)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    longest = max(int(s.item()) for s in sizes)
+    if longest == 0:
+        return []
+    buffer = torch.zeros(longest, dtype=torch.uint8)
+    if payload:
+        buffer[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    rank = dist.get_rank(group)
+    buffers = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)] if rank == 0 else None
+    dist.gather(buffer, gather_list=buffers, dst=0, group=group)
+    if rank != 0:
+        return []
+    return [b[:int(s.item())].numpy().tobytes() for b, s in zip(buffers, sizes) if int(s.item())]
+
+
+def export_model(trainer, rt, directory: str, model_config) -> Path | None:
+    """Write ``directory/model.safetensors``; returns its path on rank 0."""
+    from safetensors.torch import load as load_bytes
+    from safetensors.torch import save as save_bytes
+    from safetensors.torch import save_file
+
+    engine = getattr(getattr(trainer, "engine", None), "engine", None)
+    if engine is not None:  # DeepSpeed
+        if getattr(trainer.engine, "pipeline", False):
+            log.warning("train.model_dir: exporting a DeepSpeed pipeline model is not supported yet; skipped")
+            return None
+        if engine.zero_optimization_stage() == 3:
+            state = engine._zero3_consolidated_16bit_state_dict()  # a collective; the full model on rank 0
+        else:
+            state = engine.module.state_dict()
+        state = {k: v.detach().cpu().contiguous() for k, v in (state or {}).items()} if rt.rank == 0 else {}
+    else:
+        model = trainer.model
+        full = model.full_state_dict()  # a collective: every rank takes part
+        coords = model.dims.coords(model.rank)
+        owner = model.dp_rank == 0 and coords["tp"] == 0  # one rank per pipeline stage
+        group = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
+        if group is None:
+            state = full
+        else:
+            parts = _gather_to_rank0(save_bytes({k: v.contiguous() for k, v in full.items()}) if owner else b"", group)
+            dist.destroy_process_group(group)
+            state = {}
+            for part in parts:
+                state.update(load_bytes(part))
+    if rt.rank != 0:
+        return None
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt", "producer": "llm_runtime"})
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(model_config), indent=1, sort_keys=True) + "\n")
+    log.info("model: %d tensors, %.1f MB -> %s", len(state),
+             sum(t.numel() * t.element_size() for t in state.values()) / 1e6, out / "model.safetensors")
+    return out / "model.safetensors"
