@@ -169,7 +169,8 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hype
             print(f"llm-runtime: {line}", file=sys.stderr)
         log.info("network environment:\n%s", netenv.format_table(_visible(netenv.resolve(env_plan, os.environ))))
         netenv.apply(env_plan, os.environ)
-    return execute(plan, info, mpi_wait_timeout_s=config.launch.mpi_wait_timeout_s)
+    return execute(plan, info, mpi_wait_timeout_s=config.launch.mpi_wait_timeout_s,
+                   stop_deadline_s=config.launch.stop_deadline_s)
 
 
 def cmd_launch(args: Sequence[str]) -> int:

@@ -205,6 +205,9 @@ class LaunchConfig:
     """Start the workers with mpirun from the first host instead of torchrun on each host."""
     mpi_wait_timeout_s: float = 600.0
     """How long a non-first host waits for the first host's mpirun to appear."""
+    stop_deadline_s: float = 100.0
+    """After the platform's SIGTERM: how long the workers get to save a checkpoint and stop before
+    they are torn down (spot interruptions give 120 s). 0 = tear down at once."""
 
 
 @dataclass

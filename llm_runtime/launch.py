@@ -11,6 +11,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -206,7 +207,8 @@ def plan_launch(
 # ---------------------------------------------------------------- edges: starting processes
 
 
-def execute(plan: LaunchPlan, info: ClusterInfo, *, mpi_wait_timeout_s: float = 600.0) -> int:
+def execute(plan: LaunchPlan, info: ClusterInfo, *, mpi_wait_timeout_s: float = 600.0,
+            stop_deadline_s: float = 100.0) -> int:
     """Carry out a plan; returns the exit status this host should exit with."""
     log.info("%s", plan.message)
     if plan.action == "idle":
@@ -219,7 +221,7 @@ def execute(plan: LaunchPlan, info: ClusterInfo, *, mpi_wait_timeout_s: float = 
         sys.stderr.flush()
         os.execvpe(plan.argv[0], list(plan.argv), env)
     if plan.action == "torchrun":
-        return _run_torchrun(plan.argv, plan.env)
+        return _run_torchrun(plan.argv, plan.env, stop_deadline_s)
     if plan.start_sshd:
         _start_sshd()
     if plan.action == "mpirun":
@@ -231,16 +233,78 @@ def execute(plan: LaunchPlan, info: ClusterInfo, *, mpi_wait_timeout_s: float = 
     raise LaunchError(f"unknown launch action {plan.action!r}")
 
 
-def _run_torchrun(argv: Sequence[str], extra_env: Mapping[str, str]) -> int:
+STOP_FILE_ENV = "LLM_RUNTIME_STOP_FILE"
+
+
+class _StopRequest:
+    """The platform's SIGTERM (job stop, spot interruption) on the launcher: ask the workers to save
+    at their next step boundary and stop (a file they look for each step), and tear them down
+    after ``deadline_s`` or at a second SIGTERM. torch.distributed.run is told not to handle
+    SIGTERM itself (TORCHELASTIC_SIGNALS_TO_HANDLE), so a worker's own SIGTERM only ever means
+    "exit now"."""
+
+    def __init__(self, deadline_s: float):
+        import tempfile
+
+        self.deadline_s = deadline_s
+        self.path = os.path.join(tempfile.gettempdir(), "llm_runtime", f"stop-{os.getpid()}")
+        self.requested = False
+
+    def install(self) -> dict[str, str]:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGALRM, self._on_deadline)
+        return {STOP_FILE_ENV: self.path, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
+
+    def _on_term(self, signum, frame) -> None:
+        if self.requested or self.deadline_s <= 0:
+            self._raise()
+        self.requested = True
+        with open(self.path, "w") as sink:
+            sink.write("stop\n")
+        print(f"llm-runtime: SIGTERM: the workers save a checkpoint at their next step and stop "
+              f"(deadline {self.deadline_s:g}s)", file=sys.stderr, flush=True)
+        signal.setitimer(signal.ITIMER_REAL, self.deadline_s)
+
+    def _on_deadline(self, signum, frame) -> None:
+        print(f"llm-runtime: the workers did not stop within {self.deadline_s:g}s of SIGTERM; stopping them",
+              file=sys.stderr, flush=True)
+        self._raise()
+
+    @staticmethod
+    def _raise() -> None:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        raise SignalException("stop requested", sigval=signal.Signals.SIGTERM)
+
+    def remove(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def _run_torchrun(argv: Sequence[str], extra_env: Mapping[str, str], stop_deadline_s: float = 100.0) -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
+    from torch.distributed.run import get_args_parser
+
     os.environ.update(extra_env)
+    stop = _StopRequest(stop_deadline_s)
+    argv = list(argv)
+    if "--signals-to-handle" in get_args_parser()._option_string_actions:
+        os.environ.update(stop.install())
+        argv = ["--signals-to-handle", os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"], *argv]
+    else:  # an older torch: its agent owns SIGTERM and stops the workers at once
+        log.warning("this torch's launcher cannot leave SIGTERM to llm-runtime: a stop tears the workers down "
+                    "without a final checkpoint")
     try:
-        run(parse_args(list(argv)))
+        run(parse_args(argv))
     except ChildFailedError as err:
         failures = err.failures
         first = min(failures.values(), key=lambda f: f.timestamp) if failures else None
@@ -254,6 +318,12 @@ def _run_torchrun(argv: Sequence[str], extra_env: Mapping[str, str]) -> int:
     except (RendezvousError, DistError) as err:
         print(f"llm-runtime: the hosts could not rendezvous: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        stop.remove()
+    if stop.requested:
+        print("llm-runtime: stopped on request; the workers saved their state and exited", file=sys.stderr,
+              flush=True)
+        return 128 + int(signal.SIGTERM)
     return 0
 
 

@@ -259,8 +259,15 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
                 with open(train.metrics_path, "a") as sink:
                     sink.write(json.dumps({"step": step, "lr": lr, **metrics}) + "\n")
             window_start, window_steps = time.perf_counter(), 0
-        if checkpointer is not None and checkpointer.due(step, train.steps):
-            checkpointer.save(step, state, loader)
+        if checkpointer is not None:
+            saved = checkpointer.due(step, train.steps)
+            if saved:
+                checkpointer.save(step, state, loader)
+            if step < train.steps and checkpointer.stop_requested():
+                if not saved:
+                    checkpointer.save(step, state, loader)
+                log.info("stop requested by the launcher: saved step %d, stopping", step)
+                return metrics
     if train.export_dir:
         export_weights(trainer.model, train.export_dir)  # check() refused it for DeepSpeed
     model_dir = model_dir_for(train.model_dir, os.environ, rt.cluster.kind)

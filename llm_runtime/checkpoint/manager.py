@@ -67,6 +67,10 @@ class Checkpointer:
                                 concurrency=ck.upload_concurrency)
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=ck.upload_timeout_s + 300))
         self.nodes = [int(n) for n in gather_json(node_rank, self.group)]  # rank -> node
+        # Stop requests are agreed on over a group of their own: the checkpoint group may be busy
+        # with a background upload's collectives at any moment.
+        self.control = dist.new_group(backend="gloo")
+        self.stop_file = os.environ.get("LLM_RUNTIME_STOP_FILE", "")
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._last_save = time.monotonic()
@@ -76,6 +80,14 @@ class Checkpointer:
     def due(self, step: int, last_step: int) -> bool:
         return due(step, last_step, every_steps=self.ck.every_steps, every_minutes=self.ck.every_minutes,
                    minutes_since_save=(time.monotonic() - self._last_save) / 60, at_end=self.ck.at_end)
+
+    def stop_requested(self) -> bool:
+        """Whether any rank's launcher asked to stop (SIGTERM from the platform): all ranks agree."""
+        import torch
+
+        flag = torch.tensor([int(bool(self.stop_file) and os.path.exists(self.stop_file))])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(flag.item())
 
     def save(self, step: int, state, loader) -> SaveReport:
         """Stage this rank's state for ``step`` and return; the upload continues in the background."""
@@ -278,9 +290,10 @@ class Checkpointer:
         try:
             self.wait()
         finally:
-            if self.group is not None:
-                dist.destroy_process_group(self.group)
-                self.group = None
+            for group in (self.group, self.control):
+                if group is not None:
+                    dist.destroy_process_group(group)
+            self.group = self.control = None
 
 
 def _first_line(err: BaseException) -> str:

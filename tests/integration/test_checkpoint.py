@@ -3,6 +3,7 @@ on 127.0.0.1, through the fault proxy). A job is "killed" the way a host dies: i
 a step (LLM_RUNTIME_FAULT), the test waits for the checkpoint it expects, then SIGKILLs the tree.
 """
 import math
+import os
 import subprocess
 import time
 
@@ -192,3 +193,77 @@ def test_the_final_model_is_one_safetensors_file_that_loads_into_the_unsplit_mod
         initial = Llama(config)
         initial.init_weights(torch.Generator().manual_seed(1234))
         assert not torch.equal(state["output.weight"], initial.output.weight.detach())  # trained, not initial
+
+
+def _start(tmp_path, name, *args, steps=100000, **env):
+    log = open(tmp_path / f"{name}.log", "w")
+    proc = subprocess.Popen(command(tmp_path, name, *args, steps=steps), env=clean_env(**env), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+def _wait_for_step(tmp_path, name, proc, step, timeout=120):
+    deadline = time.monotonic() + timeout
+    path = tmp_path / f"{name}.jsonl"
+    while not (path.exists() and any(m["step"] >= step for m in metrics(path))):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / f"{name}.log").read_text()
+        time.sleep(0.2)
+
+
+def test_sigterm_on_the_launcher_saves_at_the_next_step_and_the_job_resumes_there(tmp_path, s3):
+    import signal
+
+    ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}"]
+    proc, log = _start(tmp_path, "first", *ck)
+    try:
+        _wait_for_step(tmp_path, "first", proc, 3)
+        proc.send_signal(signal.SIGTERM)  # the platform's stop / spot interruption, to PID 1
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        kill_tree(proc)
+        log.close()
+    out = (tmp_path / "first.log").read_text()
+    last = metrics(tmp_path / "first.jsonl")[-1]["step"]
+    assert f"stop requested by the launcher: saved step {last}, stopping" in out
+    assert manifests(s3)[-1].endswith(f"/step-{last:09d}/manifest.json")
+    resumed, proc = train(tmp_path, "resumed", *ck, steps=last + 2)
+    assert f"resumed from checkpoint step {last}" in proc.stdout + proc.stderr
+    assert [m["step"] for m in resumed] == [last + 1, last + 2]
+
+
+def test_workers_that_cannot_stop_are_torn_down_at_the_stop_deadline(tmp_path):
+    import signal
+
+    ck = [f"--checkpoint.local_dir={tmp_path / 'local'}", "--launch.stop_deadline_s=3"]
+    proc, log = _start(tmp_path, "stuck", *ck, LLM_RUNTIME_FAULT="hang:rank=1,step=4")
+    try:
+        _wait_for_step(tmp_path, "stuck", proc, 3)
+        time.sleep(1)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert time.monotonic() - sent < 3 + 30  # the deadline, then the agent's teardown
+    finally:
+        kill_tree(proc)
+        log.close()
+    assert "did not stop within 3s of SIGTERM" in (tmp_path / "stuck.log").read_text()
+
+
+def test_a_workers_own_sigterm_means_exit_now_not_a_save(tmp_path):
+    import signal
+
+    from tests.procs import descendants
+
+    ck = [f"--checkpoint.local_dir={tmp_path / 'local'}"]
+    proc, log = _start(tmp_path, "teardown", *ck)
+    try:
+        _wait_for_step(tmp_path, "teardown", proc, 3)
+        workers = [p for p in descendants(proc.pid) if b"llm_runtime" in open(f"/proc/{p}/cmdline", "rb").read()]
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)  # what torchrun does when it tears the workers down
+        assert proc.wait(timeout=60) not in (0, 128 + signal.SIGTERM)
+    finally:
+        kill_tree(proc)
+        log.close()
+    assert "stop requested" not in (tmp_path / "teardown.log").read_text()
+    assert not list((tmp_path / "local").glob("run-*/node-*/step-*"))
