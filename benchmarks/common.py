@@ -68,3 +68,32 @@ def timed_loop(train_step, *, steps: int, warmup: int, batch: int, seq: int, dev
     dist.barrier()
     if rank == 0:
         print(f"STEPS_PER_S {(steps - warmup) / (time.perf_counter() - start):.6f}", flush=True)
+
+
+def start_moto():
+    """A moto S3 server on a free 127.0.0.1 port: (process, endpoint). Fake credentials are set."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "benchmark"), ("AWS_SECRET_ACCESS_KEY", "benchmark"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+        os.environ.setdefault(name, value)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    binary = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            return proc, endpoint
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("moto_server did not start within 30 s")

@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import record, result_line  # noqa: E402
+from benchmarks.common import record, result_line, start_moto  # noqa: E402
 from llm_runtime.config import Config  # noqa: E402
 from llm_runtime.data.build import build_loader  # noqa: E402
 from llm_runtime.data.shards import INDEX_NAME, RecordLayout, ShardIndex, write_shard  # noqa: E402
@@ -37,29 +34,6 @@ from llm_runtime.data.shards import INDEX_NAME, RecordLayout, ShardIndex, write_
 
 class _Dims:
     dp_size = 1
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_moto() -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    binary = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            return proc, endpoint
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("moto_server did not start within 30 s")
 
 
 def _write_dataset(root: Path, samples: int, seq_len: int, per_shard: int) -> ShardIndex:
@@ -110,11 +84,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=64)
     ns = parser.parse_args()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "benchmark")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "benchmark")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-    proc, endpoint = _start_moto()
+    proc, endpoint = start_moto()
     try:
         os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
         import boto3
