@@ -2,8 +2,9 @@
 
 * training-blocked seconds of the runtime's async hierarchical save vs a synchronous DCP save of
   the same state followed by each rank uploading its own files (target <= 0.1);
-* objects written per checkpoint, per-rank baseline vs one per node + manifest (target: reduced
-  by about the ranks per node), with the PUT requests (multipart parts included) of each;
+* data objects written per checkpoint, one per rank (baseline) vs one per node (target: reduced by
+  the ranks per node; each side adds one: DCP's .metadata, the manifest), with the PUT requests
+  (multipart parts included) of each;
 * upload MB/s vs a raw s5cmd copy of the same bytes (target >= 0.8).
 
 The state is an FSDP2 Llama of ~100M parameters with its AdamW moments (~1.2 GB), 2 ranks on one
@@ -54,8 +55,10 @@ def main() -> None:
     lines = [
         result_line("checkpoint_blocked_s_vs_sync_dcp_then_per_rank_upload", r["blocked_s"], r["baseline_blocked_s"],
                     "<=0.1"),
-        result_line("checkpoint_objects_per_rank_uploads_vs_per_node", r["baseline_objects"], r["objects"],
-                    f">={r['ranks']}x(ranks per node) less the manifest"),
+        # Data objects: the per-rank baseline writes one per rank (+ DCP's .metadata), the runtime one per
+        # node (+ the manifest); the reduction is the ranks per node.
+        result_line("checkpoint_data_objects_per_rank_uploads_vs_per_node", r["baseline_objects"] - 1,
+                    r["objects"] - 1, f">={r['ranks']} (ranks per node)"),
         result_line("checkpoint_upload_mb_s_vs_raw_s5cmd", ours_rate, raw_rate, ">=0.8"),
     ]
     details = [

@@ -104,9 +104,13 @@ def test_deepspeed_zero3_resumes_exactly_from_its_checkpoint(tmp_path, s3):
 
 
 def test_a_checkpoint_of_four_ranks_resumes_on_two_with_its_data_position(tmp_path, s3):
+    from tests.datasets import write_dataset
+
+    write_dataset(tmp_path / "shards", (30, 25, 41, 19, 33), seq_len=32)  # token shards: a real data position
+    data = [f"--data.uri={tmp_path / 'shards'}", "--data.num_partitions=4", "--data.shuffle_block=8"]
     ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}",
-          "--checkpoint.every_steps=5"]
-    full, _ = train(tmp_path, "full", nproc=4)
+          "--checkpoint.every_steps=5", *data]
+    full, _ = train(tmp_path, "full", *data, nproc=4)
     hang_and_kill(tmp_path, "first", *ck, nproc=4, until=lambda: len(manifests(s3)) == 1)
     resumed, proc = train(tmp_path, "resumed", *ck, nproc=2)
     assert "resumed from checkpoint step 5" in proc.stdout + proc.stderr
@@ -267,3 +271,16 @@ def test_a_workers_own_sigterm_means_exit_now_not_a_save(tmp_path):
         log.close()
     assert "stop requested" not in (tmp_path / "teardown.log").read_text()
     assert not list((tmp_path / "local").glob("run-*/node-*/step-*"))
+
+
+def test_resume_can_name_one_checkpoint_of_another_run(tmp_path, s3):
+    ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}",
+          "--checkpoint.every_steps=3", "--train.lr_schedule=constant"]
+    train(tmp_path, "first", *ck, steps=6)
+    (step3,) = [k.rsplit("/", 1)[0] for k in manifests(s3) if "/step-000000003/" in k]
+    other = ["--checkpoint.uri=s3://test-bucket/fork", f"--checkpoint.local_dir={tmp_path / 'fork'}",
+             f"--checkpoint.resume=s3://test-bucket/{step3}", "--train.lr_schedule=constant"]
+    resumed, proc = train(tmp_path, "fork", *other, steps=5)
+    assert "resumed from checkpoint step 3" in proc.stdout + proc.stderr
+    assert [m["step"] for m in resumed] == [4, 5]
+    assert manifests(s3, "fork/")[-1].endswith("/step-000000005/manifest.json")  # the fork saves under its own URI
