@@ -33,29 +33,45 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _Hashing:
+    """A file wrapper that hashes what passes through it (one pass for tar, object and members)."""
+
+    def __init__(self, handle):
+        self.handle, self.digest, self.position = handle, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.position += len(data)
+        return self.handle.write(data)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.digest.update(data)
+        return data
+
+    def tell(self) -> int:
+        return self.position
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
 def build_node_tar(root: Path, names: list[str], tar_path: Path, key: str, node: int) -> NodeObject:
-    """Pack ``names`` (relative to ``root``) into one tar; returns its manifest entry."""
-    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name in sorted(names):
-            info = tar.gettarinfo(str(root / name), arcname=name)
-            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
-            with open(root / name, "rb") as handle:
-                tar.addfile(info, handle)
-    with tarfile.open(tar_path, "r") as tar:  # offsets as a reader sees them
-        members = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
-    object_digest = sha256_file(tar_path)
-    out = []
-    with open(tar_path, "rb") as handle:
-        for name, offset, size in members:
-            handle.seek(offset)
-            digest = hashlib.sha256()
-            remaining = size
-            while remaining:
-                block = handle.read(min(remaining, 1 << 22))
-                digest.update(block)
-                remaining -= len(block)
-            out.append(Member(name=name, offset=offset, size=size, sha256=digest.hexdigest()))
-    return NodeObject(key=key, node=node, size=os.path.getsize(tar_path), sha256=object_digest, members=tuple(out))
+    """Pack ``names`` (relative to ``root``) into one tar in a single pass; returns its manifest entry."""
+    members = []
+    with open(tar_path, "wb") as raw:
+        sink = _Hashing(raw)
+        with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name in sorted(names):
+                info = tar.gettarinfo(str(root / name), arcname=name)
+                info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
+                data_offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
+                with open(root / name, "rb") as handle:
+                    source = _Hashing(handle)
+                    tar.addfile(info, source)
+                members.append(Member(name=name, offset=data_offset, size=info.size, sha256=source.hexdigest()))
+    return NodeObject(key=key, node=node, size=os.path.getsize(tar_path), sha256=sink.hexdigest(),
+                      members=tuple(members))
 
 
 def local_members(root: Path, names: list[str], key: str, node: int) -> NodeObject:
