@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from .layout import MANIFEST, Manifest, ManifestError, due, node_key, resume_order, retention, run_id_for, step_dir
 from .state import restore_rng, rng_state
 from .store import StoreError, open_store
-from .transfer import CorruptCheckpoint, build_node_tar, ensure_member, gather_json, local_members, run_with_deadline
+from .transfer import CorruptCheckpoint, TarStream, ensure_member, gather_json, local_members, run_with_deadline
 
 __all__ = ["Checkpointer", "SaveReport", "default_local_dir"]
 
@@ -167,16 +167,12 @@ class Checkpointer:
         if self.store is None:
             return {"node": self.node_rank, "requests": 0,
                     "object": _object_json(local_members(root, names, key, self.node_rank))}
-        tar_path = self.local_root / f".{step_dir(step)}.node.tar"
-        obj = build_node_tar(root, names, tar_path, key, self.node_rank)
+        stream = TarStream(root, names)  # packed while it uploads: no local tar copy
         before = sum(self.store.stats.counts.values())
-        try:
-            run_with_deadline(lambda: self.store.put_file(key, tar_path), self.ck.upload_timeout_s,
-                              f"upload of node {self.node_rank}'s checkpoint (step {step})")
-        finally:
-            tar_path.unlink(missing_ok=True)
+        run_with_deadline(lambda: self.store.put_stream(key, stream), self.ck.upload_timeout_s,
+                          f"upload of node {self.node_rank}'s checkpoint (step {step})")
         return {"node": self.node_rank, "requests": sum(self.store.stats.counts.values()) - before,
-                "object": _object_json(obj)}
+                "object": _object_json(stream.node_object(key, self.node_rank))}
 
     def _apply_retention(self) -> None:
         if self.rank == 0 and self.store is not None:

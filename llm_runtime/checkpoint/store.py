@@ -64,6 +64,15 @@ class S3Store:
         except Exception as err:  # noqa: BLE001 - botocore/boto3 transfer errors
             raise self._fail("upload to", key, err) from None
 
+    def put_stream(self, key: str, stream) -> None:
+        """Upload what ``stream.read()`` yields (multipart above the part size, parts in parallel)."""
+        try:
+            self.client.upload_fileobj(stream, self.bucket, self._key(key), Config=self.transfer)
+        except Exception as err:  # noqa: BLE001 - botocore/boto3 transfer errors
+            raise self._fail("upload to", key, err) from None
+        size = stream.position
+        self.stats.add("PUT", math.ceil(size / self.part_size) + 2 if size > self.part_size else 1)
+
     def put_text(self, key: str, text: str) -> None:
         self.stats.add("PUT")
         try:
@@ -135,6 +144,16 @@ class LocalStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target.with_suffix(target.suffix + ".tmp"))
         os.replace(target.with_suffix(target.suffix + ".tmp"), target)
+
+    def put_stream(self, key: str, stream) -> None:
+        self.stats.add("PUT")
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        with open(tmp, "wb") as sink:
+            for block in iter(lambda: stream.read(8 << 20), b""):
+                sink.write(block)
+        os.replace(tmp, target)
 
     def put_text(self, key: str, text: str) -> None:
         self.stats.add("PUT")

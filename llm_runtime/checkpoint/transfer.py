@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .layout import Manifest, Member, NodeObject
 
-__all__ = ["CorruptCheckpoint", "build_node_tar", "ensure_member", "gather_json", "run_with_deadline", "sha256_file"]
+__all__ = ["CorruptCheckpoint", "TarStream", "build_node_tar", "ensure_member", "gather_json", "run_with_deadline", "sha256_file"]
 
 
 class CorruptCheckpoint(ValueError):
@@ -33,45 +33,73 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-class _Hashing:
-    """A file wrapper that hashes what passes through it (one pass for tar, object and members)."""
+class TarStream:
+    """A node's files as one uncompressed tar, produced while it is read (no local tar copy).
 
-    def __init__(self, handle):
-        self.handle, self.digest, self.position = handle, hashlib.sha256(), 0
+    ``read(n)`` is what an upload (boto3's multipart ``upload_fileobj``) pulls from; the object's
+    sha256, each member's data offset, size and sha256 are known once the stream is exhausted.
+    The bytes are those ``tarfile`` would write for the same members (pax format, fixed owner,
+    mode and mtime), so any tar reader can open the object.
+    """
 
-    def write(self, data) -> int:
-        self.digest.update(data)
-        self.position += len(data)
-        return self.handle.write(data)
+    def __init__(self, root: Path, names: list[str]):
+        self.root, self.names = root, sorted(names)
+        self.digest = hashlib.sha256()
+        self.position = 0
+        self.members: list[Member] = []
+        self._chunks = self._generate()
+        self._buffer = b""
+
+    def _generate(self):
+        for name in self.names:
+            info = tarfile.TarInfo(name)
+            path = self.root / name
+            info.size, info.mtime, info.mode, info.type = path.stat().st_size, 0, 0o644, tarfile.REGTYPE
+            header = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+            yield header
+            offset, digest = self.position, hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(8 << 20), b""):
+                    digest.update(block)
+                    yield block
+            if info.size % tarfile.BLOCKSIZE:
+                yield b"\0" * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE)
+            self.members.append(Member(name=name, offset=offset, size=info.size, sha256=digest.hexdigest()))
+        end = self.position + 2 * tarfile.BLOCKSIZE
+        padding = (-end) % tarfile.RECORDSIZE
+        yield b"\0" * (2 * tarfile.BLOCKSIZE + padding)
 
     def read(self, size: int = -1) -> bytes:
-        data = self.handle.read(size)
-        self.digest.update(data)
-        return data
+        out = []
+        want = size if size is not None and size >= 0 else float("inf")
+        got = 0
+        while got < want:
+            if not self._buffer:
+                self._buffer = next(self._chunks, b"")
+                if not self._buffer:
+                    break
+            take = self._buffer[:int(min(want - got, len(self._buffer)))]
+            self._buffer = self._buffer[len(take):]
+            self.digest.update(take)
+            self.position += len(take)
+            got += len(take)
+            out.append(take)
+        return b"".join(out)
 
-    def tell(self) -> int:
-        return self.position
-
-    def hexdigest(self) -> str:
-        return self.digest.hexdigest()
+    def node_object(self, key: str, node: int) -> NodeObject:
+        if next(self._chunks, None) is not None or self._buffer:
+            raise RuntimeError("the node tar was not read to its end")
+        return NodeObject(key=key, node=node, size=self.position, sha256=self.digest.hexdigest(),
+                          members=tuple(self.members))
 
 
 def build_node_tar(root: Path, names: list[str], tar_path: Path, key: str, node: int) -> NodeObject:
-    """Pack ``names`` (relative to ``root``) into one tar in a single pass; returns its manifest entry."""
-    members = []
-    with open(tar_path, "wb") as raw:
-        sink = _Hashing(raw)
-        with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for name in sorted(names):
-                info = tar.gettarinfo(str(root / name), arcname=name)
-                info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
-                data_offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
-                with open(root / name, "rb") as handle:
-                    source = _Hashing(handle)
-                    tar.addfile(info, source)
-                members.append(Member(name=name, offset=data_offset, size=info.size, sha256=source.hexdigest()))
-    return NodeObject(key=key, node=node, size=os.path.getsize(tar_path), sha256=sink.hexdigest(),
-                      members=tuple(members))
+    """The node tar written to a file (the stream, saved)."""
+    stream = TarStream(root, names)
+    with open(tar_path, "wb") as sink:
+        for block in iter(lambda: stream.read(8 << 20), b""):
+            sink.write(block)
+    return stream.node_object(key, node)
 
 
 def local_members(root: Path, names: list[str], key: str, node: int) -> NodeObject:

@@ -75,3 +75,19 @@ def test_without_a_store_a_missing_local_file_is_an_error_naming_it(uploaded, tm
     _, manifest = uploaded
     with pytest.raises(CorruptCheckpoint, match="rank-00000.json is missing .* no checkpoint.uri"):
         ensure_member(manifest, "rank-00000.json", tmp_path / "fresh", None)
+
+
+def test_a_node_tar_streams_to_s3_in_parts_without_a_local_copy(node, s3, tmp_path):
+    from llm_runtime.checkpoint.store import S3Store
+    from llm_runtime.checkpoint.transfer import TarStream
+
+    (node / "dcp" / "__1_0.distcp").write_bytes(os.urandom(11 << 20))  # > 2 parts of 5 MiB
+    store = S3Store("s3://test-bucket/ck", "run-x", part_size=5 << 20, concurrency=2)
+    stream = TarStream(node, NAMES + ["dcp/__1_0.distcp"])
+    store.put_stream("step-000000001/s00/node-00000.tar", stream)
+    obj = stream.node_object("step-000000001/s00/node-00000.tar", 0)
+    body = s3.client.get_object(Bucket="test-bucket", Key="ck/run-x/step-000000001/s00/node-00000.tar")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == obj.sha256 and len(body) == obj.size
+    assert store.stats.counts["PUT"] == 3 + 2  # create, 3 parts, complete
+    for member in obj.members:
+        assert body[member.offset:member.offset + member.size] == (node / member.name).read_bytes()
