@@ -263,7 +263,7 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
             saved = checkpointer.due(step, train.steps)
             if saved:
                 checkpointer.save(step, state, loader)
-            if step < train.steps and checkpointer.stop_requested():
+            if step < train.steps and checkpointer.stop_requested():  # also raises a failed background save
                 if not saved:
                     checkpointer.save(step, state, loader)
                 log.info("stop requested by the launcher: saved step %d, stopping", step)

@@ -26,7 +26,8 @@ import pytest
 
 from tests.procs import free_port
 
-FAULT_KINDS = ("slowdown", "internal", "truncate")
+FAULT_KINDS = ("slowdown", "internal", "truncate", "stall")
+STALL_S = 120  # a "stall" holds the request this long (or until the proxy stops) without answering
 _ERRORS = {"slowdown": (503, "SlowDown", "Please reduce your request rate."),
            "internal": (500, "InternalError", "We encountered an internal error. Please try again.")}
 # Headers about one hop's connection or framing: never relayed, each hop sets its own.
@@ -173,6 +174,11 @@ class _Handler(BaseHTTPRequestHandler):
         proxy = self.server.proxy
         body = self._read_body()  # read even for a fault, so the connection stays in step
         kind = proxy._pick_fault(self.command)
+        if kind == "stall":  # a stuck request: no answer; the client's own deadline must catch it
+            proxy._count(fault="stall")
+            proxy._stopping.wait(STALL_S)
+            self.close_connection = True
+            return None
         if kind in _ERRORS or (kind == "truncate" and self.command != "GET"):
             return self._send_fault(kind if kind in _ERRORS else "slowdown")
         conn = http.client.HTTPConnection(proxy._upstream[0], proxy._upstream[1], timeout=60)
@@ -230,6 +236,7 @@ class FaultProxy:
         self._upstream = (host, int(port or 80))
         self.fault_rate, self.faults, self.only_methods = fault_rate, tuple(faults), only_methods
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
         self.seed = seed
         self.reset_counts()
@@ -280,6 +287,7 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()  # releases stalled requests
         if self._thread.is_alive():
             self._server.shutdown()
         self._server.server_close()

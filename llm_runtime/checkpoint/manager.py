@@ -85,6 +85,8 @@ class Checkpointer:
         """Whether any rank's launcher asked to stop (SIGTERM from the platform): all ranks agree."""
         import torch
 
+        if self._error is not None:  # a background save failed (a stuck upload, say): fail now, not at the next save
+            self.wait()
         flag = torch.tensor([int(bool(self.stop_file) and os.path.exists(self.stop_file))])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
         return bool(flag.item())

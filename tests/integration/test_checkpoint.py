@@ -284,3 +284,22 @@ def test_resume_can_name_one_checkpoint_of_another_run(tmp_path, s3):
     assert "resumed from checkpoint step 3" in proc.stdout + proc.stderr
     assert [m["step"] for m in resumed] == [4, 5]
     assert manifests(s3, "fork/")[-1].endswith("/step-000000005/manifest.json")  # the fork saves under its own URI
+
+
+def test_a_stuck_upload_fails_the_job_at_its_own_deadline(tmp_path, s3_proxy):
+    ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}",
+          "--checkpoint.every_steps=2", "--checkpoint.upload_timeout_s=4"]
+    s3_proxy.faults, s3_proxy.fault_rate, s3_proxy.only_methods = ("stall",), 1.0, {"PUT"}
+    proc, log = _start(tmp_path, "stuck-upload", *ck)
+    try:
+        started = time.monotonic()
+        code = proc.wait(timeout=120)
+        elapsed = time.monotonic() - started
+    finally:
+        kill_tree(proc)
+        log.close()
+    out = (tmp_path / "stuck-upload.log").read_text()
+    assert code != 0 and s3_proxy.faults_injected["stall"] >= 1
+    assert "did not finish within 4s (checkpoint.upload_timeout_s)" in out
+    assert elapsed < 60, elapsed  # the upload deadline, not the collectives' or botocore's timeouts
+    assert metrics(tmp_path / "stuck-upload.jsonl")[-1]["step"] < 1000  # it stopped training
