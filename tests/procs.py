@@ -14,10 +14,22 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(PYTHON).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(span: int = 1) -> int:
+    """A port P with P .. P+span-1 all free now (a launcher may use MASTER_PORT + 1 too)."""
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port + span > 65535:
+            continue
+        try:
+            for offset in range(1, span):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no run of {span} free ports found")
 
 
 def clean_env(*, loopback: bool = True, **extra: str) -> dict[str, str]:

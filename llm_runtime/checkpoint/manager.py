@@ -201,10 +201,13 @@ class Checkpointer:
         if self.rank == 0 and mode != "never":
             if mode != "auto":
                 found = [("explicit", _explicit_step(mode))]
-            elif self.store is not None:
-                found = [("store", s) for s in resume_order([s for s, ok in self.store.steps().items() if ok])]
             else:
-                found = [("local", s) for s in resume_order([s for s, ok in self._local_steps().items() if ok])]
+                where = "store" if self.store is not None else "local"
+                steps = self.store.steps() if self.store is not None else self._local_steps()
+                found = [(where, s) for s in resume_order([s for s, ok in steps.items() if ok])]
+                newest = max((s for _, s in found), default=-1)
+                for step in sorted(s for s, ok in steps.items() if not ok and s > newest):
+                    log.warning("checkpoint step %d has no manifest (its save never completed): skipped", step)
         return [tuple(c) for c in gather_json(found, self.group)[0]]
 
     def _manifest(self, where: str, step: int) -> Manifest:

@@ -72,7 +72,7 @@ class Cluster:
 
     def __init__(self, root: Path, hyperparameters: dict, interface: str = "lo"):
         self.root = root
-        self.port = free_port()
+        self.port = free_port(span=2)  # MASTER_PORT, and + 1 for mpirun's exit status
         self.procs: dict[str, subprocess.Popen] = {}
         self.log_files = []
         (root / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
