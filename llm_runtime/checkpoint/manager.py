@@ -267,6 +267,10 @@ class Checkpointer:
         if manifest.backend != self.backend:
             raise CorruptCheckpoint(f"step {manifest.step} was written by the {manifest.backend} backend, "
                                     f"this run uses {self.backend}")
+        if state.kind == "deepspeed" and manifest.world_size != self.world_size:
+            raise CorruptCheckpoint(f"step {manifest.step} was written by {manifest.world_size} DeepSpeed ranks; "
+                                    f"DeepSpeed checkpoints load on the same number of ranks (this run has "
+                                    f"{self.world_size}); resharding needs the fsdp backend (DCP)")
         own = f"rank-{self.rank:05d}.json"
         extras_name = own if manifest.world_size == self.world_size else "rank-00000.json"
         extras = json.loads(ensure_member(manifest, extras_name, root, store).read_text())
