@@ -128,7 +128,10 @@ def _check_checkpoint(config: Config) -> None:
         elif "://" in ck.uri:
             raise ValueError(f"checkpoint.uri={ck.uri!r}: use s3://bucket/prefix or a directory path")
         run_id_for(ck.uri, ck.run_id)
-        if ck.resume not in ("auto", "never") and "step-" not in ck.resume.rstrip("/").rsplit("/", 1)[-1]:
+        from .checkpoint.layout import parse_step_dir
+
+        if ck.resume not in ("auto", "never") and (parse_step_dir(ck.resume.rstrip("/").rsplit("/", 1)[-1]) is None
+                                                    or ck.resume.rstrip("/").count("/") < 2):
             raise ValueError(f"checkpoint.resume={ck.resume!r}: use auto, never, or the URI of one checkpoint "
                              "(.../<run_id>/step-NNNNNNNNN)")
         for key in ("keep", "part_size_mb", "upload_concurrency", "prefix_spread"):

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -244,25 +245,22 @@ class _StopRequest:
     "exit now"."""
 
     def __init__(self, deadline_s: float):
-        import tempfile
-
         self.deadline_s = deadline_s
-        self.path = os.path.join(tempfile.gettempdir(), "llm_runtime", f"stop-{os.getpid()}")
+        self.path = ""
         self.requested = False
+        self._previous: dict = {}
 
     def install(self) -> dict[str, str]:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGALRM, self._on_deadline)
+        self.path = os.path.join(tempfile.mkdtemp(prefix="llm-runtime-stop-"), "stop")  # private to this launch
+        self._previous = {sig: signal.signal(sig, handler)
+                          for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGALRM, self._on_deadline))}
         return {STOP_FILE_ENV: self.path, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
 
     def _on_term(self, signum, frame) -> None:
         if self.requested or self.deadline_s <= 0:
             self._raise()
         self.requested = True
-        with open(self.path, "w") as sink:
+        with open(self.path, "w") as sink:  # the workers look for it at every step
             sink.write("stop\n")
         print(f"llm-runtime: SIGTERM: the workers save a checkpoint at their next step and stop "
               f"(deadline {self.deadline_s:g}s)", file=sys.stderr, flush=True)
@@ -281,8 +279,10 @@ class _StopRequest:
 
     def remove(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self.path:
+            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
 
 
 def _run_torchrun(argv: Sequence[str], extra_env: Mapping[str, str], stop_deadline_s: float = 100.0) -> int:

@@ -260,12 +260,11 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
                     sink.write(json.dumps({"step": step, "lr": lr, **metrics}) + "\n")
             window_start, window_steps = time.perf_counter(), 0
         if checkpointer is not None:
-            saved = checkpointer.due(step, train.steps)
-            if saved:
+            save, stop = checkpointer.step_boundary(step, train.steps)  # agreed by all ranks
+            stop = stop and step < train.steps
+            if save or stop:
                 checkpointer.save(step, state, loader)
-            if step < train.steps and checkpointer.stop_requested():  # also raises a failed background save
-                if not saved:
-                    checkpointer.save(step, state, loader)
+            if stop:
                 log.info("stop requested by the launcher: saved step %d, stopping", step)
                 return metrics
     if train.export_dir:

@@ -114,18 +114,26 @@ class Manifest:
             raise ManifestError(f"{source} is not a valid checkpoint manifest: {err}") from None
         prefix = step_dir(manifest.step) + "/"
         names = set()
-        for obj in manifest.objects:
-            if not obj.key.startswith(prefix) or not _NAME.match(obj.key) or ".." in obj.key.split("/"):
-                raise ManifestError(f"{source}: object key {obj.key!r} is not under {prefix}")
-            for member in obj.members:
-                if not _NAME.match(member.name) or member.name.split("/")[0] in ("..", "."):
-                    raise ManifestError(f"{source}: member name {member.name!r} is not a plain relative path")
-                if member.offset < 0 or member.size < 0 or member.offset + member.size > obj.size:
-                    raise ManifestError(f"{source}: member {member.name} lies outside {obj.key}")
-                if member.name in names:
-                    raise ManifestError(f"{source}: member {member.name} is listed twice")
-                names.add(member.name)
+        try:
+            for obj in manifest.objects:
+                if not obj.key.startswith(prefix) or not _plain(obj.key):
+                    raise ManifestError(f"{source}: object key {obj.key!r} is not under {prefix}")
+                for member in obj.members:
+                    if not _plain(member.name):
+                        raise ManifestError(f"{source}: member name {member.name!r} is not a plain relative path")
+                    if member.offset < 0 or member.size < 0 or member.offset + member.size > obj.size:
+                        raise ManifestError(f"{source}: member {member.name} lies outside {obj.key}")
+                    if member.name in names:
+                        raise ManifestError(f"{source}: member {member.name} is listed twice")
+                    names.add(member.name)
+        except TypeError as err:
+            raise ManifestError(f"{source} is not a valid checkpoint manifest: {err}") from None
         return manifest
+
+
+def _plain(name: str) -> bool:
+    """A relative path of plain characters with no empty, '.' or '..' part (it cannot leave its directory)."""
+    return isinstance(name, str) and bool(_NAME.match(name)) and all(p not in ("", ".", "..") for p in name.split("/"))
 
 
 def due(step: int, last_step: int, *, every_steps: int, every_minutes: float, minutes_since_save: float,
@@ -138,15 +146,15 @@ def due(step: int, last_step: int, *, every_steps: int, every_minutes: float, mi
     return bool(every_minutes) and minutes_since_save >= every_minutes
 
 
-def retention(complete: list[int], present: list[int], keep: int) -> list[int]:
-    """Steps to delete: all but the newest ``keep`` complete ones, and incomplete ones older than the
-    newest complete (a newer incomplete one may be an upload in progress). Never the newest complete."""
+def retention(complete: list[int], present: list[int], keep: int, current: int | None = None) -> list[int]:
+    """Steps to delete after ``current`` (default: the newest complete) was saved: all but the newest
+    ``keep`` complete ones up to it, incomplete ones older than it, and every step after it (a
+    timeline abandoned by a resume from an older checkpoint). Never ``current`` itself."""
     if not complete:
         return []
-    keep_set = set(sorted(complete)[-max(1, keep):])
-    newest = max(complete)
-    return sorted(s for s in set(present) | set(complete)
-                  if s not in keep_set and (s in complete or s < newest))
+    current = max(complete) if current is None else current
+    kept = set(sorted(s for s in complete if s <= current)[-max(1, keep):]) | {current}
+    return sorted(s for s in set(present) | set(complete) if s not in kept)
 
 
 def resume_order(complete: list[int], not_after: int | None = None) -> list[int]:

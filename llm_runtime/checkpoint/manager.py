@@ -30,7 +30,7 @@ from .state import restore_rng, rng_state
 from .store import StoreError, open_store
 from .transfer import CorruptCheckpoint, TarStream, ensure_member, gather_json, local_members, run_with_deadline
 
-__all__ = ["Checkpointer", "SaveReport", "default_local_dir"]
+__all__ = ["Checkpointer", "ResumeMismatch", "SaveReport", "default_local_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 def default_local_dir(sagemaker_sync: bool) -> str:
     return "/opt/ml/checkpoints" if sagemaker_sync else os.path.join(tempfile.gettempdir(), "llm_runtime",
                                                                        "checkpoints")
+
+
+class ResumeMismatch(RuntimeError):
+    """A checkpoint this run cannot continue (its data order, say): a configuration error, not corruption."""
 
 
 @dataclass
@@ -77,19 +81,19 @@ class Checkpointer:
         self.reports: list[SaveReport] = []
 
     # ---- saving -------------------------------------------------------------------------
-    def due(self, step: int, last_step: int) -> bool:
-        return due(step, last_step, every_steps=self.ck.every_steps, every_minutes=self.ck.every_minutes,
-                   minutes_since_save=(time.monotonic() - self._last_save) / 60, at_end=self.ck.at_end)
-
-    def stop_requested(self) -> bool:
-        """Whether any rank's launcher asked to stop (SIGTERM from the platform): all ranks agree."""
+    def step_boundary(self, step: int, last_step: int) -> tuple[bool, bool]:
+        """(save now, stop now), agreed by every rank over the control group: a time-based save or
+        any launcher's stop request on one rank is everyone's. Raises a failed background save."""
         import torch
 
-        if self._error is not None:  # a background save failed (a stuck upload, say): fail now, not at the next save
+        if self._error is not None:  # a stuck upload, say: fail at this step, not at the next save
             self.wait()
-        flag = torch.tensor([int(bool(self.stop_file) and os.path.exists(self.stop_file))])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
-        return bool(flag.item())
+        due_here = due(step, last_step, every_steps=self.ck.every_steps, every_minutes=self.ck.every_minutes,
+                       minutes_since_save=(time.monotonic() - self._last_save) / 60, at_end=self.ck.at_end)
+        stop_here = bool(self.stop_file) and os.path.exists(self.stop_file)
+        flags = torch.tensor([int(due_here), int(stop_here)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(flags[0]), bool(flags[1])
 
     def save(self, step: int, state, loader) -> SaveReport:
         """Stage this rank's state for ``step`` and return; the upload continues in the background."""
@@ -133,6 +137,8 @@ class Checkpointer:
             if future is not None:
                 result = getattr(future, "upload_completion", future)
                 result.result()
+            if self.rank == 0 and self.store is not None and step in self.store.steps():
+                self.store.delete_step(step_dir(step))  # an older save of this step: never half-replaced
             dist.barrier(group=self.group)  # every rank's files are written
             started = time.monotonic()
             mine = self._node_report(step) if self.local_rank == 0 else None
@@ -153,7 +159,11 @@ class Checkpointer:
                 raise StoreError(f"checkpoint step {step}: rank 0 could not write the manifest")
             if self.local_rank == 0:
                 (self.local_root / step_dir(step) / MANIFEST).write_text(manifest.to_json())
-                self._apply_retention()
+                try:
+                    self._apply_retention(step)
+                except Exception as err:  # noqa: BLE001 - the checkpoint is committed; cleanup can wait
+                    log.warning("checkpoint retention after step %d failed (%s); old checkpoints stay", step,
+                                _first_line(err))
             report.upload_s = time.monotonic() - started
             report.bytes = manifest.total_bytes()
             report.requests = sum(r["requests"] for r in reports)
@@ -176,13 +186,13 @@ class Checkpointer:
         return {"node": self.node_rank, "requests": sum(self.store.stats.counts.values()) - before,
                 "object": _object_json(stream.node_object(key, self.node_rank))}
 
-    def _apply_retention(self) -> None:
+    def _apply_retention(self, current: int) -> None:
         if self.rank == 0 and self.store is not None:
             remote = self.store.steps()
-            for old in retention([s for s, ok in remote.items() if ok], list(remote), self.ck.keep):
+            for old in retention([s for s, ok in remote.items() if ok], list(remote), self.ck.keep, current):
                 self.store.delete_step(step_dir(old))
         local = self._local_steps()
-        for old in retention([s for s, ok in local.items() if ok], list(local), self.ck.keep):
+        for old in retention([s for s, ok in local.items() if ok], list(local), self.ck.keep, current):
             shutil.rmtree(self.local_root / step_dir(old), ignore_errors=True)
 
     def _local_steps(self) -> dict[int, bool]:
@@ -194,66 +204,80 @@ class Checkpointer:
                 for entry in self.local_root.iterdir() if (step := parse_step_dir(entry.name)) is not None}
 
     # ---- restoring ----------------------------------------------------------------------
+    def _rank0(self, fn):
+        """Run ``fn`` on rank 0 and share its JSON result; its error is raised on every rank."""
+        result = None
+        if self.rank == 0:
+            try:
+                result = [True, fn()]
+            except (OSError, ValueError) as err:
+                result = [False, str(err)]
+        ok, value = gather_json(result, self.group)[0]
+        if not ok:
+            raise CorruptCheckpoint(value)
+        return value
+
+    def _agree(self, ok: bool, error: str) -> None:
+        """Every rank's verdict on a phase; any failure fails the phase on all ranks alike."""
+        bad = [f"rank {r}: {e}" for r, (fine, e) in enumerate(gather_json([ok, error], self.group)) if not fine]
+        if bad:
+            raise CorruptCheckpoint("; ".join(bad[:3]))
+
     def _candidates(self) -> list[tuple[str, int]]:
-        """(where, step) newest first, decided by rank 0 and shared."""
-        mode = self.ck.resume
-        found: list[tuple[str, int]] = []
-        if self.rank == 0 and mode != "never":
-            if mode != "auto":
-                found = [("explicit", _explicit_step(mode))]
-            else:
-                where = "store" if self.store is not None else "local"
-                steps = self.store.steps() if self.store is not None else self._local_steps()
-                found = [(where, s) for s in resume_order([s for s, ok in steps.items() if ok])]
-                newest = max((s for _, s in found), default=-1)
-                for step in sorted(s for s, ok in steps.items() if not ok and s > newest):
-                    log.warning("checkpoint step %d has no manifest (its save never completed): skipped", step)
-        return [tuple(c) for c in gather_json(found, self.group)[0]]
+        """(where, step) newest first, decided by rank 0 and shared. An explicit checkpoint.resume=URI
+        is used only while this run has no complete checkpoint of its own (a restart continues)."""
+        def find() -> list:
+            if self.ck.resume == "never":
+                return []
+            where = "store" if self.store is not None else "local"
+            steps = self.store.steps() if self.store is not None else self._local_steps()
+            found = [(where, s) for s in resume_order([s for s, ok in steps.items() if ok])]
+            newest = max((s for _, s in found), default=-1)
+            for step in sorted(s for s, ok in steps.items() if not ok and s > newest):
+                log.warning("checkpoint step %d has no manifest (its save never completed): skipped", step)
+            if not found and self.ck.resume != "auto":
+                found = [("explicit", _explicit_step(self.ck.resume))]
+            return found
+
+        return [tuple(c) for c in self._rank0(find)]
 
     def _manifest(self, where: str, step: int) -> Manifest:
-        text = None
-        if self.rank == 0:
+        def read():
             if where == "explicit":
-                text = _read_explicit(self.ck.resume)
-            elif where == "store":
-                text = self.store.get_text(f"{step_dir(step)}/{MANIFEST}")
-            else:
-                path = self.local_root / step_dir(step) / MANIFEST
-                text = path.read_text() if path.exists() else None
-        text = gather_json(text, self.group)[0]
+                return _read_explicit(self.ck.resume)
+            if where == "store":
+                return self.store.get_text(f"{step_dir(step)}/{MANIFEST}")
+            path = self.local_root / step_dir(step) / MANIFEST
+            return path.read_text() if path.exists() else None
+
+        text = self._rank0(read)
         if text is None:
             raise CorruptCheckpoint(f"checkpoint step {step}: manifest missing")
-        return Manifest.parse(text, f"checkpoint step {step} manifest")
+        manifest = Manifest.parse(text, f"checkpoint step {step} manifest")
+        if manifest.step != step:
+            raise CorruptCheckpoint(f"the manifest of step {step} describes step {manifest.step}")
+        return manifest
 
     def restore(self, state, loader) -> int:
         """Load the newest usable checkpoint into ``state`` and ``loader``; returns its step (0: none)."""
-        store = self.store
-        if self.ck.resume not in ("auto", "never"):
-            store = _explicit_store(self.ck.resume, self.ck)
         candidates = self._candidates()
         for where, step in candidates:
+            store = self.store if where == "store" else None
+            if where == "explicit":
+                store = _explicit_store(self.ck.resume, self.ck)
             try:
                 manifest = self._manifest(where, step)
-                ok, error = True, ""
-                try:
-                    extras = self._load(manifest, state, store if where != "local" else None)
-                except (Exception, CheckpointException) as err:  # noqa: BLE001 - every rank must agree first
-                    ok, error, extras = False, _first_line(err), None
-                verdicts = gather_json([ok, error], self.group)
-                bad = [f"rank {r}: {e}" for r, (fine, e) in enumerate(verdicts) if not fine]
-                if bad:
-                    raise CorruptCheckpoint("; ".join(bad[:3]))
+                extras = self._load(manifest, state, loader, store)
             except (CorruptCheckpoint, ManifestError) as err:
                 if self.rank == 0:
                     log.warning("checkpoint step %d is not usable (%s); trying the one before it", step, err)
                 continue
-            loader.load_state_dict(extras["loader"])
             state.load_json_state(extras)
             if "rng" in extras:
                 restore_rng(extras["rng"])
             if self.rank == 0:
                 log.info("resumed from checkpoint step %d of run %s (%s)", step, self.run_id,
-                         store.uri if store is not None and where != "local" else self.local_root)
+                         store.uri if store is not None else self.local_root)
             self._last_save = time.monotonic()
             return step
         if candidates:  # days of training must not restart from zero by accident
@@ -262,33 +286,67 @@ class Checkpointer:
                                     "checkpoint.resume=never to start over")
         return 0
 
-    def _load(self, manifest: Manifest, state, store) -> dict:
-        root = self.local_root / step_dir(manifest.step)
+    def _check_compatible(self, manifest: Manifest) -> None:
         if manifest.backend != self.backend:
             raise CorruptCheckpoint(f"step {manifest.step} was written by the {manifest.backend} backend, "
                                     f"this run uses {self.backend}")
-        if state.kind == "deepspeed" and manifest.world_size != self.world_size:
+        if self.backend == "deepspeed" and manifest.world_size != self.world_size:
             raise CorruptCheckpoint(f"step {manifest.step} was written by {manifest.world_size} DeepSpeed ranks; "
                                     f"DeepSpeed checkpoints load on the same number of ranks (this run has "
                                     f"{self.world_size}); resharding needs the fsdp backend (DCP)")
-        own = f"rank-{self.rank:05d}.json"
-        extras_name = own if manifest.world_size == self.world_size else "rank-00000.json"
-        extras = json.loads(ensure_member(manifest, extras_name, root, store).read_text())
-        if manifest.world_size != self.world_size:
-            extras.pop("rng", None)  # another world: RNG streams do not map rank to rank
-        if state.kind == "dcp":
-            import torch.distributed.checkpoint as dcp
+        saved = (manifest.extra.get("config") or {}).get("model")
+        if saved is not None and saved != _config_json(self.config)["model"]:
+            raise CorruptCheckpoint(f"step {manifest.step} holds another model ({saved}); this run's is "
+                                    f"{_config_json(self.config)['model']} (set checkpoint.run_id per model)")
 
-            loaded = state.dcp_state()
-            reader = _VerifyingReader(str(root / "dcp"), manifest, root, store)
-            dcp.load(loaded, storage_reader=reader, process_group=self.group)
-            state.load_dcp(loaded)
-        else:
-            for name in manifest.member_names():
-                if name.startswith("ds/"):
-                    ensure_member(manifest, name, root, store)
-            state.load_local(root)
+    def _load(self, manifest: Manifest, state, loader, store) -> dict:
+        """Fetch and verify this rank's files, agree, then load: no rank enters a collective alone."""
+        root = self.local_root / step_dir(manifest.step)
+        ok, error, extras = True, "", {}
+        try:
+            self._check_compatible(manifest)
+            same_world = manifest.world_size == self.world_size
+            name = f"rank-{self.rank:05d}.json" if same_world else "rank-00000.json"
+            extras = json.loads(ensure_member(manifest, name, root, store).read_text())
+            if not same_world:
+                extras.pop("rng", None)  # another world: RNG streams do not map rank to rank
+            if state.kind == "dcp":
+                ensure_member(manifest, "dcp/.metadata", root, store)  # DCP unpickles it: verified first
+            else:
+                self._fetch_deepspeed(manifest, root, store)
+        except (OSError, ValueError, KeyError) as err:
+            ok, error = False, _first_line(err)
+        self._agree(ok, error)
+        try:  # the data position first: a layout it cannot continue is a clear error, not a fallback
+            loader.load_state_dict(extras["loader"])
+        except ValueError as err:
+            raise ResumeMismatch(f"checkpoint step {manifest.step}: {err}") from None
+        ok, error = True, ""
+        try:
+            if state.kind == "dcp":
+                import torch.distributed.checkpoint as dcp
+
+                loaded = state.dcp_state()
+                reader = _VerifyingReader(str(root / "dcp"), manifest, root, store)
+                dcp.load(loaded, storage_reader=reader, process_group=self.group)  # errors reach every rank
+                state.load_dcp(loaded)
+            else:
+                state.load_local(root)
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - every rank must agree first
+            ok, error = False, _first_line(err)
+        self._agree(ok, error)
         return extras
+
+    def _fetch_deepspeed(self, manifest: Manifest, root: Path, store) -> None:
+        """DeepSpeed reads files by its own names: this node's local rank 0 fetches them all, verified,
+        and drops files no manifest lists (a stale layout's), the others wait at the group's barrier."""
+        wanted = {n for n in manifest.member_names() if n.startswith("ds/")}
+        if self.local_rank == 0:
+            for name in sorted(wanted):
+                ensure_member(manifest, name, root, store)
+            for path in (root / "ds").rglob("*") if (root / "ds").exists() else ():
+                if path.is_file() and str(path.relative_to(root)) not in wanted:
+                    path.unlink()
 
     def close(self) -> None:
         """Wait for the last upload (its failure is raised) and release the checkpoint group."""

@@ -69,8 +69,10 @@ class TorchState:
         return {"schedulers": [_scheduler_state(s) for s in self.schedulers]}
 
     def load_json_state(self, state: dict) -> None:
-        for scheduler, saved in zip(self.schedulers, state.get("schedulers", ())):
-            scheduler.load_state_dict({**scheduler.state_dict(), **saved})
+        saved = list(state.get("schedulers", ()))
+        for index, scheduler in enumerate(self.schedulers):  # another part count: every part at the first's step
+            if saved:
+                scheduler.load_state_dict({**scheduler.state_dict(), **saved[min(index, len(saved) - 1)]})
 
 
 class DeepSpeedState:

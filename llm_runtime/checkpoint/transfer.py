@@ -119,6 +119,8 @@ def ensure_member(manifest: Manifest, name: str, local_root: Path, store) -> Pat
     except KeyError:
         raise CorruptCheckpoint(f"step {manifest.step}: {name} is not in the manifest") from None
     path = local_root / name
+    if not path.resolve().is_relative_to(local_root.resolve()):
+        raise CorruptCheckpoint(f"step {manifest.step}: member name {name!r} leaves the checkpoint directory")
     if path.exists() and path.stat().st_size == member.size and sha256_file(path) == member.sha256:
         return path
     if store is None:

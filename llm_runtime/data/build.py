@@ -160,7 +160,8 @@ def build_loader(config: Config, dims, *, dp_rank: int, local_rank: int = 0, env
                       num_workers=data.num_workers, threads=1 if sequential else data.max_open_shards,
                       max_attempts=data.max_attempts, read_size=(8 if sequential else 1) << 20)
     loader = ShardLoader(spec, fingerprint=plan.fingerprint, location=plan.location.describe(),
-                         timeout_s=data.timeout_s)
+                         timeout_s=data.timeout_s, auto_partitions=not data.num_partitions,
+                         max_open_shards=data.max_open_shards)
     if state:
         loader.load_state_dict(state)
     return loader

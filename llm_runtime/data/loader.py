@@ -161,8 +161,10 @@ def _as_is(item):
 class ShardLoader:
     """``next_batch()`` -> this replica's rows of the next global batch, [B/D, seq_len + 1] int64."""
 
-    def __init__(self, spec: LoaderSpec, *, fingerprint: str, location: str, timeout_s: float = 900.0):
+    def __init__(self, spec: LoaderSpec, *, fingerprint: str, location: str, timeout_s: float = 900.0,
+                 auto_partitions: bool = False, max_open_shards: int = 0):
         self.spec, self.fingerprint, self.location, self.timeout_s = spec, fingerprint, location, timeout_s
+        self.auto_partitions, self.max_open_shards = auto_partitions, max_open_shards
         self.step = 0
         self._iterator: Iterator | None = None
         self._loader = None
@@ -223,7 +225,23 @@ class ShardLoader:
                 "shuffle_block": order.shuffle_block, "seed": order.seed, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position; the data and the order's parameters must match."""
+        """Continue from a saved position; the data and the order's parameters must match.
+
+        A loader whose ``data.num_partitions`` was left at auto adopts the saved count, so a run
+        resumed on another data-parallel size continues the same order.
+        """
+        saved_parts = state.get("num_partitions")
+        if self.auto_partitions and isinstance(saved_parts, int) and saved_parts != self.order.num_partitions:
+            import dataclasses
+
+            order = dataclasses.replace(self.order, num_partitions=saved_parts)  # checks P divides the batch
+            streams = order.check_layout(self.spec.dp_size, self.spec.num_workers)
+            if self.max_open_shards and streams > self.max_open_shards:
+                raise ValueError(f"the saved data position has {saved_parts} partitions: each DataLoader worker "
+                                 f"would stream {streams} at once, more than data.max_open_shards="
+                                 f"{self.max_open_shards}")
+            self.close()
+            self.spec = dataclasses.replace(self.spec, order=order)
         order = self.order
         expected = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "batch_size": order.batch_size,
                     "num_partitions": order.num_partitions, "shuffle_block": order.shuffle_block,

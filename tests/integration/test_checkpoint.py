@@ -103,12 +103,16 @@ def test_deepspeed_zero3_resumes_exactly_from_its_checkpoint(tmp_path, s3):
     assert_same_tail(full, resumed, 6)
 
 
-@pytest.mark.parametrize("before,after", [(4, 2), (2, 4)])
-def test_a_checkpoint_resumes_on_another_number_of_ranks_with_its_data_position(tmp_path, s3, before, after):
+@pytest.mark.parametrize("before,after,partitions", [
+    (4, 2, []),                           # data.num_partitions auto: the saved 4 are kept on 2 ranks
+    (2, 4, ["--data.num_partitions=4"]),  # growing needs a count every size divides, set up front
+])
+def test_a_checkpoint_resumes_on_another_number_of_ranks_with_its_data_position(tmp_path, s3, before, after,
+                                                                                 partitions):
     from tests.datasets import write_dataset
 
     write_dataset(tmp_path / "shards", (30, 25, 41, 19, 33), seq_len=32)  # token shards: a real data position
-    data = [f"--data.uri={tmp_path / 'shards'}", "--data.num_partitions=4", "--data.shuffle_block=8"]
+    data = [f"--data.uri={tmp_path / 'shards'}", "--data.shuffle_block=8", *partitions]
     ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}",
           "--checkpoint.every_steps=5", *data]
     full, _ = train(tmp_path, "full", *data, nproc=before)
@@ -305,3 +309,12 @@ def test_a_stuck_upload_fails_the_job_at_its_own_deadline(tmp_path, s3_proxy):
     assert "did not finish within 4s (checkpoint.upload_timeout_s)" in out
     assert elapsed < 60, elapsed  # the upload deadline, not the collectives' or botocore's timeouts
     assert metrics(tmp_path / "stuck-upload.jsonl")[-1]["step"] < 1000  # it stopped training
+
+
+def test_time_based_saves_are_agreed_by_every_rank(tmp_path, s3):
+    # Each rank has its own clock; a save due on one rank is every rank's save (no rank left waiting).
+    ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}",
+          "--checkpoint.every_minutes=0.0005", "--checkpoint.keep=100", "--checkpoint.at_end=false"]
+    run_metrics, proc = train(tmp_path, "timed", *ck, steps=6, timeout=120)
+    assert [m["step"] for m in run_metrics] == [1, 2, 3, 4, 5, 6]
+    assert len(manifests(s3)) >= 2, proc.stdout + proc.stderr

@@ -56,6 +56,9 @@ def test_a_manifest_round_trips_and_finds_members():
     ({"objects.0.key": "step-000000006/s00/node-00000.tar"}, "is not under step-000000005/"),
     ({"objects.0.members.0.name": "../../etc/passwd"}, "is not a plain relative path"),
     ({"objects.0.members.0.name": "/abs"}, "is not a plain relative path"),
+    ({"objects.0.members.0.name": "ds/../../../../tmp/evil"}, "is not a plain relative path"),
+    ({"objects.0.key": "step-000000005/../../x.tar"}, "is not under step-000000005/"),
+    ({"objects.0.members.0.offset": "0"}, "not a valid checkpoint manifest"),
     ({"objects.0.members.1.offset": 2995}, "lies outside"),
     ({"objects.0.members.1.name": "dcp/__0_0.distcp"}, "listed twice"),
     ({"format_version": 9}, "format_version 9"),
@@ -81,15 +84,18 @@ def test_saves_happen_every_n_steps_every_t_minutes_and_at_the_end(step, last, s
                at_end=at_end) is expected
 
 
-@pytest.mark.parametrize("complete,present,keep,deleted", [
-    ([2, 4, 6, 8], [2, 4, 6, 8], 2, [2, 4]),
-    ([2, 4, 6, 8], [2, 4, 5, 6, 8, 9], 2, [2, 4, 5]),   # 9: maybe an upload in progress; 5: a dead one
-    ([8], [8, 10], 1, []),
-    ([], [3, 4], 2, []),                                # nothing complete: delete nothing
-    ([2, 4], [2, 4], 0, [2]),                           # keep=0 still keeps the newest complete
+@pytest.mark.parametrize("complete,present,keep,current,deleted", [
+    ([2, 4, 6, 8], [2, 4, 6, 8], 2, None, [2, 4]),
+    ([2, 4, 6, 8], [2, 4, 5, 6, 8], 2, None, [2, 4, 5]),      # 5: a save that never completed
+    ([8], [8], 1, None, []),
+    ([], [3, 4], 2, None, []),                                 # nothing complete: delete nothing
+    ([2, 4], [2, 4], 0, None, [2]),                            # keep=0 still keeps the newest complete
+    ([100, 150, 200], [100, 150, 200], 1, 150, [100, 200]),    # resumed from 100, saved 150: 200 is abandoned
+    ([100, 150, 200], [100, 150, 200, 250], 2, 150, [200, 250]),
 ])
-def test_retention_keeps_the_newest_complete_checkpoints(complete, present, keep, deleted):
-    assert retention(complete, present, keep) == deleted
+def test_retention_keeps_the_newest_checkpoints_of_the_current_line_of_training(complete, present, keep, current,
+                                                                                 deleted):
+    assert retention(complete, present, keep, current) == deleted
 
 
 def test_resume_tries_newest_first_and_can_stop_at_a_step():
