@@ -40,6 +40,9 @@ commands:
       tokenize text / jsonl (.gz) files into webdataset token shards with index.json
   checkpoints (list | verify [--step N]) URI [--run-id ID]
       a job's checkpoints under checkpoint.uri: complete or not, objects, bytes; verify checksums
+  verify-efa LOGFILE [--json]
+      which network NCCL chose (EFA, EFA + GPUDirect RDMA, or a socket fallback) from NCCL_DEBUG=INFO
+      output; exit 0 on EFA, 1 on a fallback, 2 when the log does not say
 """
 
 # Launcher options shared by `launch` and `train`, mapped onto config keys.
@@ -305,8 +308,25 @@ def cmd_checkpoints(args: Sequence[str]) -> int:
         raise UsageError(str(err)) from None
 
 
+def cmd_verify_efa(args: Sequence[str]) -> int:
+    from .verify_efa import analyse, exit_code
+
+    parser = argparse.ArgumentParser(prog="llm-runtime verify-efa")
+    parser.add_argument("logfile", help="a log with NCCL_DEBUG=INFO lines (several hosts' logs may be joined)")
+    parser.add_argument("--json", action="store_true")
+    ns = parser.parse_args(args)
+    try:
+        with open(ns.logfile, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except OSError as err:
+        raise UsageError(f"cannot read {ns.logfile}: {err.strerror}") from None
+    report = analyse(text)
+    print(report.to_json() if ns.json else report.summary(), flush=True)
+    return exit_code(report)
+
+
 COMMANDS = {"launch": cmd_launch, "train": cmd_train, "info": cmd_info, "prepare-data": cmd_prepare_data,
-            "checkpoints": cmd_checkpoints}
+            "checkpoints": cmd_checkpoints, "verify-efa": cmd_verify_efa}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
