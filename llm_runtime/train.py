@@ -13,7 +13,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 
 from .config import Config, ConfigError, TrainConfig
@@ -22,7 +21,7 @@ from .parallel.dims import ParallelDims, resolve_dims
 from .parallel.pipeline import split_layers
 from .parallel.tensor import check_tensor_parallel, llama_root_tp_plan, llama_tp_plan
 from .checkpoint.export import export_model, model_dir_for
-from .data.build import DataPlan, build_loader
+from .data.build import DataPlan, build_loader, global_batch_starts
 from .faults import inject
 from .runtime import Runtime, init, parse_split_points
 
@@ -49,14 +48,6 @@ def batch_layout(train: TrainConfig, data_parallel_size: int) -> tuple[int, int]
             f"{per_replica} (train.batch_size={batch} over {replicas} replicas)"
         )
     return micro, per_replica // micro
-
-
-def global_batch_starts(seed: int, step: int, batch_size: int, num_tokens: int, seq_len: int) -> np.ndarray:
-    """Start offsets of the step's global batch: a function of (seed, step) only."""
-    if num_tokens < seq_len + 2:
-        raise ConfigError(f"train.seq_len={seq_len} is longer than the text ({num_tokens} tokens)")
-    rng = np.random.default_rng([seed, step])
-    return rng.integers(0, num_tokens - seq_len - 1, size=batch_size)
 
 
 def lr_factor(step: int, train: TrainConfig) -> float:

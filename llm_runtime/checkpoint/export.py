@@ -11,8 +11,9 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
+
+from .transfer import gather_bytes
 
 __all__ = ["export_model", "model_dir_for"]
 
@@ -26,25 +27,6 @@ def model_dir_for(configured: str, env, cluster_kind: str) -> str:
     if env.get("SM_MODEL_DIR"):
         return env["SM_MODEL_DIR"]
     return "/opt/ml/model" if cluster_kind == "sagemaker" else ""
-
-
-def _gather_to_rank0(payload: bytes, group) -> list[bytes]:
-    world = dist.get_world_size(group)
-    size = torch.tensor([len(payload)], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    longest = max(int(s.item()) for s in sizes)
-    if longest == 0:
-        return []
-    buffer = torch.zeros(longest, dtype=torch.uint8)
-    if payload:
-        buffer[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    rank = dist.get_rank(group)
-    buffers = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)] if rank == 0 else None
-    dist.gather(buffer, gather_list=buffers, dst=0, group=group)
-    if rank != 0:
-        return []
-    return [b[:int(s.item())].numpy().tobytes() for b, s in zip(buffers, sizes) if int(s.item())]
 
 
 def export_model(trainer, rt, directory: str, model_config) -> Path | None:
@@ -72,7 +54,8 @@ def export_model(trainer, rt, directory: str, model_config) -> Path | None:
         if group is None:
             state = full
         else:
-            parts = _gather_to_rank0(save_bytes({k: v.contiguous() for k, v in full.items()}) if owner else b"", group)
+            payload = save_bytes({k: v.contiguous() for k, v in full.items()}) if owner else b""
+            parts = [part for part in gather_bytes(payload, group, dst=0) if part]
             dist.destroy_process_group(group)
             state = {}
             for part in parts:

@@ -69,6 +69,11 @@ class NodeObject:
     sha256: str
     members: tuple[Member, ...]
 
+    @classmethod
+    def from_json(cls, body: dict) -> "NodeObject":
+        return cls(key=body["key"], node=int(body["node"]), size=int(body["size"]), sha256=str(body["sha256"]),
+                   members=tuple(Member(**m) for m in body["members"]))
+
 
 @dataclass
 class Manifest:
@@ -105,8 +110,7 @@ class Manifest:
             body = json.loads(text)
             if body.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format_version {body.get('format_version')!r}, this reader knows {FORMAT_VERSION}")
-            objects = [NodeObject(key=o["key"], node=int(o["node"]), size=int(o["size"]), sha256=str(o["sha256"]),
-                                  members=tuple(Member(**m) for m in o["members"])) for o in body["objects"]]
+            objects = [NodeObject.from_json(o) for o in body["objects"]]
             manifest = cls(run_id=str(body["run_id"]), step=int(body["step"]), world_size=int(body["world_size"]),
                            num_nodes=int(body["num_nodes"]), backend=str(body["backend"]), objects=objects,
                            extra=dict(body.get("extra") or {}))

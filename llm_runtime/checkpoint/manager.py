@@ -19,15 +19,15 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .layout import MANIFEST, Manifest, ManifestError, due, node_key, resume_order, retention, run_id_for, step_dir
+from .layout import MANIFEST, Manifest, ManifestError, NodeObject, due, node_key, resume_order, retention, run_id_for, step_dir
 from .state import restore_rng, rng_state
-from .store import StoreError, open_store
+from .store import LocalStore, StoreError, open_store
 from .transfer import CorruptCheckpoint, TarStream, ensure_member, gather_json, local_members, run_with_deadline
 
 __all__ = ["Checkpointer", "ResumeMismatch", "SaveReport", "default_local_dir"]
@@ -67,6 +67,7 @@ class Checkpointer:
         base = ck.local_dir or default_local_dir(ck.sagemaker_sync)
         self.run_id = run_id_for(ck.uri or os.path.abspath(base), ck.run_id)
         self.local_root = Path(base) / self.run_id / f"node-{node_rank:05d}"
+        self.local = LocalStore(str(self.local_root.parent), self.local_root.name)  # tier 1, same layout
         self.store = open_store(ck.uri, self.run_id, part_size=ck.part_size_mb << 20,
                                 concurrency=ck.upload_concurrency)
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=ck.upload_timeout_s + 300))
@@ -145,7 +146,8 @@ class Checkpointer:
             reports = [r for r in gather_json(mine, self.group) if r is not None]
             manifest = Manifest(run_id=self.run_id, step=step, world_size=self.world_size,
                                 num_nodes=self.num_nodes, backend=self.backend,
-                                objects=[_node_object(r["object"]) for r in sorted(reports, key=lambda r: r["node"])],
+                                objects=[NodeObject.from_json(r["object"])
+                                         for r in sorted(reports, key=lambda r: r["node"])],
                                 extra={"config": _config_json(self.config)})
             committed = True
             if self.rank == 0 and self.store is not None:
@@ -178,30 +180,19 @@ class Checkpointer:
         key = node_key(step, self.node_rank, self.ck.prefix_spread)
         if self.store is None:
             return {"node": self.node_rank, "requests": 0,
-                    "object": _object_json(local_members(root, names, key, self.node_rank))}
+                    "object": asdict(local_members(root, names, key, self.node_rank))}
         stream = TarStream(root, names)  # packed while it uploads: no local tar copy
         before = sum(self.store.stats.counts.values())
         run_with_deadline(lambda: self.store.put_stream(key, stream), self.ck.upload_timeout_s,
                           f"upload of node {self.node_rank}'s checkpoint (step {step})")
         return {"node": self.node_rank, "requests": sum(self.store.stats.counts.values()) - before,
-                "object": _object_json(stream.node_object(key, self.node_rank))}
+                "object": asdict(stream.node_object(key, self.node_rank))}
 
     def _apply_retention(self, current: int) -> None:
-        if self.rank == 0 and self.store is not None:
-            remote = self.store.steps()
-            for old in retention([s for s, ok in remote.items() if ok], list(remote), self.ck.keep, current):
-                self.store.delete_step(step_dir(old))
-        local = self._local_steps()
-        for old in retention([s for s, ok in local.items() if ok], list(local), self.ck.keep, current):
-            shutil.rmtree(self.local_root / step_dir(old), ignore_errors=True)
-
-    def _local_steps(self) -> dict[int, bool]:
-        from .layout import parse_step_dir
-
-        if not self.local_root.is_dir():
-            return {}
-        return {step: (self.local_root / entry.name / MANIFEST).exists()
-                for entry in self.local_root.iterdir() if (step := parse_step_dir(entry.name)) is not None}
+        for store in ([self.store] if self.rank == 0 and self.store is not None else []) + [self.local]:
+            steps = store.steps()
+            for old in retention([s for s, ok in steps.items() if ok], list(steps), self.ck.keep, current):
+                store.delete_step(step_dir(old))
 
     # ---- restoring ----------------------------------------------------------------------
     def _rank0(self, fn):
@@ -230,7 +221,7 @@ class Checkpointer:
             if self.ck.resume == "never":
                 return []
             where = "store" if self.store is not None else "local"
-            steps = self.store.steps() if self.store is not None else self._local_steps()
+            steps = (self.store or self.local).steps()
             found = [(where, s) for s in resume_order([s for s, ok in steps.items() if ok])]
             newest = max((s for _, s in found), default=-1)
             for step in sorted(s for s, ok in steps.items() if not ok and s > newest):
@@ -366,19 +357,6 @@ def _first_line(err: BaseException) -> str:
         if "CorruptCheckpoint" in line or "does not match" in line or "missing" in line:
             return line.strip()[:500]
     return (text.splitlines() or [type(err).__name__])[0][:500]
-
-
-def _object_json(obj) -> dict:
-    from dataclasses import asdict
-
-    return asdict(obj)
-
-
-def _node_object(body: dict):
-    from .layout import Member, NodeObject
-
-    return NodeObject(key=body["key"], node=int(body["node"]), size=int(body["size"]), sha256=body["sha256"],
-                      members=tuple(Member(**m) for m in body["members"]))
 
 
 def _config_json(config) -> dict:

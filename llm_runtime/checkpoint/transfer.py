@@ -16,21 +16,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..data.shards import sha256_file
 from .layout import Manifest, Member, NodeObject
 
-__all__ = ["CorruptCheckpoint", "TarStream", "build_node_tar", "ensure_member", "gather_json", "run_with_deadline", "sha256_file"]
+__all__ = ["CorruptCheckpoint", "TarStream", "build_node_tar", "ensure_member", "gather_bytes", "gather_json", "run_with_deadline", "sha256_file"]
 
 
 class CorruptCheckpoint(ValueError):
     """A checkpoint file or object does not match its manifest; the message names it."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class TarStream:
@@ -137,19 +130,27 @@ def ensure_member(manifest: Manifest, name: str, local_root: Path, store) -> Pat
     return path
 
 
-def gather_json(value, group) -> list:
-    """Every rank's JSON-able ``value``, in rank order (bytes over the group; no pickles)."""
-    payload = json.dumps(value).encode()
+def gather_bytes(payload: bytes, group, dst: int | None = None) -> list[bytes]:
+    """Every rank's ``payload`` in rank order: on all ranks, or (``dst``) only on that rank (others get [])."""
     world = dist.get_world_size(group)
-    size = torch.tensor([len(payload)], dtype=torch.int64)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
+    dist.all_gather(sizes, torch.tensor([len(payload)], dtype=torch.int64), group=group)
     longest = max(int(s.item()) for s in sizes)
     buffer = torch.zeros(longest, dtype=torch.uint8)
-    buffer[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else buffer[:0]
-    buffers = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)]
-    dist.all_gather(buffers, buffer, group=group)
-    return [json.loads(b[:int(s.item())].numpy().tobytes()) for b, s in zip(buffers, sizes)]
+    if payload:
+        buffer[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    receiving = dst is None or dist.get_rank(group) == dst
+    buffers = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)] if receiving else None
+    if dst is None:
+        dist.all_gather(buffers, buffer, group=group)
+    else:
+        dist.gather(buffer, gather_list=buffers, dst=dst, group=group)
+    return [b[:int(s.item())].numpy().tobytes() for b, s in zip(buffers, sizes)] if receiving else []
+
+
+def gather_json(value, group) -> list:
+    """Every rank's JSON-able ``value``, in rank order (bytes over the group; no pickles)."""
+    return [json.loads(raw) for raw in gather_bytes(json.dumps(value).encode(), group)]
 
 
 def run_with_deadline(fn, timeout_s: float, what: str):

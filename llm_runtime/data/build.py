@@ -21,7 +21,7 @@ from .order import DataOrder, OrderError, auto_partitions
 from .shards import RecordLayout, ShardIndex
 from .sources import SourceError
 
-__all__ = ["BundledLoader", "DataPlan", "build_loader", "plan_data"]
+__all__ = ["BundledLoader", "DataPlan", "build_loader", "global_batch_starts", "plan_data"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,14 @@ def plan_data(config: Config, dp_size: int, env: Mapping[str, str] | None = None
     return DataPlan(location, index, fingerprint, order)
 
 
+def global_batch_starts(seed: int, step: int, batch_size: int, num_tokens: int, seq_len: int) -> np.ndarray:
+    """Start offsets of the step's global batch: a function of (seed, step) only."""
+    if num_tokens < seq_len + 2:
+        raise ConfigError(f"train.seq_len={seq_len} is longer than the text ({num_tokens} tokens)")
+    rng = np.random.default_rng([seed, step])
+    return rng.integers(0, num_tokens - seq_len - 1, size=batch_size)
+
+
 class BundledLoader:
     """No data configured: seeded random windows of the bundled text (a function of seed and step)."""
 
@@ -102,8 +110,6 @@ class BundledLoader:
         self.step = 0
 
     def next_batch(self) -> torch.Tensor:
-        from ..train import global_batch_starts
-
         train, per_replica = self.train, self.train.batch_size // self.dp_size
         self.step += 1
         starts = global_batch_starts(train.seed, self.step, train.batch_size, len(self.tokens), train.seq_len)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "INDEX_NAME", "RecordLayout", "ShardIndex", "ShardInfo", "bytes_per_sample", "read_index", "read_shard",
+__all__ = ["FORMAT_VERSION", "INDEX_NAME", "RecordLayout", "sha256_file", "ShardIndex", "ShardInfo", "bytes_per_sample", "read_index", "read_shard",
            "token_dtype", "write_shard"]
 
 FORMAT_VERSION = 1
@@ -90,6 +90,15 @@ def bytes_per_sample(seq_len: int, dtype: np.dtype) -> int:
     with tarfile.open(fileobj=buffer, mode="r:") as tar:
         members = tar.getmembers()
     return members[-1].offset - members[0].offset
+
+
+def sha256_file(path: Path) -> str:
+    """A file's sha256, read in blocks (shards and checkpoint files can be GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_shard(path: Path, samples: Iterable[np.ndarray], first_key: int) -> ShardInfo:

@@ -7,7 +7,6 @@ on the same disk: the directory is named after the index's fingerprint.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .shards import ShardIndex
+from .shards import ShardIndex, sha256_file
 from .sources import parse_s3_uri
 
 __all__ = ["StageError", "stage", "s5cmd_binary"]
@@ -39,14 +38,6 @@ def s5cmd_binary() -> str | None:
 
 def default_stage_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "llm_runtime", "data")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _copy_s3(uri: str, names: list[str], dest: Path, timeout_s: float) -> None:
@@ -98,7 +89,7 @@ def _copy_and_verify(uri: str, index: ShardIndex, dest: Path, timeout_s: float) 
 
     def digest(name: str) -> str:
         check_deadline("verifying checksums")
-        return _sha256(dest / name)
+        return sha256_file(dest / name)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         digests = list(pool.map(digest, names))

@@ -1,6 +1,5 @@
 """Real launchers around llm_runtime.init: torchrun, mpirun and llm-runtime launch (gloo, CPU)."""
 import json
-import os
 import shutil
 import time
 

@@ -1,7 +1,6 @@
 """The shard loader on local files: exact order, resume, resizing, workers, damaged shards."""
 import itertools
 
-import numpy as np
 import pytest
 
 from llm_runtime.config import Config, ConfigError
