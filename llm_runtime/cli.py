@@ -19,7 +19,7 @@ from .cluster import ClusterError, ClusterInfo, detect_here
 from .cluster import sagemaker as sm
 from .config import Config, ConfigError, load_config, parse_cli_overrides
 from .launch import LaunchError, Target, execute, mpi_export_names, plan_launch, sagemaker_target
-from .secrets import is_secret
+from .secrets import RedactingFilter, RedactingStream, install_excepthook, is_secret
 
 __all__ = ["main"]
 
@@ -33,6 +33,9 @@ commands:
       start the job's workers on this host (SageMaker, torchrun, MPI or local)
   train [--nproc-per-node N] [--cluster KIND] [--config FILE.toml] [--section.key=VALUE ...]
       the built-in trainer: a small Llama-style model on the bundled text
+  healthcheck [--nproc-per-node N] [--cluster KIND] [--health.key=VALUE ...]
+      every device: memory, a matmul checked and timed; every rank: all-reduce sums and bandwidth;
+      names stragglers; exit 87 when a node is bad (see README "Exit codes")
   info [--json] [--cluster KIND]
       the detected cluster and the network environment plan
   prepare-data --input PATH|s3://...  --output DIR|s3://... --seq-len N [--shard-size 256MB] [--workers K]
@@ -115,7 +118,7 @@ def _env_plan(info: ClusterInfo, config: Config) -> tuple[netenv.EnvPlan, netenv
     fabric = netenv.probe_fabric(overrides=netenv.config_overrides(**vars(config.netenv)))
     # The flight recorder serves NCCL's dump on timeout; on a CPU-only host it would only record
     # every gloo collective (measured: ~2-3% of an FSDP step on 2 CPU workers) for nothing.
-    return netenv.plan(info, fabric, timeout_dump=fabric.gpus > 0), fabric
+    return netenv.plan(info, fabric, timeout_dump=fabric.gpus > 0, verify_efa=config.netenv.verify_efa != "off"), fabric
 
 
 def _check_checkpoint(config: Config) -> None:
@@ -146,6 +149,18 @@ def _check_checkpoint(config: Config) -> None:
         raise ConfigError(str(err)) from None
 
 
+def _check_faults(warn: bool = True) -> list:
+    from .faults import FaultError, parse_faults
+
+    try:
+        faults = parse_faults(os.environ.get("LLM_RUNTIME_FAULT", ""))
+    except FaultError as err:
+        raise UsageError(str(err)) from None
+    if faults and warn:
+        log.warning("LLM_RUNTIME_FAULT=%s is set: faults will be injected", os.environ["LLM_RUNTIME_FAULT"])
+    return faults
+
+
 def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hyper: dict) -> int:
     mpi = config.launch.mpi or flags["mpi"] or bool(hyper.get("sagemaker_mpi_enabled"))
     nproc = config.launch.nproc_per_node or int(hyper.get("sagemaker_mpi_num_of_processes_per_host") or 0)
@@ -154,12 +169,7 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hype
 
         # Every config error of the built-in trainer surfaces here, once, not in N workers.
         per_node = nproc or info.nproc_per_node
-        from .faults import FaultError, parse_faults
-
-        try:
-            faults = parse_faults(os.environ.get("LLM_RUNTIME_FAULT", ""))
-        except FaultError as err:
-            raise UsageError(str(err)) from None
+        faults = _check_faults(warn=False)
         _check_checkpoint(config)
         check(config, per_node * max(1, info.num_nodes), nproc_per_node=per_node, num_nodes=info.num_nodes,
               report=True)
@@ -211,6 +221,28 @@ def cmd_train(args: Sequence[str]) -> int:
     return _launch(info, config, Target(module="llm_runtime", args=("train", *args)), flags, hyper)
 
 
+def cmd_healthcheck(args: Sequence[str]) -> int:
+    pairs, toml, flags, rest = _split_launcher_options(args, stop_at_target=False)
+    config = load_config(toml_path=toml, env=os.environ, hyperparameters=sm.read_hyperparameters(os.environ),
+                         cli=pairs + parse_cli_overrides(rest), strict_hyperparameters=False)
+    info = _detect(config)
+    if info.is_worker:
+        from .health import run_healthcheck
+        from .runtime import init
+
+        rt = init(config)
+        try:
+            code = run_healthcheck(rt)
+        except BaseException as err:
+            rt.watchdog.on_error(err)
+            rt.shutdown(barrier=False)
+            raise
+        rt.shutdown()
+        return code
+    _check_faults()
+    return _launch(info, config, Target(module="llm_runtime", args=("healthcheck", *args)), flags, {})
+
+
 def cmd_info(args: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="llm-runtime info")
     parser.add_argument("--json", action="store_true")
@@ -260,6 +292,7 @@ def _launcher_logging() -> None:
     if not logger.handlers:
         handler = _StderrHandler()
         handler._llm_runtime = True  # type: ignore[attr-defined]  # runtime.init replaces it in workers
+        handler.addFilter(RedactingFilter())
         handler.setFormatter(logging.Formatter("llm-runtime: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -325,7 +358,7 @@ def cmd_verify_efa(args: Sequence[str]) -> int:
     return exit_code(report)
 
 
-COMMANDS = {"launch": cmd_launch, "train": cmd_train, "info": cmd_info, "prepare-data": cmd_prepare_data,
+COMMANDS = {"launch": cmd_launch, "train": cmd_train, "healthcheck": cmd_healthcheck, "info": cmd_info, "prepare-data": cmd_prepare_data,
             "checkpoints": cmd_checkpoints, "verify-efa": cmd_verify_efa}
 
 
@@ -339,8 +372,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llm-runtime: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
     _launcher_logging()
+    install_excepthook()
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)  # prints, tracebacks
     try:
         return command(argv[1:])
     except (ClusterError, ConfigError, LaunchError, UsageError) as err:  # bad input: one line, exit 2
         print(f"llm-runtime {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        sys.stdout, sys.stderr = streams

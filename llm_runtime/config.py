@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistConfig", "LaunchConfig", "ModelConfig", "NetenvConfig", "ParallelConfig",
-           "TrainConfig", "ENV_PREFIX", "load_config", "parse_cli_overrides", "to_dict"]
+__all__ = ["CheckpointConfig", "CommConfig", "Config", "ConfigError", "DataConfig", "DistConfig", "HealthConfig", "LaunchConfig", "ModelConfig", "NetenvConfig", "ParallelConfig",
+           "TrainConfig", "WatchdogConfig", "ENV_PREFIX", "load_config", "parse_cli_overrides", "to_dict"]
 
 ENV_PREFIX = "LLM_RUNTIME_"
 
@@ -27,6 +27,7 @@ CHOICES = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "launch.cluster": ("", "sagemaker", "torchrun", "mpi", "local"),
     "netenv.efa": ("auto", "on", "off"),
+    "netenv.verify_efa": ("auto", "require", "off"),
     "parallel.backend": ("fsdp", "deepspeed"),
     "parallel.zero_shard_mode": ("hpz", "mics"),
     "deepspeed.partition_method": ("uniform", "parameters"),
@@ -35,6 +36,7 @@ CHOICES = {
     "parallel.reduce_dtype": ("bf16", "fp32"),
     "parallel.activation_checkpoint": ("none", "full", "every"),
     "data.mode": ("stream", "stage"),
+    "health.stragglers": ("warn", "fail"),
 }
 
 
@@ -66,6 +68,9 @@ class TrainConfig:
     """When set, rank 0 appends one JSON line per logged step (step, loss, grad_norm, lr, tokens_per_s)."""
     export_dir: str = ""
     """When set, the final full weights are written there (one torch file per pipeline rank; fsdp backend)."""
+    output_dir: str = ""
+    """Failure records and reports; empty = SageMaker's output dir (SM_OUTPUT_DIR, /opt/ml/output) on
+    SageMaker, else none (the record is only logged)."""
     model_dir: str = ""
     """Where the final consolidated model.safetensors goes; empty = SageMaker's model dir
     (SM_MODEL_DIR, /opt/ml/model) on SageMaker, else none."""
@@ -187,10 +192,53 @@ class CheckpointConfig:
 class DistConfig:
     backend: str = "auto"
     """``auto`` (nccl with GPUs, gloo without), ``nccl`` or ``gloo``."""
+
+
+@dataclass
+class CommConfig:
     init_timeout_s: float = 1800.0
     """Rendezvous and first barrier: hosts of a large job start minutes apart."""
     train_timeout_s: float = 600.0
-    """Every collective after start-up; a hung peer becomes an error after this long."""
+    """Every collective after start-up, on every process group; a hung peer becomes an error after this long."""
+
+
+@dataclass
+class WatchdogConfig:
+    enabled: bool = True
+    """A thread in every worker that ends the job when a phase makes no progress (see watchdog.py)."""
+    step_timeout_s: float = 0.0
+    """Longest data wait or training step; 0 = ``multiple`` x the median step time, at least ``floor_s``
+    (``first_timeout_s`` until ``warmup_steps`` steps were timed)."""
+    multiple: float = 10.0
+    floor_s: float = 180.0
+    warmup_steps: int = 3
+    first_timeout_s: float = 1800.0
+    """Start-up and the first steps (compilation, first data fetch, restoring a checkpoint)."""
+    checkpoint_timeout_s: float = 0.0
+    """Longest blocking part of a save or restore; 0 = checkpoint.upload_timeout_s. The background
+    upload has its own deadline (checkpoint.upload_timeout_s)."""
+    exchange_s: float = 10.0
+    """After a stall, how long a rank waits for the other stalled ranks' records to name a suspect."""
+
+
+@dataclass
+class HealthConfig:
+    preflight: bool = False
+    """Run the health check (``llm-runtime healthcheck``) in every worker before training starts."""
+    matmul_size: int = 0
+    """Square matmul size per device; 0 = 8192 (bf16) on a GPU, 384 (fp32) on CPU."""
+    iters: int = 10
+    """Timed matmuls and all-reduces."""
+    alloc_mb: int = 0
+    """Memory each device must allocate and fill; 0 = 80% of the free memory on a GPU, 256 MB on CPU."""
+    allreduce_mb: float = 0.0
+    """All-reduce message size; 0 = 256 MB on GPUs, 4 MB on CPU."""
+    straggler_factor: float = 1.5
+    """A rank whose matmul takes this many times the median (or longer) is named a straggler."""
+    stragglers: str = "warn"
+    """``warn`` (name them and go on) or ``fail`` (their nodes fail the check)."""
+    timeout_s: float = 600.0
+    """The whole check's watchdog timeout (collectives also keep comm.train_timeout_s)."""
 
 
 @dataclass
@@ -214,6 +262,9 @@ class LaunchConfig:
 class NetenvConfig:
     efa: str = "auto"
     """``auto`` (probe), ``on`` or ``off``: whether the hosts have EFA."""
+    verify_efa: str = "auto"
+    """On EFA hosts with NCCL: read NCCL's INFO log at start and say which network it chose. ``auto``
+    warns on a fallback, ``require`` exits with code 88, ``off`` leaves NCCL_DEBUG alone."""
     libfabric_version: str = ""
     ofi_nccl_version: str = ""
     nccl_version: str = ""
@@ -224,6 +275,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,9 +1,17 @@
 """Fault injection for tests and drills: ``LLM_RUNTIME_FAULT``, off unless set.
 
-``kind:key=value,...`` with kind ``hang`` (sleep, as a stuck rank would) or ``kill`` (SIGKILL
-this process, as a crashed host would), and keys ``rank`` (default: every rank) and ``step``
-(the training step at whose start the fault fires). Several faults are separated by ``;``.
-Example: ``LLM_RUNTIME_FAULT=hang:rank=1,step=3``.
+``kind:key=value,...``, several faults separated by ``;``. Kinds:
+
+- ``hang``: sleep, as a stuck rank would (the watchdog and the collective timeouts must end it);
+- ``kill``: SIGKILL this process, as a crashed host would;
+- ``slow`` / ``corrupt`` (phase ``health`` only): the health check's matmul runs 10x slower /
+  returns a wrong result on that rank, as a degraded / broken GPU would.
+
+Keys: ``rank`` (default: every rank), ``step`` (default: any step), ``phase`` (where it fires:
+``step`` (default, at the start of the forward/backward), ``data`` (while waiting for the batch),
+``checkpoint`` (in the node's background checkpoint upload, so on a local rank 0) or ``health``),
+and ``restart`` (the elastic restart it fires in, default 0: a restarted job runs clean).
+Example: ``LLM_RUNTIME_FAULT=hang:rank=1,step=3,phase=data``.
 """
 from __future__ import annotations
 
@@ -14,10 +22,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["Fault", "FaultError", "inject", "parse_faults"]
+__all__ = ["Fault", "FaultError", "active", "inject", "parse_faults"]
 
 log = logging.getLogger(__name__)
-KINDS = ("hang", "kill")
+KINDS = ("hang", "kill", "slow", "corrupt")
+PHASES = ("step", "data", "checkpoint", "health")
+_INT_KEYS = ("rank", "step", "restart")
 
 
 class FaultError(ValueError):
@@ -29,9 +39,12 @@ class Fault:
     kind: str
     rank: int | None = None
     step: int | None = None
+    phase: str = "step"
+    restart: int = 0
 
-    def fires(self, rank: int, step: int) -> bool:
-        return (self.rank is None or self.rank == rank) and (self.step is None or self.step == step)
+    def fires(self, rank: int, step: int | None, phase: str = "step", restart: int = 0) -> bool:
+        return ((self.rank is None or self.rank == rank) and (self.step is None or self.step == step)
+                and self.phase == phase and self.restart == restart)
 
 
 def parse_faults(text: str) -> list[Fault]:
@@ -40,24 +53,39 @@ def parse_faults(text: str) -> list[Fault]:
         kind, _, args = item.partition(":")
         if kind not in KINDS:
             raise FaultError(f"LLM_RUNTIME_FAULT={text!r}: {kind!r} is not one of {', '.join(KINDS)}")
-        values: dict[str, int] = {}
+        values: dict = {}
         for pair in filter(None, args.split(",")):
-            key, eq, value = pair.partition("=")
-            if key not in ("rank", "step") or not eq or not value.strip().lstrip("-").isdigit():
-                raise FaultError(f"LLM_RUNTIME_FAULT={text!r}: {pair!r} is not rank=N or step=N")
-            values[key] = int(value)
-        faults.append(Fault(kind, **values))
+            key, eq, value = (part.strip() for part in pair.partition("="))
+            if key == "phase" and value in PHASES:
+                values[key] = value
+            elif key in _INT_KEYS and eq and value.lstrip("-").isdigit():
+                values[key] = int(value)
+            else:
+                raise FaultError(f"LLM_RUNTIME_FAULT={text!r}: {pair!r} is not rank=N, step=N, restart=N "
+                                 f"or phase={'|'.join(PHASES)}")
+        fault = Fault(kind, **values)
+        if (kind in ("slow", "corrupt")) != (fault.phase == "health"):
+            raise FaultError(f"LLM_RUNTIME_FAULT={text!r}: slow and corrupt apply to phase=health only, "
+                             "and phase=health takes only slow or corrupt")
+        faults.append(fault)
     return faults
 
 
-def inject(rank: int, step: int, env: Mapping[str, str] | None = None) -> None:
-    """Fire the faults that match this rank and step (no-op without LLM_RUNTIME_FAULT)."""
-    text = (os.environ if env is None else env).get("LLM_RUNTIME_FAULT", "")
+def active(rank: int, step: int | None, phase: str, env: Mapping[str, str] | None = None) -> list[Fault]:
+    """The faults that fire for this rank, step and phase (none without LLM_RUNTIME_FAULT)."""
+    env = os.environ if env is None else env
+    text = env.get("LLM_RUNTIME_FAULT", "")
     if not text:
-        return
-    for fault in parse_faults(text):
-        if fault.fires(rank, step):
-            log.warning("LLM_RUNTIME_FAULT: %s on rank %d at step %d", fault.kind, rank, step)
+        return []
+    restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return [fault for fault in parse_faults(text) if fault.fires(rank, step, phase, restart)]
+
+
+def inject(rank: int, step: int | None, phase: str = "step", env: Mapping[str, str] | None = None) -> None:
+    """Fire the hang and kill faults that match (a no-op without LLM_RUNTIME_FAULT)."""
+    for fault in active(rank, step, phase, env):
+        if fault.kind in ("hang", "kill"):
+            log.warning("LLM_RUNTIME_FAULT: %s on rank %d at step %s in phase %s", fault.kind, rank, step, phase)
             if fault.kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(3600 * 24)  # hang: a stuck rank; the job's timeouts must end it
+            time.sleep(3600 * 24)  # hang: the job's timeouts must end it

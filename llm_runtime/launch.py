@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cluster import ClusterInfo
+from .exitcodes import DOCUMENTED, launcher_exit
 
 __all__ = ["LaunchError", "LaunchPlan", "Target", "execute", "mpi_status_port", "mpirun_argv",
            "plan_launch", "sagemaker_target", "torchrun_argv"]
@@ -309,8 +310,11 @@ def _run_torchrun(argv: Sequence[str], extra_env: Mapping[str, str], stop_deadli
         failures = err.failures
         first = min(failures.values(), key=lambda f: f.timestamp) if failures else None
         where = f" (first: local rank {first.local_rank}, exit code {first.exitcode})" if first else ""
-        print(f"llm-runtime: {len(failures)} worker(s) failed{where}", file=sys.stderr, flush=True)
-        return 1
+        code = launcher_exit((f.timestamp, f.exitcode) for f in failures.values())
+        meaning = f": {DOCUMENTED[code]}" if code in DOCUMENTED else ""
+        print(f"llm-runtime: {len(failures)} worker(s) failed{where}; exit code {code}{meaning}", file=sys.stderr,
+              flush=True)
+        return code
     except SignalException as err:
         # The platform stopped the job (SIGTERM): the agent already stopped the workers.
         print(f"llm-runtime: stopped by {err.sigval.name}; workers were stopped", file=sys.stderr, flush=True)

@@ -120,7 +120,10 @@ def rdma_capable(instance_type: str | None) -> bool:
     return instance_family(instance_type) in RDMA_FAMILIES
 
 
-def plan(info: ClusterInfo, fabric: Fabric, *, timeout_dump: bool = True) -> EnvPlan:
+NCCL_DEBUG_FILE = "/tmp/llm-runtime-nccl.%h.%p.log"
+
+
+def plan(info: ClusterInfo, fabric: Fabric, *, timeout_dump: bool = True, verify_efa: bool = True) -> EnvPlan:
     """The variables this job should run with, each with the rule that chose it."""
     out: EnvPlan = {}
     if info.network_interface:
@@ -147,6 +150,12 @@ def plan(info: ClusterInfo, fabric: Fabric, *, timeout_dump: bool = True) -> Env
     out["NCCL_LAUNCH_MODE"] = EnvEntry("PARALLEL", "EFA present: NCCL parallel launch mode (AWS EFA guide)")
     out["NCCL_NET_SHARED_COMMS"] = EnvEntry(
         "0", "EFA present: no shared net communicators (aws-ofi-nccl recommendation)")
+    if verify_efa:
+        out["NCCL_DEBUG"] = EnvEntry("INFO", "EFA present: NCCL's choice of network is verified at start "
+                                     "(netenv.verify_efa; off leaves NCCL_DEBUG alone)")
+        out["NCCL_DEBUG_SUBSYS"] = EnvEntry("INIT,NET", "only the lines that name the network")
+        out["NCCL_DEBUG_FILE"] = EnvEntry(NCCL_DEBUG_FILE, "NCCL's INFO lines go to a file per process, "
+                                          "read once at start, not to the job's log")
     if versions_new_enough(fabric):
         return out
     out["NCCL_PROTO"] = EnvEntry(
@@ -372,7 +381,7 @@ def probe_fabric(sys_root: str = "/", run: Callable[..., Any] = subprocess.run,
     return fabric
 
 
-def config_overrides(efa: str = "auto", **versions: str) -> dict[str, Any]:
+def config_overrides(efa: str = "auto", verify_efa: str = "auto", **versions: str) -> dict[str, Any]:
     """Fabric overrides from the ``[netenv]`` config: ``efa`` on/off/auto and pinned versions."""
     if efa not in ("auto", "on", "off"):
         raise ValueError(f"netenv.efa must be auto, on or off, got {efa!r}")

@@ -21,6 +21,8 @@ from .cluster import ClusterInfo, detect_here
 from .cluster import sagemaker as sm
 from .config import Config, ConfigError, ParallelConfig, load_config
 from .parallel.dims import ParallelDims, resolve_dims
+from .secrets import RedactingFilter
+from .watchdog import Watchdog, output_dir_for
 
 __all__ = ["Runtime", "dims_for", "init", "process_env", "train_timeout_everywhere"]
 
@@ -95,6 +97,7 @@ def _setup_logging(rank: int) -> None:
     handler = logging.StreamHandler(sys.stderr if rank else sys.stdout)
     handler._llm_runtime = True  # type: ignore[attr-defined]
     handler.addFilter(_RankFilter(rank))
+    handler.addFilter(RedactingFilter())
     handler.setFormatter(logging.Formatter("[rank %(rank)s] %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -118,6 +121,8 @@ class Runtime:
     """The parallel layout (from the ``parallel`` config section)."""
     mesh: object = None
     """DeviceMesh over the axes of ``dims`` larger than 1 (None in a world of one)."""
+    watchdog: object = None
+    """The hang watchdog (watchdog.py): idle until the training loop's first ``beat(step, phase)``."""
     _owns_group: bool = field(default=True, repr=False)
 
     @property
@@ -148,7 +153,7 @@ class Runtime:
         parallel_model = parallelize(model, self.dims, rank=self.rank, device=self.device, mesh=self.mesh,
                                      **{**defaults, **options})
         if self.world_size > 1:
-            train_timeout_everywhere(self.config.dist.train_timeout_s)  # groups parallelize made
+            train_timeout_everywhere(self.config.comm.train_timeout_s)  # groups parallelize made
         return parallel_model
 
     @property
@@ -163,6 +168,8 @@ class Runtime:
         active exception"), turning a finished job into a failed one. After an error pass
         ``barrier=False``: the peers may be gone, and a barrier would only wait for the timeout.
         """
+        if self.watchdog is not None:
+            self.watchdog.close()
         if self._owns_group and dist.is_initialized():
             # DDP/FSDP keep the process group alive from reference cycles; collected only at
             # interpreter exit, gloo's threads then abort the process (SIGABRT) after a
@@ -213,8 +220,10 @@ def init(config: Config | None = None) -> Runtime:
     if info.is_worker and ("TORCHELASTIC_RUN_ID" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ):
         die_with_parent()
 
+    fabric = None
     if backend == "nccl":
-        netenv.apply(netenv.plan(info, netenv.probe_fabric(overrides=netenv.config_overrides(**vars(config.netenv)))), os.environ)
+        fabric = netenv.probe_fabric(overrides=netenv.config_overrides(**vars(config.netenv)))
+        netenv.apply(netenv.plan(info, fabric, verify_efa=config.netenv.verify_efa != "off"), os.environ)
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
@@ -222,7 +231,7 @@ def init(config: Config | None = None) -> Runtime:
 
     owns = not dist.is_initialized()
     if owns:
-        init_timeout = timedelta(seconds=config.dist.init_timeout_s)
+        init_timeout = timedelta(seconds=config.comm.init_timeout_s)
         if info.is_worker:
             # Detection decided these (for MPI ranks: the master it chose, not a MASTER_ADDR an
             # image happened to set); env:// must rendezvous at the same place.
@@ -235,7 +244,7 @@ def init(config: Config | None = None) -> Runtime:
         # The first barrier proves every rank arrived while the generous init timeout holds;
         # after it, a hung collective should fail fast.
         dist.barrier()
-        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=config.dist.train_timeout_s))
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=config.comm.train_timeout_s))
 
     seed = config.train.seed + rank
     random.seed(seed)
@@ -251,9 +260,43 @@ def init(config: Config | None = None) -> Runtime:
         from .parallel.api import build_mesh
 
         mesh = build_mesh(dims, device.type)
-        train_timeout_everywhere(config.dist.train_timeout_s)
+        train_timeout_everywhere(config.comm.train_timeout_s)
+    watchdog = Watchdog(config.watchdog, rank=rank, world_size=world, host=info.current_host or "localhost",
+                        output_dir=output_dir_for(config.train.output_dir, os.environ, info.kind),
+                        checkpoint_s=config.checkpoint.upload_timeout_s + 300,
+                        store=dist.distributed_c10d._get_default_store() if world > 1 else None)
+    if (fabric is not None and fabric.has_efa and config.netenv.verify_efa != "off" and local_rank == 0
+            and info.num_nodes > 1):
+        verify_network(config.netenv.verify_efa, watchdog, info.current_host or "localhost")
     log.info("initialised rank %d/%d on %s %s (backend %s, cluster %s, init timeout %.0fs, train timeout %.0fs)",
-             rank, world, info.current_host, device, backend, info.kind, config.dist.init_timeout_s,
-             config.dist.train_timeout_s)
-    return Runtime(rank, local_rank, world, device, backend, info, config, seed, dims, mesh, owns)
+             rank, world, info.current_host, device, backend, info.kind, config.comm.init_timeout_s,
+             config.comm.train_timeout_s)
+    return Runtime(rank, local_rank, world, device, backend, info, config, seed, dims, mesh, watchdog, owns)
 
+
+
+def verify_network(mode: str, watchdog: Watchdog, host: str) -> None:
+    """After the first NCCL collective: which network did NCCL choose (its INFO log, NCCL_DEBUG_FILE)?
+    A fallback off EFA is a warning, or with ``netenv.verify_efa=require`` a failure record and exit 88."""
+    import socket
+
+    from .verify_efa import EfaReport, analyse, debug_file, startup_action
+    from .watchdog import FailureRecord
+
+    template = os.environ.get("NCCL_DEBUG_FILE", "")
+    report = EfaReport()
+    if template and os.environ.get("NCCL_DEBUG", "").upper() in ("INFO", "TRACE"):
+        try:
+            with open(debug_file(template, socket.gethostname(), os.getpid()), errors="replace") as handle:
+                report = analyse(handle.read())
+        except OSError as err:
+            log.warning("network check: cannot read NCCL's log: %s", err)
+    level, code = startup_action(mode, report)
+    log.log(level, "network check: %s", report.summary().replace("\n", " "))
+    if code:
+        record = FailureRecord("network", host, watchdog.rank, 0, "start", report.summary().splitlines()[0])
+        watchdog.write_record(record)
+        log.error("%s", record.line())
+        for handler in logging.getLogger("llm_runtime").handlers:
+            handler.flush()
+        os._exit(code)

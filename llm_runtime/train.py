@@ -206,7 +206,9 @@ def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, acc
         return _loop(rt, trainer, loader, accumulation, checkpointer, model_config)
     finally:
         if checkpointer is not None:
+            rt.watchdog.beat(train.steps, "checkpoint")
             checkpointer.close()  # waits for the last upload; its failure fails the job
+        rt.watchdog.pause()
 
 
 def _checkpointer(rt: Runtime):
@@ -218,22 +220,26 @@ def _checkpointer(rt: Runtime):
 
     return Checkpointer(rt.config, rank=rt.rank, world_size=rt.world_size, local_rank=rt.local_rank,
                         node_rank=rt.cluster.node_rank, num_nodes=max(1, rt.cluster.num_nodes),
-                        backend=rt.config.parallel.backend)
+                        backend=rt.config.parallel.backend, on_stall=rt.watchdog.fail)
 
 
 def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_config) -> dict[str, float]:
-    train = rt.config.train
+    train, watchdog = rt.config.train, rt.watchdog
     start = 0
     state = trainer.checkpoint_state() if checkpointer is not None else None
     if checkpointer is not None:
+        watchdog.beat(0, "checkpoint")
         start = checkpointer.restore(state, loader)
         if start >= train.steps:
             log.info("checkpoint step %d reaches train.steps=%d: nothing left to train", start, train.steps)
     metrics = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start + 1, train.steps + 1):
-        inject(rt.rank, step)
+        watchdog.beat(step, "data")
+        inject(rt.rank, step, "data")
         rows = loader.next_batch().to(rt.device)
+        watchdog.beat(step, "step")
+        inject(rt.rank, step, "step")
         local_loss, grad_norm = trainer.step(rows[:, :-1], rows[:, 1:], accumulation)
         window_steps += 1
         if step % train.log_every == 0 or step == train.steps:
@@ -254,10 +260,13 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
             save, stop = checkpointer.step_boundary(step, train.steps)  # agreed by all ranks
             stop = stop and step < train.steps
             if save or stop:
+                watchdog.beat(step, "checkpoint")
                 checkpointer.save(step, state, loader)
             if stop:
                 log.info("stop requested by the launcher: saved step %d, stopping", step)
+                watchdog.beat(step, "checkpoint")
                 return metrics
+    watchdog.beat(train.steps, "export")
     if train.export_dir:
         export_weights(trainer.model, train.export_dir)  # check() refused it for DeepSpeed
     model_dir = model_dir_for(train.model_dir, os.environ, rt.cluster.kind)
@@ -358,7 +367,7 @@ def _deepspeed_trainer(rt: Runtime, model: Llama) -> _DeepSpeedTrainer:
         accumulation=accumulation,
         scheduler_factory=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s + 1, config.train)),
-        loss_fn=cross_entropy, train_timeout_s=config.dist.train_timeout_s, init_seed=config.train.seed)
+        loss_fn=cross_entropy, train_timeout_s=config.comm.train_timeout_s, init_seed=config.train.seed)
     return _DeepSpeedTrainer(engine)
 
 
@@ -375,9 +384,20 @@ def main(config: Config) -> int:
     """Entry for a worker process: init, train, shut down."""
     rt = init(config)
     try:
+        if config.health.preflight:
+            from .health import run_healthcheck
+
+            code = run_healthcheck(rt)  # every rank reaches the same verdict
+            if code:
+                rt.shutdown()
+                return code
+        rt.watchdog.beat(0, "start")
         run(rt)
-    except BaseException:
+    except BaseException as err:
+        rt.watchdog.on_error(err)  # a timeout exits here (exitcodes.STALLED); anything else is recorded
         rt.shutdown(barrier=False)
         raise
+    if rt.local_rank == 0 and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        rt.watchdog.recovered()
     rt.shutdown()
     return 0

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["EfaReport", "analyse", "exit_code"]
+__all__ = ["EfaReport", "analyse", "debug_file", "exit_code", "startup_action"]
 
 _NETWORK = re.compile(r"NCCL INFO Using network (?P<name>[A-Za-z ]+?)\s*$")
 _PROVIDER = re.compile(r"NET/OFI Selected [Pp]rovider is (?P<provider>[\w;-]+)(?:.*?found (?P<nics>\d+) nics)?")
@@ -126,3 +126,22 @@ def exit_code(report: EfaReport) -> int:
     if report.verdict in VERDICT_OK:
         return 0
     return 2 if report.verdict == "unknown" else 1
+
+
+def debug_file(template: str, host: str, pid: int) -> str:
+    """The file NCCL_DEBUG_FILE names for one process (%h: hostname, %p: pid)."""
+    return template.replace("%h", host).replace("%p", str(pid))
+
+
+def startup_action(mode: str, report: EfaReport) -> tuple[int, int]:
+    """(log level, exit code) for the check at start: a fallback is an error with ``require``
+    (exitcodes.NETWORK_FALLBACK), a warning with ``auto``; an unreadable log is a warning."""
+    import logging
+
+    from .exitcodes import NETWORK_FALLBACK
+
+    if report.verdict in VERDICT_OK:
+        return logging.INFO, 0
+    if report.verdict != "unknown" and mode == "require":
+        return logging.ERROR, NETWORK_FALLBACK
+    return logging.WARNING, 0

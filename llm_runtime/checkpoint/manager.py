@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..faults import inject
 from .layout import MANIFEST, Manifest, ManifestError, NodeObject, due, node_key, resume_order, retention, run_id_for, step_dir
 from .state import restore_rng, rng_state
 from .store import LocalStore, StoreError, open_store
@@ -59,8 +61,12 @@ class SaveReport:
 
 class Checkpointer:
     def __init__(self, config, *, rank: int, world_size: int, local_rank: int, node_rank: int, num_nodes: int,
-                 backend: str):
+                 backend: str, on_stall=None):
         ck = config.checkpoint
+        self.on_stall = on_stall
+        """Called with (reason, phase=, stalled_s=, timeout_s=) when the upload passes its deadline; it
+        ends the process (the watchdog's failure record and exit code), where a raise would wait for
+        the next step, which may itself wait on this rank in a collective."""
         self.ck, self.config = ck, config
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.node_rank, self.num_nodes, self.backend = node_rank, num_nodes, backend
@@ -74,7 +80,7 @@ class Checkpointer:
         self.nodes = [int(n) for n in gather_json(node_rank, self.group)]  # rank -> node
         # Stop requests are agreed on over a group of their own: the checkpoint group may be busy
         # with a background upload's collectives at any moment.
-        self.control = dist.new_group(backend="gloo")
+        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=config.comm.train_timeout_s))
         self.stop_file = os.environ.get("LLM_RUNTIME_STOP_FILE", "")
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -172,6 +178,9 @@ class Checkpointer:
             if self.rank == 0:
                 log.info("%s objects=%d", report.line(), len(manifest.objects) + (1 if self.store else 0))
         except BaseException as err:  # noqa: BLE001 - raised in the training thread by wait()
+            if isinstance(err, TimeoutError) and self.on_stall is not None:
+                self.on_stall(str(err), phase="checkpoint", stalled_s=self.ck.upload_timeout_s,
+                              timeout_s=self.ck.upload_timeout_s, frame=sys._current_frames().get(threading.get_ident()))
             self._error = err
 
     def _node_report(self, step: int) -> dict:
@@ -183,7 +192,11 @@ class Checkpointer:
                     "object": asdict(local_members(root, names, key, self.node_rank))}
         stream = TarStream(root, names)  # packed while it uploads: no local tar copy
         before = sum(self.store.stats.counts.values())
-        run_with_deadline(lambda: self.store.put_stream(key, stream), self.ck.upload_timeout_s,
+        def upload():
+            inject(self.rank, step, "checkpoint")  # a drill: a stuck upload
+            return self.store.put_stream(key, stream)
+
+        run_with_deadline(upload, self.ck.upload_timeout_s,
                           f"upload of node {self.node_rank}'s checkpoint (step {step})")
         return {"node": self.node_rank, "requests": sum(self.store.stats.counts.values()) - before,
                 "object": asdict(stream.node_object(key, self.node_rank))}

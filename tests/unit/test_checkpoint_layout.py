@@ -5,7 +5,6 @@ import pytest
 
 from llm_runtime.checkpoint.layout import (Manifest, ManifestError, Member, NodeObject, due, node_key, resume_order,
                                            retention, run_id_for, step_dir)
-from llm_runtime.faults import Fault, FaultError, parse_faults
 
 
 def test_run_id_is_stable_for_a_uri_and_never_a_timestamp():
@@ -102,27 +101,3 @@ def test_resume_tries_newest_first_and_can_stop_at_a_step():
     assert resume_order([3, 9, 6]) == [9, 6, 3]
     assert resume_order([3, 9, 6], not_after=6) == [6, 3]
     assert step_dir(42) == "step-000000042"
-
-
-@pytest.mark.parametrize("text,faults", [
-    ("", []),
-    ("hang:rank=1,step=3", [Fault("hang", 1, 3)]),
-    ("kill:step=5", [Fault("kill", None, 5)]),
-    ("kill:rank=0;hang:rank=2,step=9", [Fault("kill", 0, None), Fault("hang", 2, 9)]),
-])
-def test_fault_specs_name_a_kind_rank_and_step(text, faults):
-    assert parse_faults(text) == faults
-
-
-@pytest.mark.parametrize("text,needle", [("explode:rank=1", "'explode' is not one of hang, kill"),
-                                         ("hang:rank=one", "'rank=one' is not rank=N or step=N"),
-                                         ("hang:host=2", "'host=2' is not rank=N or step=N")])
-def test_a_malformed_fault_spec_is_quoted(text, needle):
-    with pytest.raises(FaultError, match=needle):
-        parse_faults(text)
-
-
-def test_a_fault_fires_only_on_its_rank_and_step():
-    fault = Fault("hang", 1, 3)
-    assert fault.fires(1, 3) and not fault.fires(0, 3) and not fault.fires(1, 4)
-    assert Fault("kill").fires(7, 99)

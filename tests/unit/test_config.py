@@ -65,7 +65,7 @@ def test_each_source_sets_its_own_keys_without_clobbering_others(tmp_path):
     ("LLM_RUNTIME_TRAIN_MIN_LR_RATIO", "0.25", ("train", "min_lr_ratio"), 0.25),
     ("LLM_RUNTIME_LAUNCH_MAX_RESTARTS", "2", ("launch", "max_restarts"), 2),
     ("LLM_RUNTIME_LAUNCH_MPI", "yes", ("launch", "mpi"), True),
-    ("LLM_RUNTIME_DIST_INIT_TIMEOUT_S", "60", ("dist", "init_timeout_s"), 60.0),
+    ("LLM_RUNTIME_COMM_INIT_TIMEOUT_S", "60", ("comm", "init_timeout_s"), 60.0),
     ("LLM_RUNTIME_NETENV_EFA", "off", ("netenv", "efa"), "off"),
 ])
 def test_environment_variable_sets_section_key_with_underscores(name, value, attr, expected):

@@ -29,7 +29,8 @@ EFA_OLD_LF = Fabric(efa_provider=True, ofi_nccl_version="1.9.1", libfabric_versi
 TORCH = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
          "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000"}
 IFACE = {"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0"}
-EFA_BASE = {"FI_PROVIDER": "efa", "NCCL_LAUNCH_MODE": "PARALLEL", "NCCL_NET_SHARED_COMMS": "0"}
+VERIFY = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET", "NCCL_DEBUG_FILE": "/tmp/llm-runtime-nccl.%h.%p.log"}
+EFA_BASE = {"FI_PROVIDER": "efa", "NCCL_LAUNCH_MODE": "PARALLEL", "NCCL_NET_SHARED_COMMS": "0", **VERIFY}
 CLASSIC = {**EFA_BASE, "NCCL_PROTO": "simple"}
 
 PLAN_CASES = [
@@ -64,6 +65,11 @@ def test_plan_table(info, fabric, timeout_dump, expected):
     assert all(isinstance(e, EnvEntry) and e.reason.strip() for e in got.values())
     if not fabric.has_efa:
         assert not [k for k in got if k.startswith("FI_")]
+
+
+def test_with_verify_efa_off_nccl_debug_is_left_to_the_user():
+    got = netenv.plan(INFO, EFA_NEW, verify_efa=False)
+    assert not [k for k in got if k.startswith("NCCL_DEBUG")] and got["FI_PROVIDER"].value == "efa"
 
 
 def test_plan_reasons_name_rules():
@@ -199,7 +205,7 @@ def test_format_table_aligned():
     text = netenv.format_table(netenv.resolve(PLAN, {"NCCL_PROTO": "LL128"}))
     lines = text.splitlines()
     assert lines[0].split(" | ")[:3] == ["VAR".ljust(len("TORCH_NCCL_ASYNC_ERROR_HANDLING")),
-                                          "value".ljust(len("PARALLEL")), "source"]
+                                          "value".ljust(max(len(e.value) for e in PLAN.values())), "source"]
     assert len(lines) == len(PLAN) + 2
     bars = {line.index(" | ") for line in lines if " | " in line}
     assert len(bars) == 1

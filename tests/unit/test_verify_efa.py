@@ -1,12 +1,14 @@
 """verify-efa on NCCL_DEBUG=INFO logs of each kind (written for these tests in NCCL's format;
 no EFA hardware exists here)."""
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
 from llm_runtime.cli import main
-from llm_runtime.verify_efa import analyse, exit_code
+from llm_runtime import exitcodes
+from llm_runtime.verify_efa import analyse, debug_file, exit_code, startup_action
 
 LOGS = Path(__file__).resolve().parents[1] / "data" / "nccl"
 
@@ -58,3 +60,21 @@ def test_an_unreadable_log_is_one_line_naming_it(tmp_path, capsys):
     assert main(["verify-efa", str(tmp_path / "missing.log")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.log" in err[0]
+
+
+@pytest.mark.parametrize("log_name,mode,level,code", [
+    ("efa_gdrdma.log", "auto", logging.INFO, 0),
+    ("efa.log", "require", logging.INFO, 0),
+    ("socket_fallback.log", "auto", logging.WARNING, 0),
+    ("socket_fallback.log", "require", logging.ERROR, exitcodes.NETWORK_FALLBACK),
+    ("ofi_tcp_provider.log", "require", logging.ERROR, exitcodes.NETWORK_FALLBACK),
+    ("no_nccl.log", "require", logging.WARNING, 0),  # cannot tell: say so, do not fail a healthy job
+])
+def test_the_check_at_start_warns_or_fails_on_a_fallback(log_name, mode, level, code):
+    """The captured sample logs stand in for NCCL on EFA hosts, which this machine has not."""
+    report = analyse((LOGS / log_name).read_text())
+    assert startup_action(mode, report) == (level, code)
+
+
+def test_nccl_debug_file_names_one_file_per_host_and_process():
+    assert debug_file("/tmp/llm-runtime-nccl.%h.%p.log", "algo-2", 4242) == "/tmp/llm-runtime-nccl.algo-2.4242.log"

@@ -1,0 +1,285 @@
+"""The hang watchdog: a thread in every worker that turns a stall into a prompt, explained exit.
+
+The training loop reports each phase as it enters it (``beat(step, phase)``): ``data`` (waiting
+for the batch), ``step`` (forward/backward/optimizer), ``checkpoint`` (the blocking part of a
+save or restore), ``start`` / ``export``. When a phase makes no progress within its timeout
+(:func:`phase_timeout`: fixed, or a multiple of the median step time with a floor), the
+watchdog dumps every thread's stack, trades a short record with the other stalled ranks over the
+job's store to name a suspect (a rank stuck outside a collective, while the others wait inside
+one), writes a one-line failure record to the log and to the output dir (on SageMaker
+``/opt/ml/output/failure``, which SageMaker shows as the job's failure reason), and exits with
+``exitcodes.STALLED``. The launcher then exits with the same code and tears the job down.
+"""
+from __future__ import annotations
+
+import faulthandler
+import json
+import logging
+import os
+import statistics
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import exitcodes
+from .config import WatchdogConfig
+from .secrets import redact
+
+__all__ = ["FailureRecord", "Watchdog", "is_collective_timeout", "output_dir_for", "phase_timeout", "suspects"]
+
+log = logging.getLogger(__name__)
+_TIMED = ("data", "step")
+
+
+def phase_timeout(phase: str, cfg: WatchdogConfig, durations: Sequence[float], checkpoint_s: float) -> float | None:
+    """Seconds ``phase`` may go without progress; None = unwatched (before the first beat, after the last)."""
+    if phase in _TIMED:
+        if cfg.step_timeout_s > 0:
+            return cfg.step_timeout_s
+        if len(durations) < max(1, cfg.warmup_steps):
+            return cfg.first_timeout_s
+        return max(cfg.floor_s, cfg.multiple * statistics.median(durations))
+    if phase == "checkpoint":
+        return cfg.checkpoint_timeout_s or checkpoint_s
+    if phase in ("start", "export", "health"):
+        return cfg.first_timeout_s
+    return None
+
+
+def output_dir_for(configured: str, env: Mapping[str, str], cluster_kind: str) -> str:
+    """``train.output_dir``, else SageMaker's (SM_OUTPUT_DIR, /opt/ml/output), else none."""
+    if configured:
+        return configured
+    if env.get("SM_OUTPUT_DIR"):
+        return env["SM_OUTPUT_DIR"]
+    return "/opt/ml/output" if cluster_kind == "sagemaker" else ""
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """A collective (gloo, NCCL) or the data loader gave up waiting: a stall, not a bug."""
+    text = str(err).lower()
+    return isinstance(err, TimeoutError) or (isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text))
+
+
+def where(frame) -> tuple[str, bool]:
+    """(innermost ``file:line function`` of a thread's stack, whether it waits inside torch.distributed)."""
+    if frame is None:
+        return "", False
+    stack = traceback.extract_stack(frame)
+    last = stack[-1]
+    in_collective = any("/torch/distributed/" in entry.filename.replace("\\", "/") for entry in stack[-15:])
+    return f"{os.path.basename(last.filename)}:{last.lineno} {last.name}", in_collective
+
+
+def suspects(records: Sequence[Mapping]) -> list[int]:
+    """The ranks to blame: those stalled outside a collective (the others wait for them), else all."""
+    outside = [r for r in records if not r.get("in_collective")]
+    return sorted({int(r["rank"]) for r in (outside or records)})
+
+
+@dataclass
+class FailureRecord:
+    kind: str
+    """``stalled`` (watchdog / timeout) or ``error``."""
+    host: str
+    rank: int
+    step: int
+    phase: str
+    reason: str
+    stalled_s: float = 0.0
+    timeout_s: float = 0.0
+    where: str = ""
+    in_collective: bool = False
+    time: float = field(default_factory=time.time)
+    suspects: list[int] = field(default_factory=list)
+
+    def line(self) -> str:
+        parts = [f"llm-runtime {self.kind}: host={self.host} rank={self.rank} step={self.step} phase={self.phase}"]
+        if self.kind == "stalled":
+            parts.append(f"stalled_s={self.stalled_s:.0f} timeout_s={self.timeout_s:g}")
+        if self.where:
+            parts.append(f"where={self.where.replace(' ', ':')}" + (" (in a collective)" if self.in_collective else ""))
+        if self.suspects:
+            parts.append("suspect_ranks=" + ",".join(map(str, self.suspects)))
+        parts.append(f"reason={self.reason}")
+        return redact(" ".join(parts))
+
+
+class Watchdog:
+    def __init__(self, cfg: WatchdogConfig, *, rank: int, world_size: int, host: str, output_dir: str = "",
+                 checkpoint_s: float = 2100.0, store=None, poll_s: float = 1.0):
+        self.cfg, self.rank, self.world_size, self.host = cfg, rank, world_size, host
+        self.output_dir, self.checkpoint_s, self.store, self.poll_s = output_dir, checkpoint_s, store, poll_s
+        self.durations: deque[float] = deque(maxlen=100)
+        self._lock = threading.Lock()
+        self._state = (0, "idle", time.monotonic(), None)  # step, phase, since, timeout override
+        self._step_started: float | None = None
+        self._failing = threading.Event()
+        self._stop = threading.Event()
+        self._main = threading.main_thread()
+        self._thread: threading.Thread | None = None
+        if cfg.enabled:
+            self._thread = threading.Thread(target=self._run, name="llm-runtime-watchdog", daemon=True)
+            self._thread.start()
+
+    # ---- what the training loop calls -----------------------------------------------------
+    def beat(self, step: int, phase: str, timeout_s: float | None = None) -> None:
+        """Entering ``phase`` of ``step`` (progress); a ``data`` beat also times the previous step."""
+        now = time.monotonic()
+        if phase == "data":
+            if self._step_started is not None:
+                self.durations.append(now - self._step_started)
+            self._step_started = now
+        with self._lock:
+            self._state = (step, phase, now, timeout_s)
+
+    def pause(self) -> None:
+        """Between phases that are not watched (a checkpoint restore resets the step timing too)."""
+        self._step_started = None
+        with self._lock:
+            self._state = (self._state[0], "idle", time.monotonic(), None)
+
+    def write_record(self, record: FailureRecord) -> None:
+        """Write a failure found elsewhere (the health check's verdict) as this rank's and the host's record."""
+        self._write(record, record)
+
+    def recovered(self) -> None:
+        """The job finished after an elastic restart: the host's failure record of the failed attempt is
+        moved aside (kept under failures/), so a successful job does not show a failure reason."""
+        failure = Path(self.output_dir) / "failure" if self.output_dir else None
+        if failure is None or not failure.exists():
+            return
+        try:
+            target = failure.parent / "failures" / f"recovered-{int(time.time())}.txt"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            failure.replace(target)
+            log.warning("recovered after a restart; the failed attempt's record is now %s", target)
+        except OSError as err:
+            log.warning("could not move the failure record of the failed attempt: %s", err)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.pause()
+
+    def fail(self, reason: str, *, phase: str | None = None, stalled_s: float = 0.0, timeout_s: float = 0.0,
+             frame=None, code: int = exitcodes.STALLED) -> None:
+        """Record a stall found elsewhere (a deadline, a timed-out collective) and exit with ``code``."""
+        step, current, since, _ = self._state
+        self._stall(step, phase or current, stalled_s or time.monotonic() - since, timeout_s, reason,
+                    frame if frame is not None else sys._current_frames().get(self._main.ident), code)
+
+    def on_error(self, err: BaseException) -> None:
+        """The training thread is dying of ``err``: a timeout is a stall (exits here); any other
+        error gets a failure record and goes on to its traceback."""
+        if isinstance(err, (KeyboardInterrupt, SystemExit)) or self._failing.is_set():
+            return
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        if is_collective_timeout(err):
+            tb = err.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            self.fail(f"{type(err).__name__}: {first}", frame=tb.tb_frame if tb is not None else None)
+        step, phase, _, _ = self._state
+        record = FailureRecord("error", self.host, self.rank, step, phase, f"{type(err).__name__}: {first}")
+        self._write(record, record)
+
+    # ---- the thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            with self._lock:
+                step, phase, since, override = self._state
+            timeout = override or phase_timeout(phase, self.cfg, self.durations, self.checkpoint_s)
+            stalled = time.monotonic() - since
+            if timeout is not None and stalled > timeout:
+                self._stall(step, phase, stalled, timeout, "no progress within the phase's timeout",
+                            sys._current_frames().get(self._main.ident), exitcodes.STALLED)
+
+    def _stall(self, step: int, phase: str, stalled_s: float, timeout_s: float, reason: str, frame,
+               code: int) -> None:
+        if self._failing.is_set():  # another thread is already on its way out
+            time.sleep(self.cfg.exchange_s + 60)
+            os._exit(code)
+        self._failing.set()
+        spot, in_collective = where(frame)
+        record = FailureRecord("stalled", self.host, self.rank, step, phase, reason, stalled_s, timeout_s, spot,
+                               in_collective)
+        log.error("%s; stacks of every thread follow", record.line())
+        _flush()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        records = self._exchange(asdict(record))
+        record.suspects = suspects(records)
+        # The host's record describes the first suspect (as every stalled rank saw it), whoever writes it.
+        blamed = min((r for r in records if r["rank"] in record.suspects), key=lambda r: (r["time"], r["rank"]))
+        summary = FailureRecord(**{**blamed, "suspects": record.suspects})
+        self._write(record, summary, stacks=True)
+        log.error("failure record: %s", summary.line())
+        _flush()
+        os._exit(code)
+
+    def _exchange(self, mine: dict) -> list[dict]:
+        """Every stalled rank's record, gathered over the job's store for ``exchange_s`` (bounded)."""
+        if self.store is None or self.world_size == 1:
+            return [mine]
+        seen: dict[int, dict] = {}
+
+        def trade() -> None:
+            prefix = f"llm_runtime/stall/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+            index = self.store.add(prefix + "n", 1)
+            self.store.set(f"{prefix}{index}", json.dumps(mine))
+            deadline = time.monotonic() + self.cfg.exchange_s
+            while True:
+                count = self.store.add(prefix + "n", 0)
+                for i in range(1, count + 1):
+                    if i not in seen and self.store.check([f"{prefix}{i}"]):
+                        seen[i] = json.loads(self.store.get(f"{prefix}{i}"))
+                if len(seen) >= self.world_size or time.monotonic() >= deadline:
+                    return
+                time.sleep(0.2)
+
+        worker = threading.Thread(target=lambda: _quietly(trade), daemon=True, name="llm-runtime-stall-exchange")
+        worker.start()
+        worker.join(self.cfg.exchange_s + 5)
+        records = list(seen.values())
+        return records if any(r.get("rank") == self.rank for r in records) else records + [mine]
+
+    def _write(self, record: FailureRecord, summary: FailureRecord, stacks: bool = False) -> None:
+        """The rank's record (JSON, and its stacks) under output_dir/failures, and the host's one-line
+        ``output_dir/failure``: ``summary`` from the first rank on the host to fail."""
+        if not self.output_dir:
+            return
+        try:
+            folder = Path(self.output_dir) / "failures"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"rank-{self.rank:05d}.json").write_text(redact(json.dumps(asdict(record))) + "\n")
+            if stacks:
+                with open(folder / f"rank-{self.rank:05d}.stacks.txt", "w") as sink:
+                    faulthandler.dump_traceback(file=sink, all_threads=True)
+            fd = os.open(Path(self.output_dir) / "failure", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "w") as sink:
+                sink.write(summary.line() + "\n")
+        except FileExistsError:
+            pass
+        except OSError as err:
+            log.warning("could not write the failure record under %s: %s", self.output_dir, err)
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - the store may be gone with its host; blame ourselves alone
+        log.warning("could not trade stall records over the store: %s", err)
+
+
+def _flush() -> None:
+    for handler in logging.getLogger("llm_runtime").handlers:
+        handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,49 @@
+"""LLM_RUNTIME_FAULT: the drill language parses strictly and fires only where it says."""
+import pytest
+
+from llm_runtime.faults import Fault, FaultError, active, parse_faults
+
+
+@pytest.mark.parametrize("text,faults", [
+    ("", []),
+    ("hang:rank=1,step=3", [Fault("hang", 1, 3)]),
+    ("kill:step=5", [Fault("kill", None, 5)]),
+    ("kill:rank=0;hang:rank=2,step=9", [Fault("kill", 0, None), Fault("hang", 2, 9)]),
+    ("hang:rank=1,phase=checkpoint", [Fault("hang", 1, None, "checkpoint")]),
+    ("hang:rank=1, step=3, phase=data", [Fault("hang", 1, 3, "data")]),
+    ("kill:rank=0,step=5,restart=1", [Fault("kill", 0, 5, "step", 1)]),
+    ("slow:rank=1,phase=health;corrupt:rank=0,phase=health",
+     [Fault("slow", 1, None, "health"), Fault("corrupt", 0, None, "health")]),
+])
+def test_fault_specs_name_a_kind_rank_step_and_phase(text, faults):
+    assert parse_faults(text) == faults
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("explode:rank=1", "'explode' is not one of hang, kill, slow, corrupt"),
+    ("hang:rank=one", "'rank=one' is not rank=N"),
+    ("hang:host=2", "'host=2' is not rank=N"),
+    ("hang:phase=lunch", "'phase=lunch' is not"),
+    ("slow:rank=1", "slow and corrupt apply to phase=health only"),
+    ("hang:rank=1,phase=health", "phase=health takes only slow or corrupt"),
+])
+def test_a_malformed_fault_spec_is_quoted(text, needle):
+    with pytest.raises(FaultError, match=needle):
+        parse_faults(text)
+
+
+def test_a_fault_fires_only_on_its_rank_step_and_phase():
+    fault = Fault("hang", 1, 3)
+    assert fault.fires(1, 3) and not fault.fires(0, 3) and not fault.fires(1, 4)
+    assert not fault.fires(1, 3, "data")
+    assert Fault("kill").fires(7, 99)
+    assert Fault("hang", 0, None, "checkpoint").fires(0, 12, "checkpoint")
+
+
+def test_a_fault_fires_in_the_first_attempt_only_unless_told_otherwise():
+    env = {"LLM_RUNTIME_FAULT": "kill:rank=0,step=5"}
+    assert active(0, 5, "step", env) == [Fault("kill", 0, 5)]
+    assert active(0, 5, "step", {**env, "TORCHELASTIC_RESTART_COUNT": "1"}) == []
+    env = {"LLM_RUNTIME_FAULT": "kill:rank=0,step=5,restart=1", "TORCHELASTIC_RESTART_COUNT": "1"}
+    assert active(0, 5, "step", env) == [Fault("kill", 0, 5, "step", 1)]
+    assert active(0, 5, "step", {}) == []
