@@ -66,6 +66,12 @@ def is_collective_timeout(err: BaseException) -> bool:
     return isinstance(err, TimeoutError) or (isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text))
 
 
+def lost_peer(err: BaseException) -> bool:
+    """A collective failed because a peer process went away (gloo: connection closed/reset)."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(m in text for m in ("closed by peer", "reset by peer", "broken pipe"))
+
+
 def where(frame) -> tuple[str, bool]:
     """(innermost ``file:line function`` of a thread's stack, whether it waits inside torch.distributed)."""
     if frame is None:
@@ -186,6 +192,8 @@ class Watchdog:
             self.fail(f"{type(err).__name__}: {first}", frame=tb.tb_frame if tb is not None else None)
         step, phase, _, _ = self._state
         record = FailureRecord("error", self.host, self.rank, step, phase, f"{type(err).__name__}: {first}")
+        if lost_peer(err):  # an effect: give the rank that caused it time to write the host's record first
+            time.sleep(min(self.cfg.exchange_s + 2, 15))
         self._write(record, record)
 
     # ---- the thread -----------------------------------------------------------------------
@@ -219,6 +227,7 @@ class Watchdog:
         self._write(record, summary, stacks=True)
         log.error("failure record: %s", summary.line())
         _flush()
+        self._written(len(records))  # the first rank to exit gets the others torn down: let them write first
         os._exit(code)
 
     def _exchange(self, mine: dict) -> list[dict]:
@@ -246,6 +255,22 @@ class Watchdog:
         worker.join(self.cfg.exchange_s + 5)
         records = list(seen.values())
         return records if any(r.get("rank") == self.rank for r in records) else records + [mine]
+
+    def _written(self, expected: int) -> None:
+        """Wait (briefly, bounded) until the ``expected`` stalled ranks have written their records."""
+        if self.store is None or expected < 2:
+            return
+        key = f"llm_runtime/stall/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/written"
+
+        def wait() -> None:
+            self.store.add(key, 1)
+            deadline = time.monotonic() + 5
+            while self.store.add(key, 0) < expected and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+        worker = threading.Thread(target=lambda: _quietly(wait), daemon=True, name="llm-runtime-stall-written")
+        worker.start()
+        worker.join(7)
 
     def _write(self, record: FailureRecord, summary: FailureRecord, stacks: bool = False) -> None:
         """The rank's record (JSON, and its stacks) under output_dir/failures, and the host's one-line

@@ -123,6 +123,8 @@ def read_shard(path: Path) -> Iterator[np.ndarray]:
         with tarfile.open(path, "r:") as tar:
             for member in tar:
                 offset = member.offset
+                if member.name.startswith("/") or ".." in member.name.split("/"):
+                    raise ValueError(f"member name {member.name!r} is absolute or leaves its directory")
                 if not member.name.endswith(".tokens.npy"):
                     continue
                 handle = tar.extractfile(member)
@@ -166,13 +168,17 @@ class RecordLayout:
             stored = digits @ (8 ** np.arange(5, -1, -1))
             computed = block.sum(axis=1) - block[:, 148:156].sum(axis=1) + 8 * ord(" ")
             good &= ((digits >= 0) & (digits < 8)).all(axis=1) & (stored == computed)
+        for offset in self.header_offsets:  # member names: never absolute, never a '..'
+            name = rows[:, offset:offset + 100]
+            good &= (name[:, 0] != ord("/")) & ~((name[:, :-1] == ord(".")) & (name[:, 1:] == ord("."))).any(axis=1)
         header = np.frombuffer(self.npy_header, np.uint8)
         start = self.data_offset - len(header)
         good &= (rows[:, start:self.data_offset] == header).all(axis=1)
         if not good.all():
             bad = int(np.argmin(good))
             raise ValueError(f"shard {shard} is corrupt at byte offset {first_offset + bad * size} "
-                             "(not a token record of this index's seq_len and dtype)")
+                             "(not a token record of this index's seq_len and dtype, or a member name that is "
+                             "absolute or contains '..')")
         width = (self.seq_len + 1) * np.dtype(self.dtype).itemsize
         data = np.ascontiguousarray(rows[:, self.data_offset:self.data_offset + width])
         return data.view(self.dtype).reshape(len(rows), self.seq_len + 1)

@@ -200,6 +200,26 @@ def test_killing_one_hosts_workers_fails_both_hosts_within_60s(cluster_factory, 
     assert time.monotonic() - killed_at < 60
 
 
+def test_a_rank_hung_in_a_collective_on_the_second_host_stops_both_hosts_with_code_86(cluster_factory, tmp_path):
+    # Rank 2 (algo-2) hangs before its forward; ranks 0, 1 and 3 wait for it inside FSDP's all-gather.
+    cluster = cluster_factory({**TINY, "train.steps": 400, "watchdog.step_timeout_s": 6, "watchdog.exchange_s": 3})
+    for host in HOSTS:
+        cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", "train",
+                      LLM_RUNTIME_FAULT="hang:rank=2,step=3")
+    deadline = time.monotonic() + 180
+    while "LLM_RUNTIME_FAULT: hang on rank 2" not in cluster.output("algo-2"):
+        assert time.monotonic() < deadline, "the fault never fired\n" + cluster.logs()
+        assert all(p.poll() is None for p in cluster.procs.values()), "a host exited early\n" + cluster.logs()
+        time.sleep(0.2)
+    codes = cluster.wait_all(timeout=6 + 30)  # the step timeout plus 30 s
+    assert codes == {"algo-1": 86, "algo-2": 86}, cluster.logs()
+    for host in HOSTS:  # each host's /opt/ml/output/failure (SageMaker's failure reason) blames rank 2
+        failure = (tmp_path / host / "output" / "failure").read_text()
+        assert "host=algo-2 rank=2 step=3 phase=step" in failure and "suspect_ranks=2" in failure, failure
+    waiting = json.loads((tmp_path / "algo-1" / "output" / "failures" / "rank-00000.json").read_text())
+    assert waiting["in_collective"] and waiting["suspects"] == [2]
+
+
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI's mpirun is not installed")
 def test_mpi_launch_from_first_host_reaches_remote_ranks_with_the_env_plan(cluster_factory, tmp_path):
     out = tmp_path / "reports"

@@ -144,3 +144,23 @@ def test_a_tokenizer_that_is_not_a_tokenizer_json_is_named(corpus, tmp_path):
         prepare([str(corpus)], str(tmp_path / "out"), seq_len=32, tokenizer=str(bad), progress=False)
     with pytest.raises(PrepareError, match="no/such.json: No such file"):
         prepare([str(corpus)], str(tmp_path / "out"), seq_len=32, tokenizer="no/such.json", progress=False)
+
+
+@pytest.mark.parametrize("key", ["../../../etc/x00000", "/abs/path/x00000"])
+def test_a_shard_member_named_outside_its_directory_is_refused_by_both_readers(tmp_path, key):
+    """A hostile shard: valid tar headers (checksums right), member names absolute or with '..'."""
+    from webdataset import TarWriter
+
+    from llm_runtime.data.shards import RecordLayout, ShardIndex, _npy_bytes
+
+    sample = np.arange(9, dtype=np.uint16)
+    good, bad = tmp_path / "good.tar", tmp_path / "bad.tar"
+    for path, name in ((good, "000000000000"), (bad, key)):
+        with open(path, "wb") as sink, TarWriter(sink, mtime=0.0, user="llm_runtime", group="llm_runtime") as tar:
+            tar.write({"__key__": name, "tokens.npy": _npy_bytes(sample)})
+    layout = RecordLayout.for_index(ShardIndex(seq_len=8, tokenizer="byte", vocab_size=256, dtype="uint16"))
+    assert layout.decode(good.read_bytes()[:layout.record_bytes], "good.tar", 0).tolist() == [sample.tolist()]
+    with pytest.raises(ValueError, match=r"bad.tar is corrupt at byte offset 0 .*absolute or contains '\.\.'"):
+        layout.decode(bad.read_bytes()[:layout.record_bytes], "bad.tar", 0)
+    with pytest.raises(ValueError, match="absolute or leaves its directory"):
+        list(read_shard(bad))
