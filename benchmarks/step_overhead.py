@@ -31,7 +31,7 @@ def ours(args, log_every: int, extra: tuple[str, ...] = ()) -> float:
         cmd = [str(BIN / "llm-runtime"), "train", "--nproc-per-node", str(args.nproc), f"--model.dim={args.dim}",
                f"--model.layers={args.layers}", f"--model.heads={args.heads}", f"--train.seq_len={args.seq}",
                f"--train.batch_size={args.batch}", f"--train.steps={args.steps}", f"--train.log_every={log_every}",
-               "--train.lr_schedule=constant", "--train.warmup_steps=0", f"--train.metrics_path={path}", *extra]
+               "--train.lr_schedule=constant", "--train.warmup_steps=0", f"--metrics.jsonl={path}", *extra]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
         rows = [json.loads(line) for line in path.read_text().splitlines()]
     steady = [r for r in rows if r["step"] > args.warmup]  # windows after the warm-up steps

@@ -38,6 +38,10 @@ commands:
       names stragglers; exit 87 when a node is bad (see README "Exit codes")
   info [--json] [--cluster KIND]
       the detected cluster and the network environment plan
+  metric-definitions [--json]
+      SageMaker metric definitions (Name, Regex) that read the training log's metrics line
+  report METRICS.jsonl [--out report.png]
+      loss, tokens/s and checkpoint blocked time against step, in one image
   prepare-data --input PATH|s3://...  --output DIR|s3://... --seq-len N [--shard-size 256MB] [--workers K]
                [--prefixes N] [--host-index I --num-hosts H]  (hosts default to the detected cluster)
       tokenize text / jsonl (.gz) files into webdataset token shards with index.json
@@ -175,6 +179,10 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hype
               report=True)
         if faults:
             log.warning("LLM_RUNTIME_FAULT=%s is set: faults will be injected", os.environ["LLM_RUNTIME_FAULT"])
+    if target.module == "llm_runtime" and not info.is_worker:
+        from .watchdog import output_dir_for, set_aside_failure
+
+        set_aside_failure(output_dir_for(config.train.output_dir, os.environ, info.kind), "previous")
     env_plan, fabric = _env_plan(info, config)
     plan = plan_launch(info, target, nproc=nproc, max_restarts=config.launch.max_restarts, mpi=mpi,
                        env_exports=mpi_export_names(os.environ, netenv.mpi_exports(env_plan)),
@@ -193,6 +201,9 @@ def cmd_launch(args: Sequence[str]) -> int:
     pairs, toml, flags, rest = _split_launcher_options(args, stop_at_target=True)
     hyper = sm.read_hyperparameters(os.environ)
     program = None
+    if rest and rest[0] in RUNTIME_COMMANDS:  # `docker run IMAGE healthcheck`, `... info` (ENTRYPOINT is launch)
+        options = list(args[:len(args) - len(rest)]) if rest[0] == "healthcheck" else []
+        return COMMANDS[rest[0]]([*options, *rest[1:]])
     if rest and rest[0] == "train":
         # The SageMaker contract: `docker run IMAGE train` -> the job's program, else the built-in trainer.
         code_dir = Path(os.environ.get("SAGEMAKER_BASE_DIR") or "/opt/ml") / "code"
@@ -241,6 +252,37 @@ def cmd_healthcheck(args: Sequence[str]) -> int:
         return code
     _check_faults()
     return _launch(info, config, Target(module="llm_runtime", args=("healthcheck", *args)), flags, {})
+
+
+def cmd_metric_definitions(args: Sequence[str]) -> int:
+    from .metrics import metric_definitions
+
+    parser = argparse.ArgumentParser(prog="llm-runtime metric-definitions")
+    parser.add_argument("--json", action="store_true", help="the list as JSON (SageMaker's MetricDefinitions)")
+    ns = parser.parse_args(args)
+    definitions = metric_definitions()
+    if ns.json:
+        print(json.dumps(definitions, indent=2))
+    else:
+        for item in definitions:
+            print(f"{item['Name']:<32} {item['Regex']}")
+    return 0
+
+
+def cmd_report(args: Sequence[str]) -> int:
+    from .report import ReportError, load_metrics, plot
+
+    parser = argparse.ArgumentParser(prog="llm-runtime report")
+    parser.add_argument("metrics", help="a metrics JSON lines file (metrics.jsonl)")
+    parser.add_argument("--out", default="report.png")
+    parser.add_argument("--title", default="")
+    ns = parser.parse_args(args)
+    try:
+        path = plot(load_metrics(ns.metrics), ns.out, title=ns.title)
+    except ReportError as err:
+        raise UsageError(str(err)) from None
+    print(f"report: {path}")
+    return 0
 
 
 def cmd_info(args: Sequence[str]) -> int:
@@ -358,8 +400,13 @@ def cmd_verify_efa(args: Sequence[str]) -> int:
     return exit_code(report)
 
 
-COMMANDS = {"launch": cmd_launch, "train": cmd_train, "healthcheck": cmd_healthcheck, "info": cmd_info, "prepare-data": cmd_prepare_data,
+COMMANDS = {"launch": cmd_launch, "train": cmd_train, "healthcheck": cmd_healthcheck, "info": cmd_info,
+            "metric-definitions": cmd_metric_definitions, "report": cmd_report, "prepare-data": cmd_prepare_data,
             "checkpoints": cmd_checkpoints, "verify-efa": cmd_verify_efa}
+
+
+#: Commands `launch` passes on (the image's ENTRYPOINT is `llm-runtime launch`).
+RUNTIME_COMMANDS = ("healthcheck", "info", "metric-definitions", "verify-efa", "checkpoints", "report", "prepare-data")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointConfig", "CommConfig", "Config", "ConfigError", "DataConfig", "DistConfig", "HealthConfig", "LaunchConfig", "ModelConfig", "NetenvConfig", "ParallelConfig",
+__all__ = ["CheckpointConfig", "CommConfig", "Config", "ConfigError", "DataConfig", "DistConfig", "HealthConfig", "LaunchConfig", "MetricsConfig", "ModelConfig", "NetenvConfig", "ParallelConfig",
            "TrainConfig", "WatchdogConfig", "ENV_PREFIX", "load_config", "parse_cli_overrides", "to_dict"]
 
 ENV_PREFIX = "LLM_RUNTIME_"
@@ -38,6 +38,11 @@ CHOICES = {
     "data.mode": ("stream", "stage"),
     "health.stragglers": ("warn", "fail"),
 }
+
+
+#: Keys that were renamed, with their new names (a clear error instead of "unknown key").
+MOVED = {"dist.init_timeout_s": "comm.init_timeout_s", "dist.train_timeout_s": "comm.train_timeout_s",
+         "train.metrics_path": "metrics.jsonl"}
 
 
 class ConfigError(ValueError):
@@ -64,8 +69,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     log_every: int = 5
-    metrics_path: str = ""
-    """When set, rank 0 appends one JSON line per logged step (step, loss, grad_norm, lr, tokens_per_s)."""
+    """Steps between metrics lines (see metrics.py for the line's fields)."""
     export_dir: str = ""
     """When set, the final full weights are written there (one torch file per pipeline rank; fsdp backend)."""
     output_dir: str = ""
@@ -222,6 +226,22 @@ class WatchdogConfig:
 
 
 @dataclass
+class MetricsConfig:
+    jsonl: str = ""
+    """Rank 0 appends each metrics record here; empty = SageMaker's output data dir
+    (/opt/ml/output/data/metrics.jsonl) or ``train.output_dir/metrics.jsonl``; ``none`` = off."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (the ``tensorboard`` extra)."""
+    tensorboard_dir: str = ""
+    """Empty = /opt/ml/output/tensorboard on SageMaker (its TensorBoardOutputConfig path), else
+    ``train.output_dir/tensorboard``."""
+    peak_tflops: float = 0.0
+    """The device's peak TFLOP/s for MFU; 0 = from the table of known accelerators (metrics.py)."""
+    flops_per_token: float = 0.0
+    """Training FLOPs per token for MFU; 0 = the bundled model's exact count."""
+
+
+@dataclass
 class HealthConfig:
     preflight: bool = False
     """Run the health check (``llm-runtime healthcheck``) in every worker before training starts."""
@@ -278,6 +298,7 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -340,6 +361,8 @@ def _set(config: Config, dotted: str, value: Any, source: str) -> None:
         )
     section = sections[section_name]
     hints = typing.get_type_hints(type(section))
+    if dotted in MOVED:
+        raise ConfigError(f"config key {dotted!r} (from {source}) is now {MOVED[dotted]!r}")
     if key not in hints:
         raise ConfigError(
             f"unknown config key {dotted!r} (from {source}); [{section_name}] has "

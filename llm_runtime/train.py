@@ -23,6 +23,7 @@ from .parallel.tensor import check_tensor_parallel, llama_root_tp_plan, llama_tp
 from .checkpoint.export import export_model, model_dir_for
 from .data.build import DataPlan, build_loader, global_batch_starts
 from .faults import inject
+from .metrics import memory_gb
 from .runtime import Runtime, init, parse_split_points
 
 __all__ = ["batch_layout", "check", "check_job", "global_batch_starts", "lr_factor", "main", "run"]
@@ -234,39 +235,34 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
         start = checkpointer.restore(state, loader)
         if start >= train.steps:
             log.info("checkpoint step %d reaches train.steps=%d: nothing left to train", start, train.steps)
-    metrics = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}
-    window_start, window_steps = time.perf_counter(), 0
+    window, sink = _metrics(rt, model_config)
+    metrics: dict[str, float] = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}
     for step in range(start + 1, train.steps + 1):
         watchdog.beat(step, "data")
         inject(rt.rank, step, "data")
+        waited = time.perf_counter()
         rows = loader.next_batch().to(rt.device)
+        window.data_wait_s += time.perf_counter() - waited
         watchdog.beat(step, "step")
         inject(rt.rank, step, "step")
         local_loss, grad_norm = trainer.step(rows[:, :-1], rows[:, 1:], accumulation)
-        window_steps += 1
+        window.steps += 1
         if step % train.log_every == 0 or step == train.steps:
-            elapsed = time.perf_counter() - window_start
-            metrics = {
-                "loss": trainer.global_loss(local_loss),
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": window_steps * train.batch_size * train.seq_len / elapsed,
-            }
-            lr = trainer.last_lr()
-            log.info("step=%d loss=%.4f grad_norm=%.4f lr=%.3e tokens_per_s=%.0f", step, metrics["loss"],
-                     metrics["grad_norm"], lr, metrics["tokens_per_s"])
-            if rt.is_main and train.metrics_path:
-                with open(train.metrics_path, "a") as sink:
-                    sink.write(json.dumps({"step": step, "lr": lr, **metrics}) + "\n")
-            window_start, window_steps = time.perf_counter(), 0
+            metrics = window.close(step=step, loss=trainer.global_loss(local_loss), lr=trainer.last_lr(),
+                                   grad_norm=float(grad_norm), memory=memory_gb(rt.device))
+            if sink is not None:
+                sink.write(metrics)
         if checkpointer is not None:
             save, stop = checkpointer.step_boundary(step, train.steps)  # agreed by all ranks
             stop = stop and step < train.steps
             if save or stop:
                 watchdog.beat(step, "checkpoint")
-                checkpointer.save(step, state, loader)
+                window.checkpoint_blocked_s += checkpointer.save(step, state, loader).blocked_s
             if stop:
                 log.info("stop requested by the launcher: saved step %d, stopping", step)
                 watchdog.beat(step, "checkpoint")
+                if sink is not None:
+                    sink.close()
                 return metrics
     watchdog.beat(train.steps, "export")
     if train.export_dir:
@@ -279,7 +275,30 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
         log.info("data requests=%d bytes=%d retries=%d (this rank's reads)", stats["requests"], stats["bytes"],
                  stats["retries"])
     log.info("done steps=%d final_loss=%.4f", train.steps, metrics["loss"])
+    if sink is not None:
+        sink.close()
     return metrics
+
+
+def _metrics(rt: Runtime, model_config: LlamaConfig):
+    """This run's metrics window (every rank) and sink (rank 0: log line, JSON lines, TensorBoard)."""
+    from .metrics import MetricsSink, MetricsWindow, default_jsonl, default_tensorboard_dir, peak_tflops
+    from .watchdog import output_dir_for
+
+    config, train = rt.config, rt.config.train
+    device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
+    window = MetricsWindow(tokens_per_step=train.batch_size * train.seq_len, world_size=rt.world_size,
+                           flops_per_token=config.metrics.flops_per_token or model_config.flops_per_token(train.seq_len),
+                           peak=peak_tflops(device_name, config.metrics.peak_tflops))
+    if not rt.is_main:
+        return window, None
+    output_dir = output_dir_for(train.output_dir, os.environ, rt.cluster.kind)
+    jsonl = default_jsonl(config.metrics.jsonl, os.environ, rt.cluster.kind, output_dir)
+    tensorboard = (default_tensorboard_dir(config.metrics.tensorboard_dir, rt.cluster.kind, output_dir)
+                   if config.metrics.tensorboard else "")
+    if not window.peak:
+        log.info("MFU: the peak FLOP/s of %s is unknown (set metrics.peak_tflops); mfu is logged as nan", device_name)
+    return window, MetricsSink(jsonl, tensorboard)
 
 
 class _TorchTrainer:

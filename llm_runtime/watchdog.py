@@ -30,7 +30,8 @@ from . import exitcodes
 from .config import WatchdogConfig
 from .secrets import redact
 
-__all__ = ["FailureRecord", "Watchdog", "is_collective_timeout", "output_dir_for", "phase_timeout", "suspects"]
+__all__ = ["FailureRecord", "Watchdog", "is_collective_timeout", "lost_peer", "output_dir_for", "phase_timeout",
+           "set_aside_failure", "suspects"]
 
 log = logging.getLogger(__name__)
 _TIMED = ("data", "step")
@@ -64,6 +65,22 @@ def is_collective_timeout(err: BaseException) -> bool:
     """A collective (gloo, NCCL) or the data loader gave up waiting: a stall, not a bug."""
     text = str(err).lower()
     return isinstance(err, TimeoutError) or (isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text))
+
+
+def set_aside_failure(output_dir: str, label: str) -> str:
+    """Move ``output_dir/failure`` (an earlier run's or attempt's) to ``failures/<label>-<time>.txt``,
+    so the file only ever describes this run; returns the new path, or "" when there was none."""
+    failure = Path(output_dir) / "failure" if output_dir else None
+    if failure is None or not failure.exists():
+        return ""
+    try:
+        target = failure.parent / "failures" / f"{label}-{int(time.time())}.txt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        failure.replace(target)
+        return str(target)
+    except OSError as err:
+        log.warning("could not move the failure record %s aside: %s", failure, err)
+        return ""
 
 
 def lost_peer(err: BaseException) -> bool:
@@ -157,16 +174,9 @@ class Watchdog:
     def recovered(self) -> None:
         """The job finished after an elastic restart: the host's failure record of the failed attempt is
         moved aside (kept under failures/), so a successful job does not show a failure reason."""
-        failure = Path(self.output_dir) / "failure" if self.output_dir else None
-        if failure is None or not failure.exists():
-            return
-        try:
-            target = failure.parent / "failures" / f"recovered-{int(time.time())}.txt"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            failure.replace(target)
-            log.warning("recovered after a restart; the failed attempt's record is now %s", target)
-        except OSError as err:
-            log.warning("could not move the failure record of the failed attempt: %s", err)
+        moved = set_aside_failure(self.output_dir, "recovered")
+        if moved:
+            log.warning("recovered after a restart; the failed attempt's record is now %s", moved)
 
     def close(self) -> None:
         self._stop.set()

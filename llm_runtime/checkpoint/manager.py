@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..faults import inject
+from ..progress import bar
 from .layout import MANIFEST, Manifest, ManifestError, NodeObject, due, node_key, resume_order, retention, run_id_for, step_dir
 from .state import restore_rng, rng_state
 from .store import LocalStore, StoreError, open_store
@@ -190,14 +191,17 @@ class Checkpointer:
         if self.store is None:
             return {"node": self.node_rank, "requests": 0,
                     "object": asdict(local_members(root, names, key, self.node_rank))}
-        stream = TarStream(root, names)  # packed while it uploads: no local tar copy
-        before = sum(self.store.stats.counts.values())
-        def upload():
-            inject(self.rank, step, "checkpoint")  # a drill: a stuck upload
-            return self.store.put_stream(key, stream)
+        total = sum((root / name).stat().st_size for name in names)
+        with bar(total, f"checkpoint step {step}: upload node {self.node_rank}") as shown:
+            stream = TarStream(root, names, progress=shown)  # packed while it uploads: no local tar copy
+            before = sum(self.store.stats.counts.values())
 
-        run_with_deadline(upload, self.ck.upload_timeout_s,
-                          f"upload of node {self.node_rank}'s checkpoint (step {step})")
+            def upload():
+                inject(self.rank, step, "checkpoint")  # a drill: a stuck upload
+                return self.store.put_stream(key, stream)
+
+            run_with_deadline(upload, self.ck.upload_timeout_s,
+                              f"upload of node {self.node_rank}'s checkpoint (step {step})")
         return {"node": self.node_rank, "requests": sum(self.store.stats.counts.values()) - before,
                 "object": asdict(stream.node_object(key, self.node_rank))}
 
@@ -346,8 +350,10 @@ class Checkpointer:
         and drops files no manifest lists (a stale layout's), the others wait at the group's barrier."""
         wanted = {n for n in manifest.member_names() if n.startswith("ds/")}
         if self.local_rank == 0:
-            for name in sorted(wanted):
-                ensure_member(manifest, name, root, store)
+            with bar(len(wanted), f"checkpoint step {manifest.step}: fetch and verify", unit="file") as shown:
+                for name in sorted(wanted):
+                    ensure_member(manifest, name, root, store)
+                    shown.update(1)
             for path in (root / "ds").rglob("*") if (root / "ds").exists() else ():
                 if path.is_file() and str(path.relative_to(root)) not in wanted:
                     path.unlink()
@@ -415,8 +421,12 @@ class _VerifyingReader:
                 return super().read_metadata(*args, **kwargs)
 
             def read_data(self, plan, planner):
-                for name in sorted({self.storage_data[item.storage_index].relative_path for item in plan.items}):
-                    ensure_member(manifest, f"dcp/{name}", root, store)
+                names = sorted({self.storage_data[item.storage_index].relative_path for item in plan.items})
+                sizes = [manifest.member(f"dcp/{name}")[1].size for name in names]
+                with bar(sum(sizes), f"checkpoint step {manifest.step}: fetch and verify") as shown:
+                    for name, size in zip(names, sizes):
+                        ensure_member(manifest, f"dcp/{name}", root, store)
+                        shown.update(size)
                 return super().read_data(plan, planner)
 
         os.makedirs(path, exist_ok=True)

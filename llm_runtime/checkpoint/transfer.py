@@ -35,8 +35,9 @@ class TarStream:
     mode and mtime), so any tar reader can open the object.
     """
 
-    def __init__(self, root: Path, names: list[str]):
+    def __init__(self, root: Path, names: list[str], progress=None):
         self.root, self.names = root, sorted(names)
+        self.progress = progress  # .update(bytes) as the upload pulls them (a progress bar)
         self.digest = hashlib.sha256()
         self.position = 0
         self.members: list[Member] = []
@@ -77,6 +78,8 @@ class TarStream:
             self.position += len(take)
             got += len(take)
             out.append(take)
+        if self.progress is not None and got:
+            self.progress.update(got)
         return b"".join(out)
 
     def node_object(self, key: str, node: int) -> NodeObject:

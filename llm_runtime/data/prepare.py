@@ -16,7 +16,6 @@ import importlib.util
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..progress import bar
 from .shards import INDEX_NAME, ShardIndex, ShardInfo, bytes_per_sample, read_index, token_dtype, write_shard
 from .sources import parse_s3_uri
 from .storage import download, list_s3_inputs, open_output, shard_name
@@ -269,7 +269,6 @@ def _write_shards(files, out, *, seq_len, shard_size, workers, tokenizer, text_f
     index = ShardIndex(seq_len=seq_len, tokenizer=load_tokenizer(tokenizer).name, vocab_size=vocab,
                        dtype=token_dtype(vocab).name)
     per_shard = max(1, shard_size // bytes_per_sample(seq_len, token_dtype(vocab)))
-    show = sys.stderr.isatty() if progress is None else progress
     tokens_total = 0
 
     def flush(samples: list[np.ndarray]) -> None:
@@ -282,21 +281,18 @@ def _write_shards(files, out, *, seq_len, shard_size, workers, tokenizer, text_f
     with tempfile.TemporaryDirectory(dir=out.scratch_dir(), prefix=".scratch-") as scratch:
         tasks = [(path, seq_len, scratch, text_field, tokenizer) for path in files]
         workers = workers or min(len(files), os.cpu_count() or 1)
-        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool, \
+                bar(len(files), "prepare-data", unit="file", enabled=progress) as shown:
             results = _ordered(pool, tasks, ahead=2 * max(1, workers))  # input order: packing is deterministic
             pending: list[np.ndarray] = []
-            for done, (scratch_file, _, tokens) in enumerate(results, 1):
+            for scratch_file, _, tokens in results:
                 tokens_total += tokens
                 pending.extend(np.load(scratch_file))
                 os.unlink(scratch_file)
                 while len(pending) >= per_shard:
                     flush(pending[:per_shard])
                     del pending[:per_shard]
-                if show:
-                    print(f"\rprepare-data: {done}/{len(files)} files, {len(index.shards)} shards", end="",
-                          file=sys.stderr, flush=True)
+                shown.update(1)
             if pending:
                 flush(pending)
-    if show:
-        print(file=sys.stderr)
     return index, tokens_total

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..progress import bar
 from .shards import ShardIndex, sha256_file
 from .sources import parse_s3_uri
 
@@ -82,16 +83,21 @@ def _copy_and_verify(uri: str, index: ShardIndex, dest: Path, timeout_s: float) 
     if uri.startswith("s3://"):
         _copy_s3(uri, names, dest, timeout_s)
     else:
-        for name in names:
-            check_deadline("copying")
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(os.path.join(uri, name), dest / name)
+        with bar(sum(s.bytes for s in index.shards), f"staging {len(names)} shards: copy") as shown:
+            for shard, name in zip(index.shards, names):
+                check_deadline("copying")
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(os.path.join(uri, name), dest / name)
+                shown.update(shard.bytes)
 
     def digest(name: str) -> str:
         check_deadline("verifying checksums")
-        return sha256_file(dest / name)
+        value = sha256_file(dest / name)
+        shown.update((dest / name).stat().st_size)
+        return value
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=4) as pool, \
+            bar(sum(s.bytes for s in index.shards), f"staging {len(names)} shards: verify") as shown:
         digests = list(pool.map(digest, names))
     for shard, digest in zip(index.shards, digests):
         if digest != shard.sha256:

@@ -76,7 +76,7 @@ def test_deepspeed_job_started_by_plain_mpirun_trains_like_one_process(reference
     # No deepspeed launcher, no torchrun: mpirun starts the ranks, the runtime maps OMPI_* to ranks.
     path = tmp_path / "metrics.jsonl"
     proc = run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", str(BIN / "llm-runtime"), "train",
-                *COMMON, *DS, "--parallel.zero_stage=2", f"--train.metrics_path={path}"],
+                *COMMON, *DS, "--parallel.zero_stage=2", f"--metrics.jsonl={path}"],
                env=clean_env(MASTER_PORT=str(free_port())), timeout=300)
     assert "cluster mpi" in proc.stdout
     for ref, mine in zip(reference, metrics(path), strict=True):

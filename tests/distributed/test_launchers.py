@@ -50,7 +50,7 @@ def test_launch_exits_nonzero_when_one_worker_fails(tmp_path):
 
 
 def test_a_rank_that_never_joins_a_collective_fails_the_job_after_the_train_timeout(tmp_path):
-    env = clean_env(LLM_RUNTIME_DIST_TRAIN_TIMEOUT_S="5")
+    env = clean_env(LLM_RUNTIME_COMM_TRAIN_TIMEOUT_S="5")
     started = time.monotonic()
     proc = run([str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", WORKER, str(tmp_path),
                 "--hang-rank", "1"], env=env, timeout=120, check=False)

@@ -56,7 +56,7 @@ def train(out: Path, nproc: int, extra: list[str], *, export: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     exporting = [f"--train.export_dir={out / 'weights'}"] if export else []
     proc = run([str(BIN / "llm-runtime"), "train", "--nproc-per-node", str(nproc), *COMMON, *extra,
-                f"--train.metrics_path={out / 'metrics.jsonl'}", *exporting], timeout=300)
+                f"--metrics.jsonl={out / 'metrics.jsonl'}", *exporting], timeout=300)
     log = proc.stdout + (proc.stderr if stderr else "")
     weights: dict[str, torch.Tensor] = {}
     for part in sorted((out / "weights").glob("weights-pp*.pt")):

@@ -20,7 +20,7 @@ TINY = ["--model.dim=64", "--model.layers=2", "--model.heads=4", "--train.seq_le
 
 def command(tmp_path, name, *args, nproc=2, steps=10):
     return [str(BIN / "llm-runtime"), "train", "--nproc-per-node", str(nproc), *TINY, f"--train.steps={steps}",
-            f"--train.metrics_path={tmp_path / name}.jsonl", *args]
+            f"--metrics.jsonl={tmp_path / name}.jsonl", *args]
 
 
 def train(tmp_path, name, *args, nproc=2, steps=10, timeout=240, check=True, **env):

@@ -169,7 +169,7 @@ def test_train_streams_from_s3_through_faults_and_tp_peers_get_identical_batches
 
     path = tmp_path / "metrics.jsonl"
     proc = run([str(BIN / "llm-runtime"), "train", "--nproc-per-node", "2", "--model.dim=64", "--model.layers=2",
-                "--train.steps=6", "--train.log_every=2", f"--train.metrics_path={path}", "--data.num_workers=1"],
+                "--train.steps=6", "--train.log_every=2", f"--metrics.jsonl={path}", "--data.num_workers=1"],
                env=env, timeout=180)
     curve = metrics(path)
     assert [m["step"] for m in curve] == [2, 4, 6] and all(math.isfinite(m["loss"]) for m in curve)

@@ -67,9 +67,11 @@ def test_a_rank_hung_in_data_loading_exits_86_naming_it_and_prints_no_secret(tmp
 
     # Every output of the job, its files, info and a bad-input error: no secret value anywhere.
     outputs = [log] + [p.read_text() for p in out.rglob("*") if p.is_file()]
-    for args in (["info"], ["info", "--json"], ["train", f"--data.uri=/missing/{SECRETS['MY_SERVICE_PASSWORD']}"]):
+    for args in (["info"], ["info", "--json"], ["launch", "--nproc-per-node", "1", "-m", "llm_runtime", "info"],
+                 ["train", f"--data.uri=/missing/{SECRETS['MY_SERVICE_PASSWORD']}"]):
         proc = run([str(BIN / "llm-runtime"), *args], timeout=120, check=False, env=clean_env(**SECRETS))
         assert proc.returncode == (2 if args[0] == "train" else 0), proc.stderr
+        assert "AWS_SESSION_TOKEN" not in proc.stdout or args[0] == "train"  # not even listed
         outputs.append(proc.stdout + proc.stderr)
     assert "/missing/<redacted>" in outputs[-1]
     for text in outputs:
@@ -91,7 +93,7 @@ def test_a_stuck_checkpoint_upload_exits_86_at_its_deadline_naming_phase_checkpo
 
 
 def test_a_rank_killed_mid_run_restarts_from_its_checkpoint_and_ends_with_the_uninterrupted_loss(tmp_path):
-    common = ["--checkpoint.every_steps=2", "--train.metrics_path={}"]
+    common = ["--checkpoint.every_steps=2", "--metrics.jsonl={}"]
 
     def job(name, *extra, **env):
         args = [a.format(tmp_path / f"{name}.jsonl") for a in common]

@@ -167,7 +167,7 @@ def test_docker_train_argument_runs_the_jobs_program_on_four_ranks_placed_by_hos
 
 def test_docker_train_argument_without_a_program_runs_the_builtin_trainer_across_two_hosts(cluster_factory, tmp_path):
     # `docker run IMAGE train` with ENTRYPOINT ["llm-runtime", "launch"] and no sagemaker_program.
-    cluster = cluster_factory({**TINY, "train.steps": 3, "train.metrics_path": "/opt/ml/output/metrics.jsonl"})
+    cluster = cluster_factory({**TINY, "train.steps": 3, "metrics.jsonl": "/opt/ml/output/metrics.jsonl"})
     for host in HOSTS:
         cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", "train")
     codes = cluster.wait_all(timeout=180)
@@ -180,7 +180,7 @@ def test_docker_train_argument_without_a_program_runs_the_builtin_trainer_across
 
 def test_killing_one_hosts_workers_fails_both_hosts_within_60s(cluster_factory, tmp_path):
     # Default timeouts: the survivors learn of the loss from their gloo connections, not a timer.
-    cluster = cluster_factory({**TINY, "train.steps": 100000, "train.metrics_path": "/opt/ml/output/metrics.jsonl"})
+    cluster = cluster_factory({**TINY, "train.steps": 100000, "metrics.jsonl": "/opt/ml/output/metrics.jsonl"})
     for host in HOSTS:
         cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", "train")
     progress = tmp_path / "algo-1" / "output" / "metrics.jsonl"
@@ -249,7 +249,7 @@ def test_two_hosts_upload_one_object_each_per_checkpoint_plus_the_manifest(clust
     # Hierarchical checkpointing: 4 ranks on 2 hosts write 3 objects per checkpoint, not 4+.
     cluster = cluster_factory({**TINY, "train.steps": 4, "checkpoint.uri": "s3://test-bucket/ck",
                                "checkpoint.local_dir": str(tmp_path / "local"), "checkpoint.every_steps": 2,
-                               "checkpoint.keep": 5, "train.metrics_path": "/opt/ml/output/metrics.jsonl"})
+                               "checkpoint.keep": 5, "metrics.jsonl": "/opt/ml/output/metrics.jsonl"})
     for host in HOSTS:
         cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", "train")
     codes = cluster.wait_all(timeout=240)

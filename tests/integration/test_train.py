@@ -14,7 +14,7 @@ TINY = ["--model.dim=64", "--model.layers=2", "--model.heads=4", "--train.seq_le
 def train(tmp_path, name, *args, nproc=2, timeout=180):
     path = tmp_path / f"{name}.jsonl"
     proc = run([str(BIN / "llm-runtime"), "train", "--nproc-per-node", str(nproc), *TINY,
-                f"--train.metrics_path={path}", *args], timeout=timeout)
+                f"--metrics.jsonl={path}", *args], timeout=timeout)
     return metrics(path), proc
 
 

@@ -258,3 +258,10 @@ def test_malformed_command_line_override_is_an_error_naming_it(args, text):
 def test_last_command_line_override_wins():
     config = load_config(cli=parse_cli_overrides(["--train.steps=3", "--train.steps", "4"]))
     assert config.train.steps == 4
+
+
+def test_a_renamed_key_says_what_it_is_called_now():
+    with pytest.raises(ConfigError, match=r"'dist.train_timeout_s' \(from command line --dist.train_timeout_s\) is now "
+                                          r"'comm.train_timeout_s'"):
+        load_config(cli=[("dist.train_timeout_s", "5")])
+    assert load_config(cli=[("comm.train_timeout_s", "5")]).comm.train_timeout_s == 5.0

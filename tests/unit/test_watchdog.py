@@ -105,3 +105,24 @@ def test_a_recovered_job_moves_the_failed_attempts_record_aside(tmp_path):
     wd.recovered()
     assert not (tmp_path / "failure").exists()
     assert [p.read_text() for p in (tmp_path / "failures").glob("recovered-*.txt")] == ["llm-runtime stalled: rank=1\n"]
+
+
+def test_a_new_run_sets_an_earlier_runs_failure_record_aside(tmp_path):
+    from llm_runtime.watchdog import set_aside_failure
+
+    assert set_aside_failure(str(tmp_path), "previous") == "" and set_aside_failure("", "previous") == ""
+    (tmp_path / "failure").write_text("old\n")
+    moved = set_aside_failure(str(tmp_path), "previous")
+    assert "failures/previous-" in moved and not (tmp_path / "failure").exists()
+
+
+@pytest.mark.parametrize("err,expected", [
+    (RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:5559"), True),
+    (RuntimeError("Connection reset by peer"), True),
+    (RuntimeError("Timed out waiting 10000ms"), False),
+    (ValueError("closed by peer"), False),
+])
+def test_an_error_from_a_vanished_peer_is_told_apart(err, expected):
+    from llm_runtime.watchdog import lost_peer
+
+    assert lost_peer(err) is expected

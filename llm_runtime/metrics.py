@@ -1,0 +1,177 @@
+"""Training metrics: one fixed log line per interval, the same record as JSON lines, TensorBoard,
+the SageMaker metric definitions that read the line back, and MFU.
+
+The line (rank 0, every ``train.log_every`` steps), fields always in this order:
+
+``metrics: step=120 loss=3.1416 lr=2.500e-04 tokens_per_s=51234 tokens_per_s_per_device=6404
+step_time_s=0.640 mfu=0.412 grad_norm=0.8123 memory_gb=61.20 data_wait_s=0.0012 checkpoint_blocked_s=0.000``
+
+``tokens_per_s`` is the whole job's; ``step_time_s``, ``data_wait_s`` and ``checkpoint_blocked_s``
+are per-step means over the interval; ``memory_gb`` is the peak allocated GPU memory (the peak
+resident memory of the process on CPU); ``mfu`` is ``nan`` when the device's peak is unknown.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["FIELDS", "MetricsWindow", "MetricsSink", "default_jsonl", "default_tensorboard_dir", "format_line",
+           "metric_definitions", "mfu", "peak_tflops"]
+
+log = logging.getLogger(__name__)
+PREFIX = "metrics:"
+_NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+
+#: (key, format, SageMaker metric name, description), in line order.
+FIELDS = (
+    ("step", "d", "train:step", "optimizer step"),
+    ("loss", ".4f", "train:loss", "mean cross-entropy over the global batch"),
+    ("lr", ".3e", "train:lr", "learning rate after the step"),
+    ("tokens_per_s", ".0f", "train:tokens_per_s", "tokens per second, whole job"),
+    ("tokens_per_s_per_device", ".0f", "train:tokens_per_s_per_device", "tokens per second per rank"),
+    ("step_time_s", ".3f", "train:step_time_s", "seconds per step (mean over the interval)"),
+    ("mfu", ".3f", "train:mfu", "model FLOPs utilisation (0-1)"),
+    ("grad_norm", ".4f", "train:grad_norm", "global gradient norm before clipping"),
+    ("memory_gb", ".2f", "train:memory_gb", "peak allocated device memory (peak RSS on CPU)"),
+    ("data_wait_s", ".4f", "train:data_wait_s", "seconds per step waiting for the batch"),
+    ("checkpoint_blocked_s", ".3f", "train:checkpoint_blocked_s", "seconds per step training was blocked by saves"),
+)
+
+#: Dense bf16 tensor-core peak TFLOP/s per device (vendor datasheets), most specific name first.
+PEAK_TFLOPS = (
+    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+    ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
+    ("A10G", 125.0), ("A10", 125.0), ("L4", 121.0), ("A6000", 155.0), ("V100", 125.0), ("T4", 65.0),
+)
+
+
+def peak_tflops(device_name: str, override: float = 0.0) -> float:
+    """The device's peak (``metrics.peak_tflops`` wins); 0 when unknown (a CPU, a new GPU)."""
+    if override > 0:
+        return override
+    for name, tflops in PEAK_TFLOPS:
+        if name in device_name:
+            return tflops
+    return 0.0
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float) -> float:
+    """Achieved model FLOP/s over the device's peak (``peak`` in TFLOP/s); nan when the peak is unknown."""
+    if peak <= 0:
+        return float("nan")
+    return tokens_per_s_per_device * flops_per_token / (peak * 1e12)
+
+
+def format_line(record: Mapping[str, float]) -> str:
+    """The fixed metrics line (see the module docstring)."""
+    parts = [PREFIX]
+    for key, spec, _, _ in FIELDS:
+        value = record.get(key)
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            parts.append(f"{key}=nan")
+        else:
+            parts.append(f"{key}={format(value, spec)}")
+    return " ".join(parts)
+
+
+def metric_definitions() -> list[dict[str, str]]:
+    """SageMaker ``MetricDefinitions``: one regex per field, reading the value from the line."""
+    return [{"Name": name, "Regex": rf"{PREFIX} .*\b{key}={_NUMBER}"} for key, _, name, _ in FIELDS
+            if key != "step"]
+
+
+def default_jsonl(configured: str, env: Mapping[str, str], cluster_kind: str, output_dir: str) -> str:
+    """``metrics.jsonl`` ("none" turns it off), else SageMaker's output data dir (uploaded with the
+    job's output), else ``<output_dir>/metrics.jsonl``, else none."""
+    if configured:
+        return "" if configured == "none" else configured
+    if env.get("SM_OUTPUT_DATA_DIR") or cluster_kind == "sagemaker":
+        return os.path.join(env.get("SM_OUTPUT_DATA_DIR") or "/opt/ml/output/data", "metrics.jsonl")
+    return os.path.join(output_dir, "metrics.jsonl") if output_dir else ""
+
+
+def default_tensorboard_dir(configured: str, cluster_kind: str, output_dir: str) -> str:
+    """``metrics.tensorboard_dir``, else SageMaker's TensorBoard path (/opt/ml/output/tensorboard,
+    what TensorBoardOutputConfig uploads), else ``<output_dir>/tensorboard``, else ./tensorboard."""
+    if configured:
+        return configured
+    if cluster_kind == "sagemaker":
+        return "/opt/ml/output/tensorboard"
+    return os.path.join(output_dir or ".", "tensorboard")
+
+
+def memory_gb(device) -> float:
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+
+
+@dataclass
+class MetricsWindow:
+    """Per-interval accumulators; :meth:`close` turns them into one record and starts the next."""
+
+    tokens_per_step: int
+    world_size: int
+    flops_per_token: float
+    peak: float
+    started: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    data_wait_s: float = 0.0
+    checkpoint_blocked_s: float = 0.0
+
+    def close(self, *, step: int, loss: float, lr: float, grad_norm: float, memory: float) -> dict[str, float]:
+        now = time.perf_counter()
+        steps = max(1, self.steps)
+        elapsed = max(now - self.started, 1e-9)
+        tokens_per_s = self.steps * self.tokens_per_step / elapsed
+        per_device = tokens_per_s / max(1, self.world_size)
+        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                  "tokens_per_s_per_device": per_device, "step_time_s": elapsed / steps,
+                  "mfu": mfu(per_device, self.flops_per_token, self.peak), "grad_norm": grad_norm,
+                  "memory_gb": memory, "data_wait_s": self.data_wait_s / steps,
+                  "checkpoint_blocked_s": self.checkpoint_blocked_s / steps}
+        self.started, self.steps, self.data_wait_s, self.checkpoint_blocked_s = now, 0, 0.0, 0.0
+        return record
+
+
+class MetricsSink:
+    """Rank 0's outputs: the log line, the JSON lines file and (optionally) TensorBoard."""
+
+    def __init__(self, jsonl: str, tensorboard_dir: str = ""):
+        self.jsonl = jsonl
+        self.writer = None
+        if jsonl:
+            Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:  # the extra is missing: say how to get it, keep training
+                log.warning("metrics.tensorboard needs the tensorboard package (pip install "
+                            "'llm-runtime[tensorboard]'): %s", err)
+            else:
+                self.writer = SummaryWriter(log_dir=tensorboard_dir)
+
+    def write(self, record: Mapping[str, float]) -> None:
+        log.info("%s", format_line(record))
+        if self.jsonl:
+            clean = {k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None) for k, v in record.items()}
+            with open(self.jsonl, "a") as sink:
+                sink.write(json.dumps(clean) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"train/{key}", value, int(record["step"]))
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

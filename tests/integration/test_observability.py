@@ -1,0 +1,44 @@
+"""One real training job's outputs, read the way users read them: SageMaker's regexes over the log,
+the JSON lines file, TensorBoard's own reader, and the report image."""
+import json
+import re
+
+from tests.procs import BIN, clean_env, metrics, run
+
+TINY = ["--model.dim=64", "--model.layers=2", "--model.heads=4", "--train.seq_len=32", "--train.batch_size=8",
+        "--train.warmup_steps=2", "--train.steps=6", "--train.log_every=2"]
+
+
+def test_a_jobs_metrics_reach_the_log_the_jsonl_tensorboard_and_the_report_with_the_same_values(tmp_path):
+    out = tmp_path / "out"
+    proc = run([str(BIN / "llm-runtime"), "train", "--nproc-per-node", "2", *TINY, f"--train.output_dir={out}",
+                f"--checkpoint.uri={tmp_path / 'ck'}", "--checkpoint.every_steps=2", "--metrics.tensorboard=true",
+                "--metrics.peak_tflops=0.5"], timeout=240, env=clean_env())
+    records = metrics(out / "metrics.jsonl")  # the default place: the output dir
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert all(0 < r["mfu"] < 1 and r["memory_gb"] > 0 and r["step_time_s"] > 0 for r in records)
+    assert records[1]["checkpoint_blocked_s"] > 0  # the step-2 save fell in the second interval
+
+    # SageMaker's metric definitions, as the CLI prints them, read every value back from the real log.
+    definitions = json.loads(run([str(BIN / "llm-runtime"), "metric-definitions", "--json"], timeout=60).stdout)
+    lines = [line for line in proc.stdout.splitlines() if "metrics:" in line]
+    assert len(lines) == 3
+    for line, record in zip(lines, records):
+        for item in definitions:
+            key = item["Name"].split(":", 1)[1]
+            match = re.search(item["Regex"], line)
+            assert match, (item, line)
+            assert abs(float(match.group(1)) - record[key]) <= 0.01 * abs(record[key]) + 1e-3, (key, line, record)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [2, 4, 6]
+    assert [round(e.value, 4) for e in losses] == [round(r["loss"], 4) for r in records]
+    assert "train/mfu" in events.Tags()["scalars"]
+
+    report = run([str(BIN / "llm-runtime"), "report", str(out / "metrics.jsonl"), "--out", str(tmp_path / "r.png")],
+                 timeout=120)
+    assert "report: " in report.stdout and (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"

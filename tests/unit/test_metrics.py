@@ -1,0 +1,88 @@
+"""The metrics line, SageMaker's regexes over it, MFU and where the files go."""
+import math
+import re
+
+import pytest
+
+from llm_runtime.metrics import (FIELDS, MetricsWindow, default_jsonl, default_tensorboard_dir, format_line,
+                                 metric_definitions, mfu, peak_tflops)
+from llm_runtime.progress import bar
+
+RECORD = {"step": 120, "loss": 3.14159, "lr": 2.5e-4, "tokens_per_s": 51234.4, "tokens_per_s_per_device": 6404.3,
+          "step_time_s": 0.6401, "mfu": 0.41234, "grad_norm": 0.81234, "memory_gb": 61.2, "data_wait_s": 0.00123,
+          "checkpoint_blocked_s": 0.0}
+
+
+def test_the_metrics_line_has_every_field_in_its_fixed_order():
+    assert format_line(RECORD) == (
+        "metrics: step=120 loss=3.1416 lr=2.500e-04 tokens_per_s=51234 tokens_per_s_per_device=6404 "
+        "step_time_s=0.640 mfu=0.412 grad_norm=0.8123 memory_gb=61.20 data_wait_s=0.0012 checkpoint_blocked_s=0.000")
+    assert "mfu=nan" in format_line({**RECORD, "mfu": float("nan")})
+
+
+def test_each_sagemaker_regex_reads_its_value_back_from_the_line():
+    line = "[rank 0] INFO llm_runtime.metrics: " + format_line(RECORD)
+    got = {}
+    for item in metric_definitions():
+        match = re.search(item["Regex"], line)
+        got[item["Name"]] = float(match.group(1))
+    expected = {name: float(format(RECORD[key], spec)) for key, spec, name, _ in FIELDS if key != "step"}
+    assert got == expected
+    unknown = format_line({**RECORD, "mfu": float("nan")})
+    assert re.search(next(d["Regex"] for d in metric_definitions() if d["Name"] == "train:mfu"), unknown) is None
+    assert all(re.search(d["Regex"], "step=5 loss=1.0 tokens_per_s=9") is None for d in metric_definitions())
+
+
+@pytest.mark.parametrize("device,override,expected", [
+    ("NVIDIA H100 80GB HBM3", 0, 989.0), ("NVIDIA H100 PCIe", 0, 756.0), ("NVIDIA H200", 0, 989.0),
+    ("NVIDIA A100-SXM4-40GB", 0, 312.0), ("NVIDIA A10G", 0, 125.0), ("NVIDIA L4", 0, 121.0),
+    ("NVIDIA L40S", 0, 362.0), ("cpu", 0, 0.0), ("NVIDIA H100 80GB HBM3", 700, 700.0), ("cpu", 2.5, 2.5),
+])
+def test_peak_flops_come_from_the_table_of_known_devices_or_the_override(device, override, expected):
+    assert peak_tflops(device, override) == expected
+
+
+def test_mfu_is_achieved_model_flops_over_the_peak_and_nan_without_one():
+    assert mfu(1000.0, 6e9, 989.0) == pytest.approx(6e12 / 989e12)
+    assert math.isnan(mfu(1000.0, 6e9, 0.0))
+
+
+@pytest.mark.parametrize("configured,env,kind,output_dir,expected", [
+    ("/x/m.jsonl", {}, "sagemaker", "/o", "/x/m.jsonl"),
+    ("none", {}, "sagemaker", "/o", ""),
+    ("", {"SM_OUTPUT_DATA_DIR": "/opt/ml/output/data"}, "sagemaker", "", "/opt/ml/output/data/metrics.jsonl"),
+    ("", {}, "sagemaker", "", "/opt/ml/output/data/metrics.jsonl"),
+    ("", {}, "torchrun", "/o", "/o/metrics.jsonl"),
+    ("", {}, "local", "", ""),
+])
+def test_the_jsonl_file_defaults_to_what_sagemaker_uploads_or_the_output_dir(configured, env, kind, output_dir, expected):
+    assert default_jsonl(configured, env, kind, output_dir) == expected
+
+
+def test_tensorboard_files_go_where_sagemaker_uploads_them():
+    assert default_tensorboard_dir("", "sagemaker", "/o") == "/opt/ml/output/tensorboard"
+    assert default_tensorboard_dir("", "torchrun", "/o") == "/o/tensorboard"
+    assert default_tensorboard_dir("/tb", "sagemaker", "/o") == "/tb"
+
+
+def test_a_window_turns_counts_into_per_step_means_and_job_rates():
+    window = MetricsWindow(tokens_per_step=1000, world_size=4, flops_per_token=6e6, peak=1.0)
+    window.started -= 2.0  # two seconds ago
+    window.steps, window.data_wait_s, window.checkpoint_blocked_s = 4, 0.4, 1.0
+    record = window.close(step=4, loss=2.0, lr=1e-3, grad_norm=0.5, memory=1.5)
+    assert record["tokens_per_s"] == pytest.approx(2000, rel=0.01)
+    assert record["tokens_per_s_per_device"] == pytest.approx(record["tokens_per_s"] / 4)
+    assert record["step_time_s"] == pytest.approx(0.5, rel=0.01)
+    assert (record["data_wait_s"], record["checkpoint_blocked_s"]) == (0.1, 0.25)
+    assert record["mfu"] == pytest.approx(500 * 6e6 / 1e12, rel=0.01)
+    assert window.steps == 0 and window.data_wait_s == 0.0  # the next window starts empty
+
+
+def test_progress_bars_show_on_request_and_stay_silent_otherwise(capsys):
+    with bar(1000, "upload") as shown:
+        shown.update(1000)  # stderr is not a terminal under pytest: silent
+    assert capsys.readouterr().err == ""
+    with bar(2048, "checkpoint step 3: upload", enabled=True) as shown:
+        shown.update(2048)
+    err = capsys.readouterr().err
+    assert "checkpoint step 3: upload" in err and "100%" in err and "2.00k" in err
