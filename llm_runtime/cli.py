@@ -122,7 +122,7 @@ def _env_plan(info: ClusterInfo, config: Config) -> tuple[netenv.EnvPlan, netenv
     fabric = netenv.probe_fabric(overrides=netenv.config_overrides(**vars(config.netenv)))
     # The flight recorder serves NCCL's dump on timeout; on a CPU-only host it would only record
     # every gloo collective (measured: ~2-3% of an FSDP step on 2 CPU workers) for nothing.
-    return netenv.plan(info, fabric, timeout_dump=fabric.gpus > 0, verify_efa=config.netenv.verify_efa != "off"), fabric
+    return netenv.plan(info, fabric, timeout_dump=fabric.gpus > 0, verify_efa=netenv.verify_planned(config.netenv.verify_efa, os.environ)), fabric
 
 
 def _check_checkpoint(config: Config) -> None:

@@ -219,8 +219,8 @@ class WatchdogConfig:
     first_timeout_s: float = 1800.0
     """Start-up and the first steps (compilation, first data fetch, restoring a checkpoint)."""
     checkpoint_timeout_s: float = 0.0
-    """Longest blocking part of a save or restore; 0 = checkpoint.upload_timeout_s. The background
-    upload has its own deadline (checkpoint.upload_timeout_s)."""
+    """Longest blocking part of a save or restore; 0 = checkpoint.upload_timeout_s + 300 s. The
+    background upload has its own deadline (checkpoint.upload_timeout_s)."""
     exchange_s: float = 10.0
     """After a stall, how long a rank waits for the other stalled ranks' records to name a suspect."""
 

@@ -165,6 +165,13 @@ def _check_allreduce(cfg: HealthConfig, device: torch.device, rank: int, world: 
     return errors, (time.perf_counter() - started) / max(1, cfg.iters), numel * 4
 
 
+def _guarded(what: str, check) -> list[str]:
+    try:
+        return check()
+    except (RuntimeError, MemoryError, ValueError) as err:  # CUDA errors are RuntimeErrors
+        return [f"{what} check failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"]
+
+
 def run_healthcheck(rt) -> int:
     """Run the check on this worker (a collective: every rank calls it); returns the exit code."""
     from .checkpoint.transfer import gather_json
@@ -173,14 +180,22 @@ def run_healthcheck(rt) -> int:
     cfg = rt.config.health
     rt.watchdog.beat(0, "health", timeout_s=cfg.timeout_s)
     mine = RankHealth(rank=rt.rank, host=rt.cluster.current_host or "localhost")
-    mine.errors += _check_memory(cfg, rt.device)
-    errors, mine.matmul_s, mine.tflops = _check_matmul(cfg, rt.device, rt.rank)
-    mine.errors += errors
+    mine.errors += _guarded("memory", lambda: _check_memory(cfg, rt.device))
+    measured = {}
+
+    def matmul() -> list[str]:
+        errors, measured["matmul_s"], measured["tflops"] = _check_matmul(cfg, rt.device, rt.rank)
+        return errors
+
+    mine.errors += _guarded("matmul", matmul)  # a device error is this node's verdict, not a hang
+    mine.matmul_s, mine.tflops = measured.get("matmul_s", 0.0), measured.get("tflops", 0.0)
     nbytes = 0
-    if rt.world_size > 1:
+    if rt.world_size > 1:  # every rank takes part, even one whose device failed above
         errors, mine.allreduce_s, nbytes = _check_allreduce(cfg, rt.device, rt.rank, rt.world_size)
         mine.errors += errors
     results = [RankHealth(**r) for r in gather_json(asdict(mine), None)] if rt.world_size > 1 else [mine]
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()  # the memory test's blocks go back to the device, not the cache
     rt.watchdog.pause()
     verdict = judge(results, cfg.straggler_factor)
     fail = verdict.failed(cfg.stragglers == "fail")
@@ -199,7 +214,8 @@ def run_healthcheck(rt) -> int:
     if not fail:
         return exitcodes.OK
     blamed = verdict.blamed(cfg.stragglers == "fail")
-    bad_here = any(r.host == mine.host for r in verdict.bad + [s for s, _ in verdict.stragglers])
+    blamed_ranks = verdict.bad + ([r for r, _ in verdict.stragglers] if cfg.stragglers == "fail" else [])
+    bad_here = any(r.host == mine.host for r in blamed_ranks)
     record = FailureRecord("bad-node", mine.host, rt.rank, 0, "health",
                            ("this node failed the health check: " if bad_here else "") + blamed)
     rt.watchdog.write_record(record)

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["FIELDS", "MetricsWindow", "MetricsSink", "default_jsonl", "default_tensorboard_dir", "format_line",
+__all__ = ["FIELDS", "MetricsWindow", "MetricsSink", "default_jsonl", "default_tensorboard_dir", "flops_per_token", "format_line",
            "metric_definitions", "mfu", "peak_tflops"]
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,16 @@ def peak_tflops(device_name: str, override: float = 0.0) -> float:
         if name in device_name:
             return tflops
     return 0.0
+
+
+def flops_per_token(model=None, override: float = 0.0) -> float:
+    """Training FLOPs per token of a user's model: ``override`` (``metrics.flops_per_token``), else 6 x
+    its parameter count (forward 2N + backward 4N; attention's sequence-length term is not counted)."""
+    if override > 0:
+        return override
+    if model is None:
+        raise ValueError("flops_per_token needs a model or an override")
+    return float(6 * sum(p.numel() for p in model.parameters()))
 
 
 def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float) -> float:

@@ -30,7 +30,7 @@ __all__ = [
     "EnvEntry", "EnvPlan", "Fabric", "Resolved", "apply", "coerce_overrides", "config_overrides", "conflicts",
     "format_table", "instance_family", "mpi_exports", "notes", "ofi_nccl_version_from_name",
     "parse_fi_info_version", "parse_version", "plan", "probe_fabric", "rdma_capable",
-    "resolve", "versions_new_enough",
+    "resolve", "verify_planned", "versions_new_enough",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,12 @@ def rdma_capable(instance_type: str | None) -> bool:
 
 
 NCCL_DEBUG_FILE = "/tmp/llm-runtime-nccl.%h.%p.log"
+
+
+def verify_planned(mode: str, environ: Mapping[str, str]) -> bool:
+    """Plan NCCL_DEBUG(_FILE) for the EFA check only when the user chose neither: their own NCCL
+    logging stays where they sent it (the check then reads NCCL_DEBUG_FILE if they set one)."""
+    return mode != "off" and "NCCL_DEBUG" not in environ and "NCCL_DEBUG_FILE" not in environ
 
 
 def plan(info: ClusterInfo, fabric: Fabric, *, timeout_dump: bool = True, verify_efa: bool = True) -> EnvPlan:

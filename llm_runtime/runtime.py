@@ -22,7 +22,7 @@ from .cluster import sagemaker as sm
 from .config import Config, ConfigError, ParallelConfig, load_config
 from .parallel.dims import ParallelDims, resolve_dims
 from .secrets import RedactingFilter
-from .watchdog import Watchdog, output_dir_for
+from .watchdog import Watchdog, collective_cap, output_dir_for, set_aside_failure
 
 __all__ = ["Runtime", "dims_for", "init", "process_env", "train_timeout_everywhere"]
 
@@ -223,7 +223,7 @@ def init(config: Config | None = None) -> Runtime:
     fabric = None
     if backend == "nccl":
         fabric = netenv.probe_fabric(overrides=netenv.config_overrides(**vars(config.netenv)))
-        netenv.apply(netenv.plan(info, fabric, verify_efa=config.netenv.verify_efa != "off"), os.environ)
+        netenv.apply(netenv.plan(info, fabric, verify_efa=netenv.verify_planned(config.netenv.verify_efa, os.environ)), os.environ)
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
@@ -264,10 +264,14 @@ def init(config: Config | None = None) -> Runtime:
     watchdog = Watchdog(config.watchdog, rank=rank, world_size=world, host=info.current_host or "localhost",
                         output_dir=output_dir_for(config.train.output_dir, os.environ, info.kind),
                         checkpoint_s=config.checkpoint.upload_timeout_s + 300,
+                        cap_s=collective_cap(config.comm.train_timeout_s, config.watchdog.exchange_s),
                         store=dist.distributed_c10d._get_default_store() if world > 1 else None)
     if (fabric is not None and fabric.has_efa and config.netenv.verify_efa != "off" and local_rank == 0
             and info.num_nodes > 1):
         verify_network(config.netenv.verify_efa, watchdog, info.current_host or "localhost")
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart and local_rank == 0:  # this attempt's failure, if any, must be the one SageMaker shows
+        set_aside_failure(watchdog.output_dir, f"attempt-{restart - 1}")
     log.info("initialised rank %d/%d on %s %s (backend %s, cluster %s, init timeout %.0fs, train timeout %.0fs)",
              rank, world, info.current_host, device, backend, info.kind, config.comm.init_timeout_s,
              config.comm.train_timeout_s)

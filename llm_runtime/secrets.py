@@ -12,10 +12,13 @@ _SECRET = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCE
 # Values that look like AWS credentials wherever they come from (a URI, an exception, a config file).
 _PATTERNS = (
     re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA)[0-9A-Z]{16}\b"),  # access key ids
-    # key=value / "key": "value" where the key names a secret (session_token, x-amz-security-token,
-    # aws_secret_access_key, password, signature; not tokens_per_s)
-    re.compile(r"(?i)\b((?:[\w.-]*(?:secret|password|passwd)[\w.-]*|[\w.-]*token|[\w.-]*signature)[\"']?\s*[=:]\s*[\"']?)"
-               r"([^\s\"'&,;]{8,})"),
+    # key=value / "key": "value" / "key: value" where the key names a credential (aws_secret_access_key,
+    # session_token, x-amz-security-token, api_key, password, signature); not tokens_per_s, pad_token
+    re.compile(r"(?i)((?<![\w.-])(?:[\w-]*(?:secret|password|passwd|credential|api[_-]?key|access[_-]?key|"
+               r"private[_-]?key|signature)[\w-]*|(?:[\w-]*(?:session|security|access|auth|refresh|api|bearer)[_-]?)?"
+               r"token|authorization)[\"']?\s*[=:]\s*[\"']?)(?:bearer\s+|basic\s+)?([^\s\"'&,;]{4,})"),
+    re.compile(r"(?i)\b(bearer\s+)([A-Za-z0-9._~+/-]{8,}=*)"),  # Authorization: Bearer <token>
+    re.compile(r"\b()(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|xox[abprs]-[A-Za-z0-9-]{10,})\b"),
 )
 MASK = "<redacted>"
 _MIN_LEN = 6  # shorter values ("1", "true") are not worth hiding and would mangle every line
@@ -38,7 +41,9 @@ def redact(text: str, env: Mapping[str, str] | None = None) -> str:
     for value in secret_values(env):
         text = text.replace(value, MASK)
     text = _PATTERNS[0].sub(MASK, text)
-    return _PATTERNS[1].sub(lambda m: m.group(1) + MASK, text)
+    for pattern in _PATTERNS[1:]:
+        text = pattern.sub(lambda m: m.group(1) + MASK, text)
+    return text
 
 
 class RedactingFilter(logging.Filter):

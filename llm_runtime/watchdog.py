@@ -13,6 +13,7 @@ one), writes a one-line failure record to the log and to the output dir (on Sage
 from __future__ import annotations
 
 import faulthandler
+import io
 import json
 import logging
 import os
@@ -30,26 +31,41 @@ from . import exitcodes
 from .config import WatchdogConfig
 from .secrets import redact
 
-__all__ = ["FailureRecord", "Watchdog", "is_collective_timeout", "lost_peer", "output_dir_for", "phase_timeout",
+__all__ = ["FailureRecord", "Watchdog", "collective_cap", "is_collective_timeout", "lost_peer", "output_dir_for", "phase_timeout",
            "set_aside_failure", "suspects"]
 
 log = logging.getLogger(__name__)
 _TIMED = ("data", "step")
 
 
-def phase_timeout(phase: str, cfg: WatchdogConfig, durations: Sequence[float], checkpoint_s: float) -> float | None:
-    """Seconds ``phase`` may go without progress; None = unwatched (before the first beat, after the last)."""
+def phase_timeout(phase: str, cfg: WatchdogConfig, durations: Sequence[float], checkpoint_s: float,
+                  cap_s: float = float("inf")) -> float | None:
+    """Seconds ``phase`` may go without progress; None = unwatched (before the first beat, after the last).
+
+    Phases whose peers wait in a training collective are capped at ``cap_s``, a little under
+    comm.train_timeout_s: past it the peers' collectives fail anyway (with NCCL's TearDown error
+    handling, torch kills the process before any Python code runs), so the watchdog must speak
+    first. The checkpoint phase waits on the checkpoint group, whose timeout is the upload's.
+    """
     if phase in _TIMED:
         if cfg.step_timeout_s > 0:
-            return cfg.step_timeout_s
-        if len(durations) < max(1, cfg.warmup_steps):
-            return cfg.first_timeout_s
-        return max(cfg.floor_s, cfg.multiple * statistics.median(durations))
+            limit = cfg.step_timeout_s
+        elif len(durations) < max(1, cfg.warmup_steps):
+            limit = cfg.first_timeout_s
+        else:
+            limit = max(cfg.floor_s, cfg.multiple * statistics.median(durations))
+        return min(limit, cap_s)
     if phase == "checkpoint":
         return cfg.checkpoint_timeout_s or checkpoint_s
     if phase in ("start", "export", "health"):
-        return cfg.first_timeout_s
+        return min(cfg.first_timeout_s, cap_s)
     return None
+
+
+def collective_cap(train_timeout_s: float, exchange_s: float) -> float:
+    """The watchdog's limit for phases whose peers wait in a collective: time to trade records and
+    write them before the collective timeout ends the process."""
+    return max(10.0, train_timeout_s - exchange_s - 20)
 
 
 def output_dir_for(configured: str, env: Mapping[str, str], cluster_kind: str) -> str:
@@ -64,7 +80,8 @@ def output_dir_for(configured: str, env: Mapping[str, str], cluster_kind: str) -
 def is_collective_timeout(err: BaseException) -> bool:
     """A collective (gloo, NCCL) or the data loader gave up waiting: a stall, not a bug."""
     text = str(err).lower()
-    return isinstance(err, TimeoutError) or (isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text))
+    return isinstance(err, TimeoutError) or (isinstance(err, RuntimeError) and (
+        "timed out" in text or "operation timeout" in text))
 
 
 def set_aside_failure(output_dir: str, label: str) -> str:
@@ -99,10 +116,15 @@ def where(frame) -> tuple[str, bool]:
     return f"{os.path.basename(last.filename)}:{last.lineno} {last.name}", in_collective
 
 
-def suspects(records: Sequence[Mapping]) -> list[int]:
-    """The ranks to blame: those stalled outside a collective (the others wait for them), else all."""
+def suspects(records: Sequence[Mapping], world_size: int = 0) -> list[int]:
+    """The ranks to blame: those stalled outside a collective (the others wait for them); when every
+    reporter waits in one, the ranks that did not report (frozen, or their watchdog could not run);
+    else all of them (the network)."""
     outside = [r for r in records if not r.get("in_collective")]
-    return sorted({int(r["rank"]) for r in (outside or records)})
+    if outside:
+        return sorted({int(r["rank"]) for r in outside})
+    missing = sorted(set(range(world_size)) - {int(r["rank"]) for r in records})
+    return missing or sorted({int(r["rank"]) for r in records})
 
 
 @dataclass
@@ -135,8 +157,9 @@ class FailureRecord:
 
 class Watchdog:
     def __init__(self, cfg: WatchdogConfig, *, rank: int, world_size: int, host: str, output_dir: str = "",
-                 checkpoint_s: float = 2100.0, store=None, poll_s: float = 1.0):
+                 checkpoint_s: float = 2100.0, cap_s: float = float("inf"), store=None, poll_s: float = 1.0):
         self.cfg, self.rank, self.world_size, self.host = cfg, rank, world_size, host
+        self.cap_s = cap_s
         self.output_dir, self.checkpoint_s, self.store, self.poll_s = output_dir, checkpoint_s, store, poll_s
         self.durations: deque[float] = deque(maxlen=100)
         self._lock = threading.Lock()
@@ -152,7 +175,8 @@ class Watchdog:
 
     # ---- what the training loop calls -----------------------------------------------------
     def beat(self, step: int, phase: str, timeout_s: float | None = None) -> None:
-        """Entering ``phase`` of ``step`` (progress); a ``data`` beat also times the previous step."""
+        """Entering ``phase`` of ``step`` (progress); a ``data`` beat also times the previous step.
+        ``timeout_s`` replaces the phase's limit (uncapped: for waits outside collectives)."""
         now = time.monotonic()
         if phase == "data":
             if self._step_started is not None:
@@ -192,7 +216,10 @@ class Watchdog:
     def on_error(self, err: BaseException) -> None:
         """The training thread is dying of ``err``: a timeout is a stall (exits here); any other
         error gets a failure record and goes on to its traceback."""
-        if isinstance(err, (KeyboardInterrupt, SystemExit)) or self._failing.is_set():
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            return
+        if self._failing.is_set():  # the watchdog is on its way out: let it finish (it exits the process)
+            time.sleep(self.cfg.exchange_s + 45)
             return
         first = (str(err).strip().splitlines() or [""])[0][:300]
         if is_collective_timeout(err):
@@ -200,6 +227,7 @@ class Watchdog:
             while tb is not None and tb.tb_next is not None:
                 tb = tb.tb_next
             self.fail(f"{type(err).__name__}: {first}", frame=tb.tb_frame if tb is not None else None)
+        _log_nccl_warnings()
         step, phase, _, _ = self._state
         record = FailureRecord("error", self.host, self.rank, step, phase, f"{type(err).__name__}: {first}")
         if lost_peer(err):  # an effect: give the rank that caused it time to write the host's record first
@@ -211,34 +239,53 @@ class Watchdog:
         while not self._stop.wait(self.poll_s):
             with self._lock:
                 step, phase, since, override = self._state
-            timeout = override or phase_timeout(phase, self.cfg, self.durations, self.checkpoint_s)
+            timeout = override or phase_timeout(phase, self.cfg, self.durations, self.checkpoint_s, self.cap_s)
             stalled = time.monotonic() - since
             if timeout is not None and stalled > timeout:
                 self._stall(step, phase, stalled, timeout, "no progress within the phase's timeout",
                             sys._current_frames().get(self._main.ident), exitcodes.STALLED)
 
+    def _claim(self) -> bool:
+        """The first thread to fail owns the exit; any other waits for it (bounded by its backstop)."""
+        with self._lock:
+            if self._failing.is_set():
+                first = False
+            else:
+                self._failing.set()
+                first = True
+        if not first:
+            time.sleep(self.cfg.exchange_s + 45)
+        return first
+
     def _stall(self, step: int, phase: str, stalled_s: float, timeout_s: float, reason: str, frame,
                code: int) -> None:
-        if self._failing.is_set():  # another thread is already on its way out
-            time.sleep(self.cfg.exchange_s + 60)
+        if not self._claim():
             os._exit(code)
-        self._failing.set()
-        spot, in_collective = where(frame)
-        record = FailureRecord("stalled", self.host, self.rank, step, phase, reason, stalled_s, timeout_s, spot,
-                               in_collective)
-        log.error("%s; stacks of every thread follow", record.line())
-        _flush()
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        records = self._exchange(asdict(record))
-        record.suspects = suspects(records)
-        # The host's record describes the first suspect (as every stalled rank saw it), whoever writes it.
-        blamed = min((r for r in records if r["rank"] in record.suspects), key=lambda r: (r["time"], r["rank"]))
-        summary = FailureRecord(**{**blamed, "suspects": record.suspects})
-        self._write(record, summary, stacks=True)
-        log.error("failure record: %s", summary.line())
-        _flush()
-        self._written(len(records))  # the first rank to exit gets the others torn down: let them write first
-        os._exit(code)
+        backstop = threading.Timer(self.cfg.exchange_s + 30, os._exit, (code,))  # whatever blocks below
+        backstop.daemon = True
+        backstop.start()
+        try:
+            spot, in_collective = where(frame)
+            record = FailureRecord("stalled", self.host, self.rank, step, phase, reason, stalled_s, timeout_s,
+                                   spot, in_collective)
+            log.error("%s; stacks of every thread follow", record.line())
+            _flush()
+            _dump_stacks(sys.stderr)
+            _log_nccl_warnings()
+            records = self._exchange(asdict(record))
+            record.suspects = suspects(records, self.world_size)
+            # The host's record describes the first suspect (as every stalled rank saw it), whoever writes it.
+            reported = [r for r in records if r["rank"] in record.suspects]
+            blamed = min(reported, key=lambda r: (r["time"], r["rank"])) if reported else asdict(record)
+            summary = FailureRecord(**{**blamed, "suspects": record.suspects})
+            if not reported:  # the suspects never reported: say so, from this rank's view
+                summary.reason = f"ranks {','.join(map(str, record.suspects))} stopped reporting; {summary.reason}"
+            self._write(record, summary, stacks=True)
+            log.error("failure record: %s", summary.line())
+            _flush()
+            self._written(len(records))  # the first rank to exit gets the others torn down: let them write first
+        finally:
+            os._exit(code)
 
     def _exchange(self, mine: dict) -> list[dict]:
         """Every stalled rank's record, gathered over the job's store for ``exchange_s`` (bounded)."""
@@ -293,7 +340,7 @@ class Watchdog:
             (folder / f"rank-{self.rank:05d}.json").write_text(redact(json.dumps(asdict(record))) + "\n")
             if stacks:
                 with open(folder / f"rank-{self.rank:05d}.stacks.txt", "w") as sink:
-                    faulthandler.dump_traceback(file=sink, all_threads=True)
+                    _dump_stacks(sink)
             fd = os.open(Path(self.output_dir) / "failure", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "w") as sink:
                 sink.write(summary.line() + "\n")
@@ -301,6 +348,36 @@ class Watchdog:
             pass
         except OSError as err:
             log.warning("could not write the failure record under %s: %s", self.output_dir, err)
+
+
+def _dump_stacks(stream) -> None:
+    """Every thread's stack (faulthandler: works even when the main thread holds the GIL in C code);
+    a stream without a file descriptor (a notebook's) falls back to the process's stderr."""
+    try:
+        faulthandler.dump_traceback(file=stream, all_threads=True)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        try:
+            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            pass
+
+
+def _log_nccl_warnings(limit: int = 20) -> None:
+    """NCCL's WARN lines from this process's NCCL_DEBUG_FILE (the runtime sends NCCL's INFO output
+    there on EFA hosts), so a failure's NCCL errors reach the job log too."""
+    template = os.environ.get("NCCL_DEBUG_FILE", "")
+    if not template:
+        return
+    import socket
+
+    path = template.replace("%h", socket.gethostname()).replace("%p", str(os.getpid()))
+    try:
+        with open(path, errors="replace") as handle:
+            warnings = [line.rstrip() for line in handle if "NCCL WARN" in line]
+    except OSError:
+        return
+    for line in warnings[-limit:]:
+        log.error("nccl: %s", redact(line))
 
 
 def _quietly(fn) -> None:

@@ -98,10 +98,13 @@ def build_request(args: argparse.Namespace) -> dict:
         "ResourceConfig": {"InstanceType": args.instance_type, "InstanceCount": args.instance_count,
                            "VolumeSizeInGB": args.volume_gb},
         "StoppingCondition": {"MaxRuntimeInSeconds": args.max_run},
-        "RetryStrategy": {"MaximumRetryAttempts": args.retries},
         "Environment": parse_pairs(args.env, "--env"),
         "EnableNetworkIsolation": False,
     }
+    if args.retries < 0 or args.retries > 30:
+        raise SubmitError(f"--retries must be 0-30, got {args.retries}")
+    if args.retries:  # SageMaker's minimum is 1: 0 means no RetryStrategy at all
+        request["RetryStrategy"] = {"MaximumRetryAttempts": args.retries}
     if channels:
         request["InputDataConfig"] = channels
     if args.keep_alive:
@@ -112,6 +115,8 @@ def build_request(args: argparse.Namespace) -> dict:
         request["TensorBoardOutputConfig"] = {"S3OutputPath": args.tensorboard_s3_uri,
                                               "LocalPath": "/opt/ml/output/tensorboard"}
         request["HyperParameters"].setdefault("metrics.tensorboard", json.dumps("true"))
+    if bool(args.subnets) != bool(args.security_groups):
+        raise SubmitError("--subnets and --security-groups go together (a VPC job needs both)")
     if args.subnets or args.security_groups:
         request["VpcConfig"] = {"Subnets": args.subnets, "SecurityGroupIds": args.security_groups}
     elif any("FileSystemDataSource" in c["DataSource"] for c in channels):

@@ -86,3 +86,14 @@ def test_progress_bars_show_on_request_and_stay_silent_otherwise(capsys):
         shown.update(2048)
     err = capsys.readouterr().err
     assert "checkpoint step 3: upload" in err and "100%" in err and "2.00k" in err
+
+
+def test_a_user_models_flops_per_token_is_the_override_or_6n():
+    import torch
+
+    from llm_runtime.metrics import flops_per_token
+
+    model = torch.nn.Linear(10, 5)  # 55 parameters
+    assert flops_per_token(model) == 330.0 and flops_per_token(model, override=1e9) == 1e9
+    with pytest.raises(ValueError):
+        flops_per_token()

@@ -72,6 +72,15 @@ def test_with_verify_efa_off_nccl_debug_is_left_to_the_user():
     assert not [k for k in got if k.startswith("NCCL_DEBUG")] and got["FI_PROVIDER"].value == "efa"
 
 
+@pytest.mark.parametrize("mode,environ,planned", [
+    ("auto", {}, True), ("require", {}, True), ("off", {}, False),
+    ("auto", {"NCCL_DEBUG": "WARN"}, False),        # the user's own NCCL logging stays where they sent it
+    ("require", {"NCCL_DEBUG_FILE": "/x.%p"}, False),
+])
+def test_nccl_debug_is_planned_for_the_efa_check_only_when_the_user_set_none(mode, environ, planned):
+    assert netenv.verify_planned(mode, environ) is planned
+
+
 def test_plan_reasons_name_rules():
     got = netenv.plan(INFO, EFA_UNKNOWN)
     assert "network_interface_name" in got["NCCL_SOCKET_IFNAME"].reason

@@ -19,6 +19,14 @@ ENV = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYFAKEKEY", "AWS_SE
     ("X-Amz-Security-Token: abcdefgh12345678", "X-Amz-Security-Token: <redacted>"),
     ("step=5 tokens_per_s=123456789 max_tokens=100000", "step=5 tokens_per_s=123456789 max_tokens=100000"),
     ("HF_TOKEN is x", "HF_TOKEN is x"),  # too short to be worth masking everywhere
+    ("WANDB_API_KEY=abcdef0123456789", "WANDB_API_KEY=<redacted>"),
+    ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.abc", "Authorization: <redacted>"),
+    ("curl -H 'x: Bearer eyJhbGciOiJIUzI1NiJ9'", "curl -H 'x: Bearer <redacted>'"),
+    ("password: hunter2", "password: <redacted>"),
+    ("using hf_abcdefghijklmnopqrstuvwxyz0123", "using <redacted>"),
+    ("Credential=AKIDEXAMPLE/20250101/us-east-1/s3/aws4_request", "Credential=<redacted>"),
+    ("pad_token=128001234 eos_token: <|end_of_text|>", "pad_token=128001234 eos_token: <|end_of_text|>"),
+    ("where=secrets.py:61:redact", "where=secrets.py:61:redact"),
 ])
 def test_secret_values_and_credential_shapes_are_redacted(text, expected):
     assert redact(text, ENV) == expected

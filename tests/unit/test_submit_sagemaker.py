@@ -70,6 +70,8 @@ def test_sagemaker_checkpoint_sync_fsx_input_and_tensorboard_make_a_valid_reques
     (["--input", "train=fsx://fs-0123456789abcdef0/fsx/x"], "needs the job in the file system's VPC"),
     (["--hp", "novalue"], "--hp 'novalue': expected KEY=VALUE"),
     (["--job-name", "bad_name!"], "--job-name"),
+    (["--subnets", "subnet-0abc"], "--subnets and --security-groups go together"),
+    (["--retries", "31"], "--retries must be 0-30"),
 ])
 def test_a_bad_flag_is_one_error_line_naming_it(args, needle):
     proc = submit(*BASE, *args, "--dry-run")
@@ -77,6 +79,15 @@ def test_a_bad_flag_is_one_error_line_naming_it(args, needle):
 
 
 def test_a_secret_passed_as_environment_is_not_printed_by_the_dry_run():
-    proc = submit(*BASE, "--env", "AWS_SESSION_TOKEN=fakeSessionToken0123456789", "--dry-run",
-                  env={"PATH": "/usr/bin:/bin", "AWS_SESSION_TOKEN": "fakeSessionToken0123456789"})
-    assert proc.returncode == 0 and "fakeSessionToken0123456789" not in proc.stdout
+    # Not in the submitting shell's environment: the key's name alone gets the value masked.
+    proc = submit(*BASE, "--env", "AWS_SESSION_TOKEN=fakeSessionToken0123456789", "--env", "WANDB_API_KEY=wandb123456",
+                  "--dry-run", env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert "fakeSessionToken0123456789" not in proc.stdout and "wandb123456" not in proc.stdout
+    assert '"AWS_SESSION_TOKEN": "<redacted>"' in proc.stdout
+
+
+def test_no_retries_means_no_retry_strategy_and_the_request_stays_valid():
+    request = json.loads(submit(*BASE, "--retries", "0", "--dry-run").stdout)
+    assert "RetryStrategy" not in request
+    validate(request)

@@ -27,6 +27,20 @@ def test_each_phase_gets_a_fixed_or_median_derived_timeout(phase, cfg, durations
     assert phase_timeout(phase, WatchdogConfig(**cfg), durations, checkpoint_s=2100.0) == expected
 
 
+@pytest.mark.parametrize("phase,durations,expected", [
+    ("step", [], 570.0),              # start-up allowance 1800 s, but peers' collectives give up at 600 s
+    ("data", [200.0] * 5, 570.0),     # 10 x median capped too
+    ("step", [2.0] * 5, 180.0),
+    ("start", [], 570.0),
+    ("checkpoint", [], 2100.0),       # the checkpoint group waits as long as the upload may take
+])
+def test_phases_whose_peers_wait_in_a_collective_stop_before_its_timeout(phase, durations, expected):
+    from llm_runtime.watchdog import collective_cap
+
+    cap = collective_cap(train_timeout_s=600.0, exchange_s=10.0)
+    assert phase_timeout(phase, WatchdogConfig(), durations, checkpoint_s=2100.0, cap_s=cap) == expected
+
+
 @pytest.mark.parametrize("configured,env,kind,expected", [
     ("/x", {"SM_OUTPUT_DIR": "/y"}, "sagemaker", "/x"),
     ("", {"SM_OUTPUT_DIR": "/y"}, "torchrun", "/y"),
@@ -56,6 +70,12 @@ def test_a_timed_out_collective_counts_as_a_stall_and_other_errors_do_not(err, e
 ])
 def test_the_rank_stuck_outside_a_collective_is_the_suspect(records, expected):
     assert suspects(records) == expected
+
+
+def test_when_every_reporter_waits_in_a_collective_the_silent_ranks_are_the_suspects():
+    waiting = [{"rank": 0, "in_collective": True}, {"rank": 2, "in_collective": True}]
+    assert suspects(waiting, world_size=4) == [1, 3]
+    assert suspects(waiting + [{"rank": 1, "in_collective": True}, {"rank": 3, "in_collective": True}], 4) == [0, 1, 2, 3]
 
 
 def test_a_failure_record_is_one_line_naming_host_rank_step_and_phase_without_secrets(monkeypatch):
@@ -97,6 +117,23 @@ def test_a_stalled_phase_exits_with_the_documented_code_and_writes_its_record(tm
     assert record["phase"] == "data" and record["suspects"] == [0]
     assert "time.sleep(60)" not in proc.stderr and "line 8 in <module>" in proc.stderr  # faulthandler's stacks
     assert "line 8 in <module>" in (tmp_path / "failures" / "rank-00000.stacks.txt").read_text()
+
+
+def test_a_stall_still_exits_with_its_code_when_stderr_has_no_file_descriptor(tmp_path):
+    """A notebook's stderr (no fileno): the stack dump falls back, the record and the exit code stay."""
+    script = textwrap.dedent(f"""
+        import io, sys, time
+        from llm_runtime.config import WatchdogConfig
+        from llm_runtime.watchdog import Watchdog
+        sys.stderr = io.StringIO()
+        wd = Watchdog(WatchdogConfig(step_timeout_s=0.5, exchange_s=0.2), rank=3, world_size=1, host="nb",
+                      output_dir={str(tmp_path)!r}, poll_s=0.1)
+        wd.beat(2, "step")
+        time.sleep(60)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == exitcodes.STALLED, proc.stderr[-2000:]
+    assert "rank=3 step=2 phase=step" in (tmp_path / "failure").read_text()
 
 
 def test_a_recovered_job_moves_the_failed_attempts_record_aside(tmp_path):
