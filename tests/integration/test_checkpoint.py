@@ -14,8 +14,11 @@ from tests.procs import BIN, clean_env, kill_tree, metrics, run
 
 pytestmark = pytest.mark.slow
 
+# A rank that hangs unexpectedly ends its job with stacks and a failure record within 90-150 s (before
+# the test's own timeout), so a rare hang in CI can be diagnosed from the test's output.
 TINY = ["--model.dim=64", "--model.layers=2", "--model.heads=4", "--train.seq_len=32", "--train.batch_size=8",
-        "--train.log_every=1", "--train.warmup_steps=2", "--parallel.mixed_precision=fp32"]
+        "--train.log_every=1", "--train.warmup_steps=2", "--parallel.mixed_precision=fp32",
+        "--watchdog.first_timeout_s=150", "--watchdog.step_timeout_s=90"]
 
 
 def command(tmp_path, name, *args, nproc=2, steps=10):
