@@ -19,6 +19,8 @@ from .cluster import ClusterError, ClusterInfo, detect_here
 from .cluster import sagemaker as sm
 from .config import Config, ConfigError, load_config, parse_cli_overrides
 from .launch import LaunchError, Target, execute, mpi_export_names, plan_launch, sagemaker_target
+from .cli_tools import (UsageError, cmd_checkpoints, cmd_metric_definitions, cmd_prepare_data, cmd_report,
+                        cmd_verify_efa)
 from .secrets import RedactingFilter, RedactingStream, install_excepthook, is_secret
 
 __all__ = ["main"]
@@ -55,10 +57,6 @@ commands:
 # Launcher options shared by `launch` and `train`, mapped onto config keys.
 _LAUNCH_OPTIONS = {"--nproc-per-node": "launch.nproc_per_node", "--max-restarts": "launch.max_restarts",
                    "--cluster": "launch.cluster"}
-
-
-class UsageError(ValueError):
-    pass
 
 
 def _split_launcher_options(args: Sequence[str], *, stop_at_target: bool):
@@ -254,37 +252,6 @@ def cmd_healthcheck(args: Sequence[str]) -> int:
     return _launch(info, config, Target(module="llm_runtime", args=("healthcheck", *args)), flags, {})
 
 
-def cmd_metric_definitions(args: Sequence[str]) -> int:
-    from .metrics import metric_definitions
-
-    parser = argparse.ArgumentParser(prog="llm-runtime metric-definitions")
-    parser.add_argument("--json", action="store_true", help="the list as JSON (SageMaker's MetricDefinitions)")
-    ns = parser.parse_args(args)
-    definitions = metric_definitions()
-    if ns.json:
-        print(json.dumps(definitions, indent=2))
-    else:
-        for item in definitions:
-            print(f"{item['Name']:<32} {item['Regex']}")
-    return 0
-
-
-def cmd_report(args: Sequence[str]) -> int:
-    from .report import ReportError, load_metrics, plot
-
-    parser = argparse.ArgumentParser(prog="llm-runtime report")
-    parser.add_argument("metrics", help="a metrics JSON lines file (metrics.jsonl)")
-    parser.add_argument("--out", default="report.png")
-    parser.add_argument("--title", default="")
-    ns = parser.parse_args(args)
-    try:
-        path = plot(load_metrics(ns.metrics), ns.out, title=ns.title)
-    except ReportError as err:
-        raise UsageError(str(err)) from None
-    print(f"report: {path}")
-    return 0
-
-
 def cmd_info(args: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="llm-runtime info")
     parser.add_argument("--json", action="store_true")
@@ -339,65 +306,6 @@ def _launcher_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-
-
-def cmd_prepare_data(args: Sequence[str]) -> int:
-    from .data.prepare import PrepareError, parse_size, prepare
-
-    parser = argparse.ArgumentParser(prog="llm-runtime prepare-data")
-    parser.add_argument("--input", nargs="+", required=True, action="extend", help="files, globs or directories")
-    parser.add_argument("--output", required=True, help="output directory or s3://bucket/prefix")
-    parser.add_argument("--seq-len", type=int, required=True)
-    parser.add_argument("--tokenizer", default="byte")
-    parser.add_argument("--shard-size", default="256MB")
-    parser.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
-    parser.add_argument("--text-field", default="text", help="the text field of JSON lines inputs")
-    parser.add_argument("--prefixes", type=int, default=1, help="spread shards over this many key prefixes")
-    parser.add_argument("--host-index", type=int, default=None, help="this host's index (default: detected)")
-    parser.add_argument("--num-hosts", type=int, default=None, help="hosts sharing the work (default: detected)")
-    parser.add_argument("--merge-timeout", type=float, default=3600.0,
-                        help="seconds host 0 waits for the other hosts' partial indexes")
-    ns = parser.parse_args(args)
-    host, hosts = ns.host_index, ns.num_hosts
-    if host is None or hosts is None:
-        info = detect_here()
-        host = info.node_rank if host is None else host
-        hosts = info.num_nodes if hosts is None else hosts
-    try:
-        summary = prepare(ns.input, ns.output, seq_len=ns.seq_len, shard_size=parse_size(ns.shard_size),
-                          workers=ns.workers, tokenizer=ns.tokenizer, text_field=ns.text_field,
-                          prefixes=ns.prefixes, host_index=host, num_hosts=hosts, merge_timeout_s=ns.merge_timeout)
-    except PrepareError as err:
-        raise UsageError(str(err)) from None
-    print(summary.line(), flush=True)
-    return 0
-
-
-def cmd_checkpoints(args: Sequence[str]) -> int:
-    from .checkpoint.inspect import main as checkpoints_main
-    from .checkpoint.store import StoreError
-
-    try:
-        return checkpoints_main(args)
-    except (ValueError, StoreError) as err:
-        raise UsageError(str(err)) from None
-
-
-def cmd_verify_efa(args: Sequence[str]) -> int:
-    from .verify_efa import analyse, exit_code
-
-    parser = argparse.ArgumentParser(prog="llm-runtime verify-efa")
-    parser.add_argument("logfile", help="a log with NCCL_DEBUG=INFO lines (several hosts' logs may be joined)")
-    parser.add_argument("--json", action="store_true")
-    ns = parser.parse_args(args)
-    try:
-        with open(ns.logfile, encoding="utf-8", errors="replace") as handle:
-            text = handle.read()
-    except OSError as err:
-        raise UsageError(f"cannot read {ns.logfile}: {err.strerror}") from None
-    report = analyse(text)
-    print(report.to_json() if ns.json else report.summary(), flush=True)
-    return exit_code(report)
 
 
 COMMANDS = {"launch": cmd_launch, "train": cmd_train, "healthcheck": cmd_healthcheck, "info": cmd_info,

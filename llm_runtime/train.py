@@ -7,7 +7,6 @@ of processes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -236,48 +235,48 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
         if start >= train.steps:
             log.info("checkpoint step %d reaches train.steps=%d: nothing left to train", start, train.steps)
     window, sink = _metrics(rt, model_config)
-    metrics: dict[str, float] = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}
-    for step in range(start + 1, train.steps + 1):
-        watchdog.beat(step, "data")
-        inject(rt.rank, step, "data")
-        waited = time.perf_counter()
-        rows = loader.next_batch().to(rt.device)
-        window.data_wait_s += time.perf_counter() - waited
-        watchdog.beat(step, "step")
-        inject(rt.rank, step, "step")
-        local_loss, grad_norm = trainer.step(rows[:, :-1], rows[:, 1:], accumulation)
-        window.steps += 1
-        if step % train.log_every == 0 or step == train.steps:
-            metrics = window.close(step=step, loss=trainer.global_loss(local_loss), lr=trainer.last_lr(),
-                                   grad_norm=float(grad_norm), memory=memory_gb(rt.device))
-            if sink is not None:
-                sink.write(metrics)
-        if checkpointer is not None:
-            save, stop = checkpointer.step_boundary(step, train.steps)  # agreed by all ranks
-            stop = stop and step < train.steps
-            if save or stop:
-                watchdog.beat(step, "checkpoint")
-                window.checkpoint_blocked_s += checkpointer.save(step, state, loader).blocked_s
-            if stop:
-                log.info("stop requested by the launcher: saved step %d, stopping", step)
-                watchdog.beat(step, "checkpoint")
+    try:
+        metrics: dict[str, float] = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}
+        for step in range(start + 1, train.steps + 1):
+            watchdog.beat(step, "data")
+            inject(rt.rank, step, "data")
+            waited = time.perf_counter()
+            rows = loader.next_batch().to(rt.device)
+            window.data_wait_s += time.perf_counter() - waited
+            watchdog.beat(step, "step")
+            inject(rt.rank, step, "step")
+            local_loss, grad_norm = trainer.step(rows[:, :-1], rows[:, 1:], accumulation)
+            window.steps += 1
+            if step % train.log_every == 0 or step == train.steps:
+                metrics = window.close(step=step, loss=trainer.global_loss(local_loss), lr=trainer.last_lr(),
+                                       grad_norm=float(grad_norm), memory=memory_gb(rt.device))
                 if sink is not None:
-                    sink.close()
-                return metrics
-    watchdog.beat(train.steps, "export")
-    if train.export_dir:
-        export_weights(trainer.model, train.export_dir)  # check() refused it for DeepSpeed
-    model_dir = model_dir_for(train.model_dir, os.environ, rt.cluster.kind)
-    if model_dir:
-        export_model(trainer, rt, model_dir, model_config)
-    stats = loader.stats()
-    if stats:
-        log.info("data requests=%d bytes=%d retries=%d (this rank's reads)", stats["requests"], stats["bytes"],
-                 stats["retries"])
-    log.info("done steps=%d final_loss=%.4f", train.steps, metrics["loss"])
-    if sink is not None:
-        sink.close()
-    return metrics
+                    sink.write(metrics)
+            if checkpointer is not None:
+                save, stop = checkpointer.step_boundary(step, train.steps)  # agreed by all ranks
+                stop = stop and step < train.steps
+                if save or stop:
+                    watchdog.beat(step, "checkpoint")
+                    window.checkpoint_blocked_s += checkpointer.save(step, state, loader).blocked_s
+                if stop:
+                    log.info("stop requested by the launcher: saved step %d, stopping", step)
+                    watchdog.beat(step, "checkpoint")
+                    return metrics
+        watchdog.beat(train.steps, "export")
+        if train.export_dir:
+            export_weights(trainer.model, train.export_dir)  # check() refused it for DeepSpeed
+        model_dir = model_dir_for(train.model_dir, os.environ, rt.cluster.kind)
+        if model_dir:
+            export_model(trainer, rt, model_dir, model_config)
+        stats = loader.stats()
+        if stats:
+            log.info("data requests=%d bytes=%d retries=%d (this rank's reads)", stats["requests"], stats["bytes"],
+                     stats["retries"])
+        log.info("done steps=%d final_loss=%.4f", train.steps, metrics["loss"])
+        return metrics
+    finally:
+        if sink is not None:
+            sink.close()  # TensorBoard's writer, also when training fails
 
 
 def _metrics(rt: Runtime, model_config: LlamaConfig):

@@ -154,7 +154,6 @@ def parser() -> argparse.ArgumentParser:
 
 def _sdk_role() -> str:
     try:
-        import sagemaker  # noqa: F401 - optional
         from sagemaker import get_execution_role
     except ImportError:
         return ""
