@@ -21,8 +21,6 @@ from common import record, result_line  # noqa: E402
 BIN = Path(sys.executable).parent
 BASELINE = str(Path(__file__).with_name("fsdp2_baseline_worker.py"))
 DS_BASELINE = str(Path(__file__).with_name("deepspeed_baseline_worker.py"))
-#: Dense bf16 peak FLOP/s by GPU name fragment (vendor data sheets).
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12}
 
 
 def ours(args, log_every: int, extra: tuple[str, ...] = ()) -> float:
@@ -84,7 +82,9 @@ def main() -> None:
         from llm_runtime.models import LlamaConfig
 
         name = torch.cuda.get_device_name()
-        peak = next((p for key, p in PEAK_BF16.items() if key in name), None)
+        from llm_runtime.metrics import peak_tflops
+
+        peak = peak_tflops(name) * 1e12  # the runtime's own table of dense bf16 peaks
         flops = LlamaConfig(dim=args.dim, layers=args.layers, heads=args.heads,
                             max_seq_len=args.seq).flops_per_token(args.seq)
         achieved = value * args.batch * args.seq * flops / args.nproc
