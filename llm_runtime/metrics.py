@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["FIELDS", "MetricsWindow", "MetricsSink", "default_jsonl", "default_tensorboard_dir", "flops_per_token", "format_line",
-           "metric_definitions", "mfu", "peak_tflops"]
+           "metric_definitions", "metrics_for_run", "mfu", "peak_tflops"]
 
 log = logging.getLogger(__name__)
 PREFIX = "metrics:"
@@ -185,3 +185,25 @@ class MetricsSink:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def metrics_for_run(rt, model_config) -> tuple[MetricsWindow, MetricsSink | None]:
+    """This run's metrics window (every rank) and sink (rank 0: log line, JSON lines, TensorBoard)."""
+    import torch
+
+    from .watchdog import output_dir_for
+
+    config, train = rt.config, rt.config.train
+    device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
+    window = MetricsWindow(tokens_per_step=train.batch_size * train.seq_len, world_size=rt.world_size,
+                           flops_per_token=config.metrics.flops_per_token or model_config.flops_per_token(train.seq_len),
+                           peak=peak_tflops(device_name, config.metrics.peak_tflops))
+    if not rt.is_main:
+        return window, None
+    output_dir = output_dir_for(train.output_dir, os.environ, rt.cluster.kind)
+    jsonl = default_jsonl(config.metrics.jsonl, os.environ, rt.cluster.kind, output_dir)
+    tensorboard = (default_tensorboard_dir(config.metrics.tensorboard_dir, rt.cluster.kind, output_dir)
+                   if config.metrics.tensorboard else "")
+    if not window.peak:
+        log.info("MFU: the peak FLOP/s of %s is unknown (set metrics.peak_tflops); mfu is logged as nan", device_name)
+    return window, MetricsSink(jsonl, tensorboard)

@@ -22,7 +22,7 @@ from .parallel.tensor import check_tensor_parallel, llama_root_tp_plan, llama_tp
 from .checkpoint.export import export_model, model_dir_for
 from .data.build import DataPlan, build_loader, global_batch_starts
 from .faults import inject
-from .metrics import memory_gb
+from .metrics import memory_gb, metrics_for_run
 from .runtime import Runtime, init, parse_split_points
 
 __all__ = ["batch_layout", "check", "check_job", "global_batch_starts", "lr_factor", "main", "run"]
@@ -234,7 +234,7 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
         start = checkpointer.restore(state, loader)
         if start >= train.steps:
             log.info("checkpoint step %d reaches train.steps=%d: nothing left to train", start, train.steps)
-    window, sink = _metrics(rt, model_config)
+    window, sink = metrics_for_run(rt, model_config)
     try:
         metrics: dict[str, float] = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}
         for step in range(start + 1, train.steps + 1):
@@ -277,27 +277,6 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
     finally:
         if sink is not None:
             sink.close()  # TensorBoard's writer, also when training fails
-
-
-def _metrics(rt: Runtime, model_config: LlamaConfig):
-    """This run's metrics window (every rank) and sink (rank 0: log line, JSON lines, TensorBoard)."""
-    from .metrics import MetricsSink, MetricsWindow, default_jsonl, default_tensorboard_dir, peak_tflops
-    from .watchdog import output_dir_for
-
-    config, train = rt.config, rt.config.train
-    device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
-    window = MetricsWindow(tokens_per_step=train.batch_size * train.seq_len, world_size=rt.world_size,
-                           flops_per_token=config.metrics.flops_per_token or model_config.flops_per_token(train.seq_len),
-                           peak=peak_tflops(device_name, config.metrics.peak_tflops))
-    if not rt.is_main:
-        return window, None
-    output_dir = output_dir_for(train.output_dir, os.environ, rt.cluster.kind)
-    jsonl = default_jsonl(config.metrics.jsonl, os.environ, rt.cluster.kind, output_dir)
-    tensorboard = (default_tensorboard_dir(config.metrics.tensorboard_dir, rt.cluster.kind, output_dir)
-                   if config.metrics.tensorboard else "")
-    if not window.peak:
-        log.info("MFU: the peak FLOP/s of %s is unknown (set metrics.peak_tflops); mfu is logged as nan", device_name)
-    return window, MetricsSink(jsonl, tensorboard)
 
 
 class _TorchTrainer:
