@@ -237,17 +237,9 @@ def cmd_healthcheck(args: Sequence[str]) -> int:
     info = _detect(config)
     if info.is_worker:
         from .health import run_healthcheck
-        from .runtime import init
+        from .runtime import run_worker
 
-        rt = init(config)
-        try:
-            code = run_healthcheck(rt)
-        except BaseException as err:
-            rt.watchdog.on_error(err)
-            rt.shutdown(barrier=False)
-            raise
-        rt.shutdown()
-        return code
+        return run_worker(config, run_healthcheck)
     _check_faults()
     return _launch(info, config, Target(module="llm_runtime", args=("healthcheck", *args)), flags, {})
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["Fault", "FaultError", "active", "inject", "parse_faults"]
+__all__ = ["Fault", "FaultError", "active", "inject", "parse_faults", "restart_count"]
 
 log = logging.getLogger(__name__)
 KINDS = ("hang", "kill", "slow", "corrupt")
@@ -71,13 +71,18 @@ def parse_faults(text: str) -> list[Fault]:
     return faults
 
 
+def restart_count(env: Mapping[str, str] | None = None) -> int:
+    """Which elastic attempt this is (torch.distributed.run's TORCHELASTIC_RESTART_COUNT; 0 outside it)."""
+    return int((os.environ if env is None else env).get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def active(rank: int, step: int | None, phase: str, env: Mapping[str, str] | None = None) -> list[Fault]:
     """The faults that fire for this rank, step and phase (none without LLM_RUNTIME_FAULT)."""
     env = os.environ if env is None else env
     text = env.get("LLM_RUNTIME_FAULT", "")
     if not text:
         return []
-    restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    restart = restart_count(env)
     return [fault for fault in parse_faults(text) if fault.fires(rank, step, phase, restart)]
 
 

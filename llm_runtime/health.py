@@ -107,9 +107,9 @@ def _check_memory(cfg: HealthConfig, device: torch.device) -> list[str]:
     try:
         block = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
         block.fill_(1.0)
-        total = float(block[:: max(1, block.numel() // 4096)].sum())  # touch it, read some back
-        expected = float(len(range(0, block.numel(), max(1, block.numel() // 4096))))
-        del block
+        sample = block[:: max(1, block.numel() // 4096)]  # touch it all, read some back
+        total, expected = float(sample.sum()), float(sample.numel())
+        del block, sample
         if total != expected:
             return [f"memory filled with 1.0 read back a sum of {total:g}, not {expected:g}"]
     except (RuntimeError, MemoryError) as err:
@@ -224,10 +224,7 @@ def run_healthcheck(rt) -> int:
 
 
 def _write_report(rt, results: list[RankHealth], verdict: Verdict, busbw: float, fail: bool) -> None:
-    from .watchdog import output_dir_for
-    import os
-
-    directory = output_dir_for(rt.config.train.output_dir, os.environ, rt.cluster.kind)
+    directory = rt.watchdog.output_dir  # where this run's failure records go too
     if not directory:
         return
     report = {"ok": not fail, "ranks": [asdict(r) for r in results], "bad": [r.rank for r in verdict.bad],

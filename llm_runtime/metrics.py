@@ -191,8 +191,6 @@ def metrics_for_run(rt, model_config) -> tuple[MetricsWindow, MetricsSink | None
     """This run's metrics window (every rank) and sink (rank 0: log line, JSON lines, TensorBoard)."""
     import torch
 
-    from .watchdog import output_dir_for
-
     config, train = rt.config, rt.config.train
     device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
     window = MetricsWindow(tokens_per_step=train.batch_size * train.seq_len, world_size=rt.world_size,
@@ -200,7 +198,7 @@ def metrics_for_run(rt, model_config) -> tuple[MetricsWindow, MetricsSink | None
                            peak=peak_tflops(device_name, config.metrics.peak_tflops))
     if not rt.is_main:
         return window, None
-    output_dir = output_dir_for(train.output_dir, os.environ, rt.cluster.kind)
+    output_dir = rt.watchdog.output_dir  # train.output_dir, or SageMaker's
     jsonl = default_jsonl(config.metrics.jsonl, os.environ, rt.cluster.kind, output_dir)
     tensorboard = (default_tensorboard_dir(config.metrics.tensorboard_dir, rt.cluster.kind, output_dir)
                    if config.metrics.tensorboard else "")

@@ -21,10 +21,11 @@ from .cluster import ClusterInfo, detect_here
 from .cluster import sagemaker as sm
 from .config import Config, ConfigError, ParallelConfig, load_config
 from .parallel.dims import ParallelDims, resolve_dims
+from .faults import restart_count
 from .secrets import RedactingFilter
 from .watchdog import Watchdog, collective_cap, output_dir_for, set_aside_failure
 
-__all__ = ["Runtime", "dims_for", "init", "process_env", "train_timeout_everywhere"]
+__all__ = ["Runtime", "dims_for", "init", "process_env", "run_worker", "train_timeout_everywhere"]
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def init(config: Config | None = None) -> Runtime:
     if (fabric is not None and fabric.has_efa and config.netenv.verify_efa != "off" and local_rank == 0
             and info.num_nodes > 1):
         verify_network(config.netenv.verify_efa, watchdog, info.current_host or "localhost")
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    restart = restart_count()
     if restart and local_rank == 0:  # this attempt's failure, if any, must be the one SageMaker shows
         set_aside_failure(watchdog.output_dir, f"attempt-{restart - 1}")
     log.info("initialised rank %d/%d on %s %s (backend %s, cluster %s, init timeout %.0fs, train timeout %.0fs)",
@@ -304,3 +305,17 @@ def verify_network(mode: str, watchdog: Watchdog, host: str) -> None:
         for handler in logging.getLogger("llm_runtime").handlers:
             handler.flush()
         os._exit(code)
+
+
+def run_worker(config: Config, body) -> int:
+    """A worker's whole life: init, ``body(rt)`` -> exit code, shut down. A failure goes to the
+    watchdog first (a timeout exits there with exitcodes.STALLED; anything else gets a record)."""
+    rt = init(config)
+    try:
+        code = body(rt)
+    except BaseException as err:
+        rt.watchdog.on_error(err)
+        rt.shutdown(barrier=False)
+        raise
+    rt.shutdown()
+    return code

@@ -23,7 +23,7 @@ from .checkpoint.export import export_model, model_dir_for
 from .data.build import DataPlan, build_loader, global_batch_starts
 from .faults import inject
 from .metrics import memory_gb, metrics_for_run
-from .runtime import Runtime, init, parse_split_points
+from .runtime import Runtime, parse_split_points, run_worker
 
 __all__ = ["batch_layout", "check", "check_job", "global_batch_starts", "lr_factor", "main", "run"]
 
@@ -380,23 +380,17 @@ def export_weights(parallel_model, directory: str) -> None:
 
 
 def main(config: Config) -> int:
-    """Entry for a worker process: init, train, shut down."""
-    rt = init(config)
-    try:
+    """Entry for a worker process: init, (pre-flight check,) train, shut down."""
+
+    def body(rt: Runtime) -> int:
         if config.health.preflight:
             from .health import run_healthcheck
 
             code = run_healthcheck(rt)  # every rank reaches the same verdict
             if code:
-                rt.shutdown()
                 return code
         rt.watchdog.beat(0, "start")
         run(rt)
-    except BaseException as err:
-        rt.watchdog.on_error(err)  # a timeout exits here (exitcodes.STALLED); anything else is recorded
-        rt.shutdown(barrier=False)
-        raise
-    if rt.local_rank == 0 and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
-        rt.watchdog.recovered()
-    rt.shutdown()
-    return 0
+        return 0
+
+    return run_worker(config, body)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from . import exitcodes
 from .config import WatchdogConfig
+from .faults import restart_count
 from .secrets import redact
 
 __all__ = ["FailureRecord", "Watchdog", "collective_cap", "is_collective_timeout", "lost_peer", "output_dir_for", "phase_timeout",
@@ -195,13 +196,6 @@ class Watchdog:
         """Write a failure found elsewhere (the health check's verdict) as this rank's and the host's record."""
         self._write(record, record)
 
-    def recovered(self) -> None:
-        """The job finished after an elastic restart: the host's failure record of the failed attempt is
-        moved aside (kept under failures/), so a successful job does not show a failure reason."""
-        moved = set_aside_failure(self.output_dir, "recovered")
-        if moved:
-            log.warning("recovered after a restart; the failed attempt's record is now %s", moved)
-
     def close(self) -> None:
         self._stop.set()
         self.pause()
@@ -294,7 +288,7 @@ class Watchdog:
         seen: dict[int, dict] = {}
 
         def trade() -> None:
-            prefix = f"llm_runtime/stall/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+            prefix = _stall_prefix()
             index = self.store.add(prefix + "n", 1)
             self.store.set(f"{prefix}{index}", json.dumps(mine))
             deadline = time.monotonic() + self.cfg.exchange_s
@@ -317,7 +311,7 @@ class Watchdog:
         """Wait (briefly, bounded) until the ``expected`` stalled ranks have written their records."""
         if self.store is None or expected < 2:
             return
-        key = f"llm_runtime/stall/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/written"
+        key = _stall_prefix() + "written"
 
         def wait() -> None:
             self.store.add(key, 1)
@@ -370,7 +364,9 @@ def _log_nccl_warnings(limit: int = 20) -> None:
         return
     import socket
 
-    path = template.replace("%h", socket.gethostname()).replace("%p", str(os.getpid()))
+    from .verify_efa import debug_file
+
+    path = debug_file(template, socket.gethostname(), os.getpid())
     try:
         with open(path, errors="replace") as handle:
             warnings = [line.rstrip() for line in handle if "NCCL WARN" in line]
@@ -378,6 +374,11 @@ def _log_nccl_warnings(limit: int = 20) -> None:
         return
     for line in warnings[-limit:]:
         log.error("nccl: %s", redact(line))
+
+
+def _stall_prefix() -> str:
+    """Store keys of this attempt's stall exchange (a restarted job trades afresh)."""
+    return f"llm_runtime/stall/{restart_count()}/"
 
 
 def _quietly(fn) -> None:

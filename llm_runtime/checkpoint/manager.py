@@ -181,7 +181,7 @@ class Checkpointer:
         except BaseException as err:  # noqa: BLE001 - raised in the training thread by wait()
             if isinstance(err, TimeoutError) and self.on_stall is not None:
                 self.on_stall(str(err), phase="checkpoint", stalled_s=self.ck.upload_timeout_s,
-                              timeout_s=self.ck.upload_timeout_s, frame=sys._current_frames().get(threading.get_ident()))
+                              timeout_s=self.ck.upload_timeout_s, frame=sys._getframe())
             self._error = err
 
     def _node_report(self, step: int) -> dict:

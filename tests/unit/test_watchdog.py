@@ -8,7 +8,7 @@ import pytest
 
 from llm_runtime import exitcodes
 from llm_runtime.config import WatchdogConfig
-from llm_runtime.watchdog import FailureRecord, Watchdog, is_collective_timeout, output_dir_for, phase_timeout, suspects
+from llm_runtime.watchdog import FailureRecord, is_collective_timeout, output_dir_for, phase_timeout, suspects
 
 
 @pytest.mark.parametrize("phase,cfg,durations,expected", [
@@ -134,14 +134,6 @@ def test_a_stall_still_exits_with_its_code_when_stderr_has_no_file_descriptor(tm
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == exitcodes.STALLED, proc.stderr[-2000:]
     assert "rank=3 step=2 phase=step" in (tmp_path / "failure").read_text()
-
-
-def test_a_recovered_job_moves_the_failed_attempts_record_aside(tmp_path):
-    (tmp_path / "failure").write_text("llm-runtime stalled: rank=1\n")
-    wd = Watchdog(WatchdogConfig(enabled=False), rank=0, world_size=1, host="h", output_dir=str(tmp_path))
-    wd.recovered()
-    assert not (tmp_path / "failure").exists()
-    assert [p.read_text() for p in (tmp_path / "failures").glob("recovered-*.txt")] == ["llm-runtime stalled: rank=1\n"]
 
 
 def test_a_new_run_sets_an_earlier_runs_failure_record_aside(tmp_path):
