@@ -1,11 +1,23 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+PACKAGES = find_packages(include=["llm_runtime", "llm_runtime.*"])
+# find_packages silently leaves out a directory of modules that has no __init__.py, and only a
+# non-editable install notices (issue 13: llm_runtime.checkpoint was missing from the wheel).
+_module_dirs = {".".join(d.relative_to(HERE).parts) for d in [HERE / "llm_runtime", *(HERE / "llm_runtime").rglob("*")]
+                if d.is_dir() and any(d.glob("*.py"))}
+_unpackaged = sorted(_module_dirs - set(PACKAGES))
+if _unpackaged:
+    raise SystemExit(f"setup.py: {_unpackaged} hold modules but no __init__.py, so no install would include them")
 
 setup(
     name="llm-runtime",
     version="0.1.0",
     description="In-container runtime for distributed LLM training on SageMaker-style GPU clusters",
     python_requires=">=3.11",
-    packages=find_packages(include=["llm_runtime", "llm_runtime.*"]),
+    packages=PACKAGES,
     package_data={"llm_runtime.models": ["data/*.txt"]},
     # torch: any build >= 2.6; a CPU machine keeps its CPU wheel (nothing here forces CUDA).
     install_requires=["torch>=2.6", "numpy>=1.24", "safetensors>=0.4", "tqdm>=4.60"],

@@ -69,7 +69,8 @@ def main() -> None:
 
     # Ours.
     checkpointer = Checkpointer(config, rank=rt.rank, world_size=rt.world_size, local_rank=rt.local_rank,
-                                node_rank=0, num_nodes=1, backend="fsdp")
+                                node_rank=0, num_nodes=1, backend="fsdp",
+                                local_dir=rt.paths.checkpoint_dir)
     dist.barrier()
     report = checkpointer.save(1, state, _Position())
     blocked = torch.tensor([report.blocked_s])

@@ -17,7 +17,8 @@ from pathlib import Path
 from . import netenv
 from .cluster import ClusterError, ClusterInfo, detect_here
 from .cluster import sagemaker as sm
-from .config import Config, ConfigError, load_config, parse_cli_overrides
+from .config import Config, ConfigError, load_config, parse_cli_overrides, validate
+from .paths import job_paths, sagemaker_root
 from .launch import LaunchError, Target, execute, mpi_export_names, plan_launch, sagemaker_target
 from .cli_tools import (UsageError, cmd_checkpoints, cmd_metric_definitions, cmd_prepare_data, cmd_report,
                         cmd_verify_efa)
@@ -44,7 +45,8 @@ commands:
       SageMaker metric definitions (Name, Regex) that read the training log's metrics line
   report METRICS.jsonl [--out report.png]
       loss, tokens/s and checkpoint blocked time against step, in one image
-  prepare-data --input PATH|s3://...  --output DIR|s3://... --seq-len N [--shard-size 256MB] [--workers K]
+  prepare-data --input PATH|s3://...  --output DIR|s3://... --seq-len N [--tokenizer byte|tokenizer.json]
+               [--shard-size 256MB] [--workers K] [--text-field text]
                [--prefixes N] [--host-index I --num-hosts H]  (hosts default to the detected cluster)
       tokenize text / jsonl (.gz) files into webdataset token shards with index.json
   checkpoints (list | verify [--step N]) URI [--run-id ID]
@@ -123,34 +125,6 @@ def _env_plan(info: ClusterInfo, config: Config) -> tuple[netenv.EnvPlan, netenv
     return netenv.plan(info, fabric, timeout_dump=fabric.gpus > 0, verify_efa=netenv.verify_planned(config.netenv.verify_efa, os.environ)), fabric
 
 
-def _check_checkpoint(config: Config) -> None:
-    """checkpoint.* values that would fail in every worker, refused once here."""
-    ck = config.checkpoint
-    from .checkpoint.layout import run_id_for
-
-    try:
-        if ck.uri.startswith("s3://"):
-            from .data.sources import parse_s3_uri
-
-            parse_s3_uri(ck.uri)
-        elif "://" in ck.uri:
-            raise ValueError(f"checkpoint.uri={ck.uri!r}: use s3://bucket/prefix or a directory path")
-        run_id_for(ck.uri, ck.run_id)
-        from .checkpoint.layout import parse_step_dir
-
-        if ck.resume not in ("auto", "never") and (parse_step_dir(ck.resume.rstrip("/").rsplit("/", 1)[-1]) is None
-                                                    or ck.resume.rstrip("/").count("/") < 2):
-            raise ValueError(f"checkpoint.resume={ck.resume!r}: use auto, never, or the URI of one checkpoint "
-                             "(.../<run_id>/step-NNNNNNNNN)")
-        for key in ("keep", "part_size_mb", "upload_concurrency", "prefix_spread"):
-            if getattr(ck, key) < 1:
-                raise ValueError(f"checkpoint.{key} must be >= 1, got {getattr(ck, key)}")
-        if ck.every_steps < 0 or ck.every_minutes < 0 or ck.upload_timeout_s <= 0:
-            raise ValueError("checkpoint.every_steps / every_minutes must be >= 0 and upload_timeout_s > 0")
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
 def _check_faults(warn: bool = True) -> list:
     from .faults import FaultError, parse_faults
 
@@ -167,20 +141,21 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hype
     mpi = config.launch.mpi or flags["mpi"] or bool(hyper.get("sagemaker_mpi_enabled"))
     nproc = config.launch.nproc_per_node or int(hyper.get("sagemaker_mpi_num_of_processes_per_host") or 0)
     if target.module == "llm_runtime" and target.args[:1] == ("train",) and info.trains and not info.is_worker:
-        from .train import check
+        from .train import check_job
 
         # Every config error of the built-in trainer surfaces here, once, not in N workers.
         per_node = nproc or info.nproc_per_node
         faults = _check_faults(warn=False)
-        _check_checkpoint(config)
-        check(config, per_node * max(1, info.num_nodes), nproc_per_node=per_node, num_nodes=info.num_nodes,
-              report=True)
+        check_job(config, per_node * max(1, info.num_nodes), nproc_per_node=per_node, num_nodes=info.num_nodes,
+                  report=True)
         if faults:
             log.warning("LLM_RUNTIME_FAULT=%s is set: faults will be injected", os.environ["LLM_RUNTIME_FAULT"])
+    else:
+        validate(config)  # a user program's config keys, and every launcher key
     if target.module == "llm_runtime" and not info.is_worker:
-        from .watchdog import output_dir_for, set_aside_failure
+        from .failures import set_aside_failure
 
-        set_aside_failure(output_dir_for(config.train.output_dir, os.environ, info.kind), "previous")
+        set_aside_failure(job_paths(config, info.kind, os.environ).output_dir, "previous")
     env_plan, fabric = _env_plan(info, config)
     plan = plan_launch(info, target, nproc=nproc, max_restarts=config.launch.max_restarts, mpi=mpi,
                        env_exports=mpi_export_names(os.environ, netenv.mpi_exports(env_plan)),
@@ -204,8 +179,7 @@ def cmd_launch(args: Sequence[str]) -> int:
         return COMMANDS[rest[0]]([*options, *rest[1:]])
     if rest and rest[0] == "train":
         # The SageMaker contract: `docker run IMAGE train` -> the job's program, else the built-in trainer.
-        code_dir = Path(os.environ.get("SAGEMAKER_BASE_DIR") or "/opt/ml") / "code"
-        program = sagemaker_target(hyper, os.environ, code_dir)
+        program = sagemaker_target(hyper, os.environ, sagemaker_root(os.environ) / "code")
         target = program or Target(module="llm_runtime",
                                    args=("train", *(["--config", toml] if toml else []), *rest[1:]))
     else:

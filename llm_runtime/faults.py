@@ -22,7 +22,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["Fault", "FaultError", "active", "inject", "parse_faults", "restart_count"]
+from .workerenv import restart_count
+
+__all__ = ["Fault", "FaultError", "active", "inject", "parse_faults"]
 
 log = logging.getLogger(__name__)
 KINDS = ("hang", "kill", "slow", "corrupt")
@@ -69,11 +71,6 @@ def parse_faults(text: str) -> list[Fault]:
                              "and phase=health takes only slow or corrupt")
         faults.append(fault)
     return faults
-
-
-def restart_count(env: Mapping[str, str] | None = None) -> int:
-    """Which elastic attempt this is (torch.distributed.run's TORCHELASTIC_RESTART_COUNT; 0 outside it)."""
-    return int((os.environ if env is None else env).get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def active(rank: int, step: int | None, phase: str, env: Mapping[str, str] | None = None) -> list[Fault]:

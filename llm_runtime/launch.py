@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .cluster import ClusterInfo
 from .exitcodes import DOCUMENTED, launcher_exit
+from .workerenv import STOP_FILE_ENV
 
 __all__ = ["LaunchError", "LaunchPlan", "Target", "execute", "mpi_status_port", "mpirun_argv",
            "plan_launch", "sagemaker_target", "torchrun_argv"]
@@ -233,9 +234,6 @@ def execute(plan: LaunchPlan, info: ClusterInfo, *, mpi_wait_timeout_s: float = 
     if plan.action == "mpi-wait":
         return _wait_for_mpirun(plan.wait_addr, plan.wait_port, info.current_host, mpi_wait_timeout_s)
     raise LaunchError(f"unknown launch action {plan.action!r}")
-
-
-STOP_FILE_ENV = "LLM_RUNTIME_STOP_FILE"
 
 
 class _StopRequest:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["FIELDS", "MetricsWindow", "MetricsSink", "default_jsonl", "default_tensorboard_dir", "flops_per_token", "format_line",
+__all__ = ["FIELDS", "MetricsWindow", "MetricsSink", "flops_per_token", "format_line",
            "metric_definitions", "metrics_for_run", "mfu", "peak_tflops"]
 
 log = logging.getLogger(__name__)
@@ -95,26 +94,6 @@ def metric_definitions() -> list[dict[str, str]]:
     """SageMaker ``MetricDefinitions``: one regex per field, reading the value from the line."""
     return [{"Name": name, "Regex": rf"{PREFIX} .*\b{key}={_NUMBER}"} for key, _, name, _ in FIELDS
             if key != "step"]
-
-
-def default_jsonl(configured: str, env: Mapping[str, str], cluster_kind: str, output_dir: str) -> str:
-    """``metrics.jsonl`` ("none" turns it off), else SageMaker's output data dir (uploaded with the
-    job's output), else ``<output_dir>/metrics.jsonl``, else none."""
-    if configured:
-        return "" if configured == "none" else configured
-    if env.get("SM_OUTPUT_DATA_DIR") or cluster_kind == "sagemaker":
-        return os.path.join(env.get("SM_OUTPUT_DATA_DIR") or "/opt/ml/output/data", "metrics.jsonl")
-    return os.path.join(output_dir, "metrics.jsonl") if output_dir else ""
-
-
-def default_tensorboard_dir(configured: str, cluster_kind: str, output_dir: str) -> str:
-    """``metrics.tensorboard_dir``, else SageMaker's TensorBoard path (/opt/ml/output/tensorboard,
-    what TensorBoardOutputConfig uploads), else ``<output_dir>/tensorboard``, else ./tensorboard."""
-    if configured:
-        return configured
-    if cluster_kind == "sagemaker":
-        return "/opt/ml/output/tensorboard"
-    return os.path.join(output_dir or ".", "tensorboard")
 
 
 def memory_gb(device) -> float:
@@ -198,10 +177,7 @@ def metrics_for_run(rt, model_config) -> tuple[MetricsWindow, MetricsSink | None
                            peak=peak_tflops(device_name, config.metrics.peak_tflops))
     if not rt.is_main:
         return window, None
-    output_dir = rt.watchdog.output_dir  # train.output_dir, or SageMaker's
-    jsonl = default_jsonl(config.metrics.jsonl, os.environ, rt.cluster.kind, output_dir)
-    tensorboard = (default_tensorboard_dir(config.metrics.tensorboard_dir, rt.cluster.kind, output_dir)
-                   if config.metrics.tensorboard else "")
+    tensorboard = rt.paths.tensorboard_dir if config.metrics.tensorboard else ""
     if not window.peak:
         log.info("MFU: the peak FLOP/s of %s is unknown (set metrics.peak_tflops); mfu is logged as nan", device_name)
-    return window, MetricsSink(jsonl, tensorboard)
+    return window, MetricsSink(rt.paths.metrics_jsonl, tensorboard)

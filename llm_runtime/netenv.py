@@ -388,9 +388,7 @@ def probe_fabric(sys_root: str = "/", run: Callable[..., Any] = subprocess.run,
 
 
 def config_overrides(efa: str = "auto", verify_efa: str = "auto", **versions: str) -> dict[str, Any]:
-    """Fabric overrides from the ``[netenv]`` config: ``efa`` on/off/auto and pinned versions."""
-    if efa not in ("auto", "on", "off"):
-        raise ValueError(f"netenv.efa must be auto, on or off, got {efa!r}")
+    """Fabric overrides from the ``[netenv]`` config: ``efa`` on/off/auto (checked by the config) and pinned versions."""
     overrides: dict[str, Any] = {}
     if efa == "off":
         overrides.update(efa_devices=0, efa_provider=False)

@@ -1,7 +1,9 @@
 """``rt = llm_runtime.init()``: the process group, device, seeds and logging of one worker.
 
 Works the same under ``llm-runtime launch``, torchrun and mpirun; a plain ``python
-script.py`` becomes a world of one.
+script.py`` becomes a world of one. :func:`init` is a short composition of named steps; each
+step that acts on the process (logging, os.environ, signals, process groups, RNGs, threads,
+files) says so in its name and docstring.
 """
 from __future__ import annotations
 
@@ -19,65 +21,55 @@ import torch.distributed as dist
 from . import netenv
 from .cluster import ClusterInfo, detect_here
 from .cluster import sagemaker as sm
-from .config import Config, ConfigError, ParallelConfig, load_config
-from .parallel.dims import ParallelDims, resolve_dims
-from .faults import restart_count
+from .config import Config, ConfigError, load_config, validate
+from .failures import set_aside_failure
+from .parallel.dims import ParallelDims, dims_for
+from .parallel.pipeline import parse_split_points
+from .paths import JobPaths, job_paths
 from .secrets import RedactingFilter
-from .watchdog import Watchdog, collective_cap, output_dir_for, set_aside_failure
+from .watchdog import Watchdog, collective_cap
+from .workerenv import process_env, restart_count
 
-__all__ = ["Runtime", "dims_for", "init", "process_env", "run_worker", "train_timeout_everywhere"]
+__all__ = ["Runtime", "World", "choose_backend", "init", "run_worker", "set_group_timeouts", "world_of"]
 
 log = logging.getLogger(__name__)
 
-
-def process_env(info: ClusterInfo) -> dict[str, str]:
-    """The torch.distributed variables for a worker (MPI ranks get them from here)."""
-    if not info.is_worker:
-        return {}
-    return {
-        "RANK": str(info.rank),
-        "LOCAL_RANK": str(info.local_rank),
-        "WORLD_SIZE": str(info.world_size),
-        "LOCAL_WORLD_SIZE": str(info.nproc_per_node),
-        "MASTER_ADDR": info.master_addr,
-        "MASTER_PORT": str(info.master_port),
-    }
+CHECKPOINT_PHASE_MARGIN_S = 300.0
+"""The watchdog's checkpoint phase outlasts checkpoint.upload_timeout_s by this much (the upload's own
+deadline speaks first)."""
 
 
-def train_timeout_everywhere(timeout_s: float) -> None:
-    """Give every process group the train timeout: groups made after init (mesh axes, HSDP,
-    DeepSpeed's) start with torch's default, and a hung collective in one of them must fail
-    as fast as one on the default group."""
-    for group in list(dist.distributed_c10d._world.pg_map):
-        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job."""
+
+    rank: int
+    local_rank: int
+    size: int
 
 
-def parse_split_points(text: str) -> list[int]:
-    """``parallel.pp_split_points`` ("3,6") as layer indices."""
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise ConfigError(f"parallel.pp_split_points must be comma-separated layer indices, got {text!r}") from None
-
-
-def dims_for(parallel: ParallelConfig, world_size: int, info: ClusterInfo) -> ParallelDims:
-    """The parallel layout for this job, checked against the world size (raises ConfigError)."""
-    try:
-        return resolve_dims(world_size=world_size, dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard,
-                            tp=parallel.tp, pp=parallel.pp, shard_group_size=parallel.shard_group_size,
-                            nproc_per_node=info.nproc_per_node, num_nodes=info.num_nodes)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+def world_of(info: ClusterInfo) -> World:
+    """A worker's ranks from detection; a process no launcher started is a world of one."""
+    if info.is_worker:
+        return World(info.rank, info.local_rank, info.world_size)
+    return World(0, 0, 1)
 
 
 def choose_backend(requested: str, cuda_available: bool) -> str:
+    """``dist.backend`` on this machine (the key's choices are checked by the config)."""
     if requested == "auto":
         return "nccl" if cuda_available else "gloo"
-    if requested not in ("nccl", "gloo"):
-        raise ConfigError(f"dist.backend must be auto, nccl or gloo, got {requested!r}")
     if requested == "nccl" and not cuda_available:
         raise ConfigError("dist.backend=nccl needs CUDA GPUs, and none is visible to this process")
     return requested
+
+
+def set_group_timeouts(timeout_s: float) -> None:
+    """Give every existing process group the train timeout (through torch's private ``_set_pg_timeout``:
+    there is no public API). Groups made after init (mesh axes, HSDP, DeepSpeed's) start with torch's
+    default, and a hung collective in one of them must fail as fast as one on the default group."""
+    for group in list(dist.distributed_c10d._world.pg_map):
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
 
 
 class _RankFilter(logging.Filter):
@@ -90,7 +82,11 @@ class _RankFilter(logging.Filter):
         return True
 
 
-def _setup_logging(rank: int) -> None:
+def setup_logging(rank: int, redact: bool = True) -> None:
+    """Side effect on global logging: the ``llm_runtime`` logger gets one handler of its own (stdout on
+    rank 0, stderr elsewhere, ``[rank N]`` prefix, secrets redacted unless ``redact=False``), INFO on
+    rank 0 and WARNING elsewhere, and stops propagating to the root logger (a user's handlers would
+    print every line twice)."""
     logger = logging.getLogger("llm_runtime")
     for handler in list(logger.handlers):
         if getattr(handler, "_llm_runtime", False):
@@ -98,7 +94,8 @@ def _setup_logging(rank: int) -> None:
     handler = logging.StreamHandler(sys.stderr if rank else sys.stdout)
     handler._llm_runtime = True  # type: ignore[attr-defined]
     handler.addFilter(_RankFilter(rank))
-    handler.addFilter(RedactingFilter())
+    if redact:
+        handler.addFilter(RedactingFilter())
     handler.setFormatter(logging.Formatter("[rank %(rank)s] %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -124,6 +121,8 @@ class Runtime:
     """DeviceMesh over the axes of ``dims`` larger than 1 (None in a world of one)."""
     watchdog: object = None
     """The hang watchdog (watchdog.py): idle until the training loop's first ``beat(step, phase)``."""
+    paths: JobPaths | None = None
+    """Where this job's outputs go (paths.py): the same value the launcher derived."""
     _owns_group: bool = field(default=True, repr=False)
 
     @property
@@ -154,7 +153,7 @@ class Runtime:
         parallel_model = parallelize(model, self.dims, rank=self.rank, device=self.device, mesh=self.mesh,
                                      **{**defaults, **options})
         if self.world_size > 1:
-            train_timeout_everywhere(self.config.comm.train_timeout_s)  # groups parallelize made
+            set_group_timeouts(self.config.comm.train_timeout_s)  # groups parallelize made
         return parallel_model
 
     @property
@@ -181,13 +180,16 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def die_with_parent() -> None:
-    """A worker whose launcher is killed (torchrun's agent, orted) is killed too (Linux), instead of
-    living on, holding its device, until a collective times out; torchrun starts each worker in a
-    session of its own, so nothing else would reach it."""
+def die_with_launcher(info: ClusterInfo) -> None:
+    """Side effect on the process (Linux PR_SET_PDEATHSIG): a worker whose launcher is killed
+    (torchrun's agent, orted) is killed too, instead of living on, holding its device, until a
+    collective times out; torchrun starts each worker in a session of its own, so nothing else would
+    reach it. Only under a launcher that this process is a worker of."""
     import ctypes
     import signal
 
+    if not info.is_worker or not ("TORCHELASTIC_RUN_ID" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ):
+        return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
@@ -197,87 +199,121 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def init(config: Config | None = None) -> Runtime:
-    """Start this worker: process group with init then train timeouts, device, seeds, logging.
+def setup_network(backend: str, config: Config, info: ClusterInfo, local_rank: int):
+    """(device, fabric). With NCCL: writes the network plan (EFA/NCCL variables, netenv.py) into
+    ``os.environ`` and selects this rank's GPU; with gloo: the CPU, nothing written."""
+    if backend != "nccl":
+        return torch.device("cpu"), None
+    fabric = netenv.probe_fabric(overrides=netenv.config_overrides(**vars(config.netenv)))
+    verify = netenv.verify_planned(config.netenv.verify_efa, os.environ)
+    netenv.apply(netenv.plan(info, fabric, verify_efa=verify), os.environ)
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device, fabric
 
-    Without ``config`` it is loaded from the environment and, on SageMaker, from the
-    hyperparameters that name config keys (a user program's own keys are left to it).
-    """
-    if config is None:
-        config = load_config(
-            env=os.environ,
-            hyperparameters=sm.read_hyperparameters(os.environ),
-            strict_hyperparameters=False,
-        )
-    info = detect_here(kind=config.launch.cluster or None)
-    cuda = torch.cuda.is_available()
-    backend = choose_backend(config.dist.backend, cuda)
+
+def start_process_group(backend: str, info: ClusterInfo, world: World, comm) -> bool:
+    """The default process group, under ``comm.init_timeout_s`` until every rank passed a first
+    barrier, then ``comm.train_timeout_s``. A worker writes RANK/MASTER_* (as detection decided them)
+    into ``os.environ`` for env:// rendezvous. False when the caller had already made the group."""
+    if dist.is_initialized():
+        return False
+    init_timeout = timedelta(seconds=comm.init_timeout_s)
     if info.is_worker:
-        rank, local_rank, world = info.rank, info.local_rank, info.world_size
+        # For MPI ranks: the master detection chose, not a MASTER_ADDR an image happened to set.
+        os.environ.update(process_env(info))
+        dist.init_process_group(backend, init_method="env://", rank=world.rank, world_size=world.size,
+                                timeout=init_timeout)
     else:
-        rank, local_rank, world = 0, 0, 1
-    dims = dims_for(config.parallel, world, info)  # a layout that cannot fit fails before any group
-    _setup_logging(rank)
-    if info.is_worker and ("TORCHELASTIC_RUN_ID" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ):
-        die_with_parent()
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=init_timeout)
+    # The first barrier proves every rank arrived while the generous init timeout holds; after it,
+    # a hung collective should fail fast.
+    dist.barrier()
+    set_group_timeouts(comm.train_timeout_s)
+    return True
 
-    fabric = None
-    if backend == "nccl":
-        fabric = netenv.probe_fabric(overrides=netenv.config_overrides(**vars(config.netenv)))
-        netenv.apply(netenv.plan(info, fabric, verify_efa=netenv.verify_planned(config.netenv.verify_efa, os.environ)), os.environ)
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
 
-    owns = not dist.is_initialized()
-    if owns:
-        init_timeout = timedelta(seconds=config.comm.init_timeout_s)
-        if info.is_worker:
-            # Detection decided these (for MPI ranks: the master it chose, not a MASTER_ADDR an
-            # image happened to set); env:// must rendezvous at the same place.
-            os.environ.update(process_env(info))
-            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                                    timeout=init_timeout)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=init_timeout)
-        # The first barrier proves every rank arrived while the generous init timeout holds;
-        # after it, a hung collective should fail fast.
-        dist.barrier()
-        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=config.comm.train_timeout_s))
-
-    seed = config.train.seed + rank
-    random.seed(seed)
-    torch.manual_seed(seed)
+def seed_everything(seed: int, rank: int) -> int:
+    """Side effect on the global RNGs of ``random``, torch and numpy: each rank seeded ``seed + rank``."""
+    mine = seed + rank
+    random.seed(mine)
+    torch.manual_seed(mine)
     try:
         import numpy
 
-        numpy.random.seed(seed % 2**32)
+        numpy.random.seed(mine % 2**32)
     except ImportError:
         pass
-    mesh = None
-    if world > 1:
-        from .parallel.api import build_mesh
+    return mine
 
-        mesh = build_mesh(dims, device.type)
-        train_timeout_everywhere(config.comm.train_timeout_s)
-    watchdog = Watchdog(config.watchdog, rank=rank, world_size=world, host=info.current_host or "localhost",
-                        output_dir=output_dir_for(config.train.output_dir, os.environ, info.kind),
-                        checkpoint_s=config.checkpoint.upload_timeout_s + 300,
-                        cap_s=collective_cap(config.comm.train_timeout_s, config.watchdog.exchange_s),
-                        store=dist.distributed_c10d._get_default_store() if world > 1 else None)
-    if (fabric is not None and fabric.has_efa and config.netenv.verify_efa != "off" and local_rank == 0
+
+def build_device_mesh(dims: ParallelDims, device: torch.device, world: World, train_timeout_s: float):
+    """The DeviceMesh over the axes of ``dims`` larger than 1 (its groups get the train timeout); None alone."""
+    if world.size == 1:
+        return None
+    from .parallel.api import build_mesh
+
+    mesh = build_mesh(dims, device.type)
+    set_group_timeouts(train_timeout_s)
+    return mesh
+
+
+def start_watchdog(config: Config, world: World, info: ClusterInfo, paths: JobPaths) -> Watchdog:
+    """Starts the watchdog thread (idle until the first beat); it trades stall records over the job's store."""
+    return Watchdog(config.watchdog, rank=world.rank, world_size=world.size, host=info.current_host or "localhost",
+                    output_dir=paths.output_dir,
+                    checkpoint_s=config.checkpoint.upload_timeout_s + CHECKPOINT_PHASE_MARGIN_S,
+                    cap_s=collective_cap(config.comm.train_timeout_s, config.watchdog.exchange_s),
+                    store=dist.distributed_c10d._get_default_store() if world.size > 1 else None)
+
+
+def check_network(config: Config, fabric, watchdog: Watchdog, info: ClusterInfo, world: World) -> None:
+    """On EFA hosts of a multi-node NCCL job, local rank 0 reads NCCL's log to see which network it chose
+    (:func:`verify_network`; it can exit the process with code 88). Single-node jobs skip it: NCCL
+    uses NVLink/shared memory there, and no EFA traffic would show."""
+    if (fabric is not None and fabric.has_efa and config.netenv.verify_efa != "off" and world.local_rank == 0
             and info.num_nodes > 1):
         verify_network(config.netenv.verify_efa, watchdog, info.current_host or "localhost")
-    restart = restart_count()
-    if restart and local_rank == 0:  # this attempt's failure, if any, must be the one SageMaker shows
-        set_aside_failure(watchdog.output_dir, f"attempt-{restart - 1}")
-    log.info("initialised rank %d/%d on %s %s (backend %s, cluster %s, init timeout %.0fs, train timeout %.0fs)",
-             rank, world, info.current_host, device, backend, info.kind, config.comm.init_timeout_s,
-             config.comm.train_timeout_s)
-    return Runtime(rank, local_rank, world, device, backend, info, config, seed, dims, mesh, watchdog, owns)
 
+
+def set_aside_previous_attempt(paths: JobPaths, world: World) -> None:
+    """Moves the failure file of the previous elastic attempt aside (on disk), so the one SageMaker
+    shows describes this attempt; one rank per host does it."""
+    restart = restart_count()
+    if restart and world.local_rank == 0:
+        set_aside_failure(paths.output_dir, f"attempt-{restart - 1}")
+
+
+def config_from_environment() -> Config:
+    """A user program's config: ``LLM_RUNTIME_*`` variables and, on SageMaker, the hyperparameters that
+    name config keys (the program's own keys are left to it)."""
+    return load_config(env=os.environ, hyperparameters=sm.read_hyperparameters(os.environ),
+                       strict_hyperparameters=False)
+
+
+def init(config: Config | None = None, *, redact_logs: bool = True) -> Runtime:
+    """Start this worker: config check, process group with init then train timeouts, device, seeds,
+    logging, watchdog. Without ``config`` it is read from the environment (:func:`config_from_environment`)."""
+    config = validate(config if config is not None else config_from_environment())
+    info = detect_here(kind=config.launch.cluster or None)
+    world = world_of(info)
+    backend = choose_backend(config.dist.backend, torch.cuda.is_available())
+    dims = dims_for(config.parallel, world.size, nproc_per_node=info.nproc_per_node, num_nodes=info.num_nodes)
+    paths = job_paths(config, info.kind, os.environ)  # a layout that cannot fit has failed before any group
+    setup_logging(world.rank, redact=redact_logs)
+    die_with_launcher(info)
+    device, fabric = setup_network(backend, config, info, world.local_rank)
+    owns = start_process_group(backend, info, world, config.comm)
+    seed = seed_everything(config.train.seed, world.rank)
+    mesh = build_device_mesh(dims, device, world, config.comm.train_timeout_s)
+    watchdog = start_watchdog(config, world, info, paths)
+    check_network(config, fabric, watchdog, info, world)
+    set_aside_previous_attempt(paths, world)
+    log.info("initialised rank %d/%d on %s %s (backend %s, cluster %s, init timeout %.0fs, train timeout %.0fs)",
+             world.rank, world.size, info.current_host, device, backend, info.kind, config.comm.init_timeout_s,
+             config.comm.train_timeout_s)
+    return Runtime(world.rank, world.local_rank, world.size, device, backend, info, config, seed, dims, mesh,
+                   watchdog, paths, owns)
 
 
 def verify_network(mode: str, watchdog: Watchdog, host: str) -> None:
@@ -286,7 +322,7 @@ def verify_network(mode: str, watchdog: Watchdog, host: str) -> None:
     import socket
 
     from .verify_efa import EfaReport, analyse, debug_file, startup_action
-    from .watchdog import FailureRecord
+    from .failures import FailureRecord
 
     template = os.environ.get("NCCL_DEBUG_FILE", "")
     report = EfaReport()

@@ -14,40 +14,27 @@ import time
 
 import torch
 
-from .config import Config, ConfigError, TrainConfig
+from .config import Config, ConfigError, ParallelConfig, TrainConfig, validate
 from .models import ByteTokenizer, Llama, LlamaConfig, bundled_text
-from .parallel.dims import ParallelDims, resolve_dims
-from .parallel.pipeline import split_layers
+from .parallel.batching import batching, stages_per_rank
+from .parallel.dims import ParallelDims, dims_for
+from .parallel.pipeline import parse_split_points, split_layers
 from .parallel.tensor import check_tensor_parallel, llama_root_tp_plan, llama_tp_plan
-from .checkpoint.export import export_model, model_dir_for
+from .checkpoint.export import export_model
 from .data.build import DataPlan, build_loader, global_batch_starts
 from .faults import inject
 from .metrics import memory_gb, metrics_for_run
-from .runtime import Runtime, parse_split_points, run_worker
+from .runtime import Runtime, run_worker
 
-__all__ = ["batch_layout", "check", "check_job", "global_batch_starts", "lr_factor", "main", "run"]
+__all__ = ["batch_layout", "check_job", "global_batch_starts", "lr_factor", "main", "run"]
 
 log = logging.getLogger(__name__)
 
 
 def batch_layout(train: TrainConfig, data_parallel_size: int) -> tuple[int, int]:
-    """(micro_batch_size, accumulation_steps) per replica; a batch that does not divide is an error."""
-    batch, replicas = train.batch_size, data_parallel_size
-    if batch < 1:
-        raise ConfigError(f"train.batch_size must be >= 1, got {batch}")
-    if batch % replicas:
-        raise ConfigError(
-            f"train.batch_size={batch} (global, in sequences) does not divide over "
-            f"{replicas} data-parallel replicas"
-        )
-    per_replica = batch // replicas
-    micro = train.micro_batch_size or per_replica
-    if micro < 1 or per_replica % micro:
-        raise ConfigError(
-            f"train.micro_batch_size={micro} does not divide the per-replica batch of "
-            f"{per_replica} (train.batch_size={batch} over {replicas} replicas)"
-        )
-    return micro, per_replica // micro
+    """(micro_batch_size, accumulation_steps) per replica without pipelining (parallel/batching.py)."""
+    split = batching(train, ParallelConfig(), data_parallel_size, 1)
+    return split.micro_batch, split.count
 
 
 def lr_factor(step: int, train: TrainConfig) -> float:
@@ -61,68 +48,44 @@ def lr_factor(step: int, train: TrainConfig) -> float:
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def check(config: Config, world_size: int, *, nproc_per_node: int | None = None,
-          num_nodes: int = 1, report: bool = False, data: bool = True) -> tuple[LlamaConfig, ParallelDims]:
-    """Every config error the job would hit, raised as ConfigError before any worker starts.
-
-    ``report`` (the launcher, once per job) also logs what a user DeepSpeed JSON overrides and
-    which data the job reads. ``data`` checks the data too (its index is read).
-    """
-    model_config, dims, _ = check_job(config, world_size, nproc_per_node=nproc_per_node, num_nodes=num_nodes,
-                                      report=report, data=data)
-    return model_config, dims
-
-
 def check_job(config: Config, world_size: int, *, nproc_per_node: int | None = None, num_nodes: int = 1,
               report: bool = False, data: bool = True) -> tuple[LlamaConfig, ParallelDims, DataPlan | None]:
-    """:func:`check`, also returning the data plan; the model's vocabulary follows the data's tokenizer."""
-    train, parallel = config.train, config.parallel
-    for key in ("steps", "seq_len", "log_every"):
-        if getattr(train, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
-    if parallel.backend == "deepspeed":
+    """Every config error the built-in trainer would hit on this world, as ConfigError, before any worker
+    starts: the config's own check (config/check.py), then the layout, the batch split, the data and
+    the model. ``report`` (the launcher, once per job) also logs which data the job reads and what a
+    user DeepSpeed JSON overrides; ``data`` reads the data's index too. The model's vocabulary follows
+    the data's tokenizer."""
+    validate(config)
+    if config.parallel.backend == "deepspeed":
         model_config, dims = _check_deepspeed(config, world_size, report)
         plan = _check_data(config, dims) if data else None
-        if report and plan is not None:
-            log.info("data: %s", plan.describe())
-        return dataclasses.replace(model_config, vocab_size=_vocab(plan)), dims, plan
-    try:
-        dims = resolve_dims(world_size=world_size, dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard,
-                            tp=parallel.tp, pp=parallel.pp, shard_group_size=parallel.shard_group_size,
-                            nproc_per_node=nproc_per_node, num_nodes=num_nodes)
-        batch_layout(train, dims.dp_size)
+    else:
+        dims = dims_for(config.parallel, world_size, nproc_per_node=nproc_per_node, num_nodes=num_nodes)
+        batching(config.train, config.parallel, dims.dp_size, dims.pp, stages=stages_per_rank(config.parallel))
         plan = _check_data(config, dims) if data else None
+        model_config = _check_model(config, dims, _vocab(plan))
+    if report and plan is not None:  # only once everything passed: an error stays the one line printed
+        log.info("data: %s", plan.describe())
+    return dataclasses.replace(model_config, vocab_size=_vocab(plan)), dims, plan
+
+
+def _check_model(config: Config, dims: ParallelDims, vocab_size: int) -> LlamaConfig:
+    """The bundled model fits the layout: heads and sizes split over tp, layers over the stages."""
+    parallel = config.parallel
+    try:
         model_config = LlamaConfig(dim=config.model.dim, layers=config.model.layers, heads=config.model.heads,
-                                   max_seq_len=train.seq_len, vocab_size=_vocab(plan)).validate()
+                                   max_seq_len=config.train.seq_len, vocab_size=vocab_size).validate()
         check_tensor_parallel(dims.tp, heads=model_config.heads, kv_heads=model_config.num_kv_heads,
                               ffn_hidden=model_config.ffn_hidden_dim, vocab=model_config.vocab_size,
-                              seq_len=train.seq_len, sequence_parallel=parallel.sequence_parallel)
+                              seq_len=config.train.seq_len, sequence_parallel=parallel.sequence_parallel)
         if dims.pp > 1:
-            per_rank = parallel.stages_per_rank or (2 if parallel.pp_schedule == "interleaved" else 1)
-            if parallel.pp_schedule != "interleaved" and per_rank != 1:
-                raise ValueError(f"parallel.stages_per_rank={per_rank} needs parallel.pp_schedule=interleaved")
-            split_layers(model_config.layers, dims.pp * per_rank, parse_split_points(parallel.pp_split_points))
-            micro = parallel.microbatches or dims.pp * per_rank
-            if train.micro_batch_size:
-                raise ValueError("train.micro_batch_size applies without pipelining; with parallel.pp > 1 "
-                                 "set parallel.microbatches (the pipeline's micro-batches) instead")
-            if micro < dims.pp:
-                raise ValueError(f"parallel.microbatches={micro} is fewer than the {dims.pp} pipeline stages; "
-                                 "the schedule needs at least one per stage")
-            per_replica = train.batch_size // dims.dp_size if train.batch_size % dims.dp_size == 0 else 0
-            if per_replica and per_replica % micro:
-                raise ValueError(f"parallel.microbatches={micro} does not divide the per-replica batch of "
-                                 f"{per_replica} (train.batch_size={train.batch_size} over {dims.dp_size} replicas)")
-            if parallel.pp_schedule == "interleaved" and micro % dims.pp:
-                raise ValueError(f"the interleaved schedule needs parallel.microbatches ({micro}) to be a "
-                                 f"multiple of parallel.pp ({dims.pp})")
+            split_layers(model_config.layers, dims.pp * stages_per_rank(parallel),
+                         parse_split_points(parallel.pp_split_points))
     except ConfigError:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if report and plan is not None:  # only once everything passed: an error stays the one line printed
-        log.info("data: %s", plan.describe())
-    return model_config, dims, plan
+    return model_config
 
 
 def _vocab(plan: DataPlan | None) -> int:
@@ -157,8 +120,6 @@ def _check_deepspeed(config: Config, world_size: int, report: bool = False) -> t
         if layout.pp > model_config.layers + 2:
             raise ValueError(f"parallel.pp={layout.pp} exceeds the model's {model_config.layers} layers "
                              "plus embedding and head")
-        if train.export_dir:
-            raise ValueError("train.export_dir is not supported with parallel.backend=deepspeed yet")
         micro, accumulation = deepspeed_batching(config, layout.dp, layout.pp)
         mics = False
         if layout.shard_group_size and layout.shard_mode == "mics":
@@ -222,7 +183,8 @@ def _checkpointer(rt: Runtime):
 
     return Checkpointer(rt.config, rank=rt.rank, world_size=rt.world_size, local_rank=rt.local_rank,
                         node_rank=rt.cluster.node_rank, num_nodes=max(1, rt.cluster.num_nodes),
-                        backend=rt.config.parallel.backend, on_stall=rt.watchdog.fail)
+                        backend=rt.config.parallel.backend, local_dir=rt.paths.checkpoint_dir,
+                        on_stall=rt.watchdog.fail)
 
 
 def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_config) -> dict[str, float]:
@@ -232,8 +194,6 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
     if checkpointer is not None:
         watchdog.beat(0, "checkpoint")
         start = checkpointer.restore(state, loader)
-        if start >= train.steps:
-            log.info("checkpoint step %d reaches train.steps=%d: nothing left to train", start, train.steps)
     window, sink = metrics_for_run(rt, model_config)
     try:
         metrics: dict[str, float] = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}
@@ -262,21 +222,29 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
                     log.info("stop requested by the launcher: saved step %d, stopping", step)
                     watchdog.beat(step, "checkpoint")
                     return metrics
-        watchdog.beat(train.steps, "export")
-        if train.export_dir:
-            export_weights(trainer.model, train.export_dir)  # check() refused it for DeepSpeed
-        model_dir = model_dir_for(train.model_dir, os.environ, rt.cluster.kind)
-        if model_dir:
-            export_model(trainer, rt, model_dir, model_config)
-        stats = loader.stats()
-        if stats:
-            log.info("data requests=%d bytes=%d retries=%d (this rank's reads)", stats["requests"], stats["bytes"],
-                     stats["retries"])
-        log.info("done steps=%d final_loss=%.4f", train.steps, metrics["loss"])
-        return metrics
+        return _finish(rt, trainer, loader, model_config, metrics, start)
     finally:
         if sink is not None:
             sink.close()  # TensorBoard's writer, also when training fails
+
+
+def _finish(rt: Runtime, trainer, loader, model_config, metrics: dict, start: int) -> dict:
+    """After the last step: the final model, the data counters and the closing line."""
+    train = rt.config.train
+    rt.watchdog.beat(train.steps, "export")
+    if train.export_dir:
+        export_weights(trainer.model, train.export_dir)  # the config check refuses it for DeepSpeed
+    if rt.paths.model_dir:
+        export_model(trainer, rt, rt.paths.model_dir, model_config)
+    stats = loader.stats()
+    if stats:
+        log.info("data requests=%d bytes=%d retries=%d (this rank's reads)", stats["requests"], stats["bytes"],
+                 stats["retries"])
+    if start >= train.steps:
+        log.info("done: nothing to train, the checkpoint's step %d reaches train.steps=%d", start, train.steps)
+        return {**metrics, "step": start, "nothing_to_train": True}
+    log.info("done steps=%d final_loss=%.4f", train.steps, metrics["loss"])
+    return metrics
 
 
 class _TorchTrainer:
@@ -337,20 +305,10 @@ class _DeepSpeedTrainer:
 
 
 def deepspeed_batching(config: Config, dp: int, pp: int) -> tuple[int, int]:
-    """(micro-batch, accumulation steps) for DeepSpeed: the pipeline's micro-batches are
-    ``parallel.microbatches`` (default: one per stage), as with the fsdp backend."""
-    train = config.train
-    if pp == 1:
-        return batch_layout(train, dp)
-    if train.micro_batch_size:
-        raise ConfigError("train.micro_batch_size applies without pipelining; with parallel.pp > 1 "
-                          "set parallel.microbatches instead")
-    micro_batches = config.parallel.microbatches or pp
-    per_replica, _ = batch_layout(train, dp)
-    if per_replica % micro_batches:
-        raise ConfigError(f"parallel.microbatches={micro_batches} does not divide the per-replica batch of "
-                          f"{per_replica} (train.batch_size={train.batch_size} over {dp} replicas)")
-    return per_replica // micro_batches, micro_batches
+    """(micro-batch, accumulation steps) for DeepSpeed: the same rule as the fsdp backend
+    (the pipeline's micro-batches are ``parallel.microbatches``, default one per stage)."""
+    split = batching(config.train, config.parallel, dp, pp)
+    return split.micro_batch, split.count
 
 
 def _deepspeed_trainer(rt: Runtime, model: Llama) -> _DeepSpeedTrainer:
@@ -389,6 +347,8 @@ def main(config: Config) -> int:
             code = run_healthcheck(rt)  # every rank reaches the same verdict
             if code:
                 return code
+            if rt.device.type == "cuda":  # memory_gb is training's peak, not the check's memory test
+                torch.cuda.reset_peak_memory_stats(rt.device)
         rt.watchdog.beat(0, "start")
         run(rt)
         return 0

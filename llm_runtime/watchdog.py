@@ -12,8 +12,6 @@ one), writes a one-line failure record to the log and to the output dir (on Sage
 """
 from __future__ import annotations
 
-import faulthandler
-import io
 import json
 import logging
 import os
@@ -21,22 +19,40 @@ import statistics
 import sys
 import threading
 import time
-import traceback
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import asdict
 
 from . import exitcodes
 from .config import WatchdogConfig
-from .faults import restart_count
-from .secrets import redact
+from .failures import (FailureRecord, dump_stacks, is_collective_timeout, log_nccl_warnings, lost_peer, suspects,
+                       where, write_record)
+from .workerenv import restart_count
 
-__all__ = ["FailureRecord", "Watchdog", "collective_cap", "is_collective_timeout", "lost_peer", "output_dir_for", "phase_timeout",
-           "set_aside_failure", "suspects"]
+__all__ = ["Watchdog", "collective_cap", "phase_timeout"]
 
 log = logging.getLogger(__name__)
 _TIMED = ("data", "step")
+
+# The timing of a failure, after watchdog.exchange_s (the records' exchange) has run out:
+COLLECTIVE_MARGIN_S = 20.0
+"""Spoken this long before comm.train_timeout_s: trading and writing records must end before the
+collective's own timeout kills the process (NCCL TearDown runs no Python)."""
+MIN_COLLECTIVE_CAP_S = 10.0
+BACKSTOP_S = 30.0
+"""A failing rank exits at the latest this long after exchange_s, whatever blocks its record writing."""
+SECOND_FAILURE_WAIT_S = 45.0
+"""A second failure in a rank that is already failing waits (past exchange_s) for the first to exit
+the process; longer than BACKSTOP_S, so the first one's exit always wins."""
+EXCHANGE_JOIN_MARGIN_S = 5.0
+"""The exchange thread gets this long past exchange_s before it is abandoned (a store gone with its host)."""
+LOST_PEER_WAIT_S = 2.0
+LOST_PEER_WAIT_MAX_S = 15.0
+"""A rank that lost a peer waits exchange_s + LOST_PEER_WAIT_S (at most LOST_PEER_WAIT_MAX_S) before
+writing, so that the culprit's record is the host's."""
+WRITTEN_WAIT_S = 5.0
+WRITTEN_JOIN_S = 7.0
+"""How long the stalled ranks wait for each other's records to be written before the first exits."""
 
 
 def phase_timeout(phase: str, cfg: WatchdogConfig, durations: Sequence[float], checkpoint_s: float,
@@ -66,94 +82,7 @@ def phase_timeout(phase: str, cfg: WatchdogConfig, durations: Sequence[float], c
 def collective_cap(train_timeout_s: float, exchange_s: float) -> float:
     """The watchdog's limit for phases whose peers wait in a collective: time to trade records and
     write them before the collective timeout ends the process."""
-    return max(10.0, train_timeout_s - exchange_s - 20)
-
-
-def output_dir_for(configured: str, env: Mapping[str, str], cluster_kind: str) -> str:
-    """``train.output_dir``, else SageMaker's (SM_OUTPUT_DIR, /opt/ml/output), else none."""
-    if configured:
-        return configured
-    if env.get("SM_OUTPUT_DIR"):
-        return env["SM_OUTPUT_DIR"]
-    return "/opt/ml/output" if cluster_kind == "sagemaker" else ""
-
-
-def is_collective_timeout(err: BaseException) -> bool:
-    """A collective (gloo, NCCL) or the data loader gave up waiting: a stall, not a bug."""
-    text = str(err).lower()
-    return isinstance(err, TimeoutError) or (isinstance(err, RuntimeError) and (
-        "timed out" in text or "operation timeout" in text))
-
-
-def set_aside_failure(output_dir: str, label: str) -> str:
-    """Move ``output_dir/failure`` (an earlier run's or attempt's) to ``failures/<label>-<time>.txt``,
-    so the file only ever describes this run; returns the new path, or "" when there was none."""
-    failure = Path(output_dir) / "failure" if output_dir else None
-    if failure is None or not failure.exists():
-        return ""
-    try:
-        target = failure.parent / "failures" / f"{label}-{int(time.time())}.txt"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        failure.replace(target)
-        return str(target)
-    except OSError as err:
-        log.warning("could not move the failure record %s aside: %s", failure, err)
-        return ""
-
-
-def lost_peer(err: BaseException) -> bool:
-    """A collective failed because a peer process went away (gloo: connection closed/reset)."""
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and any(m in text for m in ("closed by peer", "reset by peer", "broken pipe"))
-
-
-def where(frame) -> tuple[str, bool]:
-    """(innermost ``file:line function`` of a thread's stack, whether it waits inside torch.distributed)."""
-    if frame is None:
-        return "", False
-    stack = traceback.extract_stack(frame)
-    last = stack[-1]
-    in_collective = any("/torch/distributed/" in entry.filename.replace("\\", "/") for entry in stack[-15:])
-    return f"{os.path.basename(last.filename)}:{last.lineno} {last.name}", in_collective
-
-
-def suspects(records: Sequence[Mapping], world_size: int = 0) -> list[int]:
-    """The ranks to blame: those stalled outside a collective (the others wait for them); when every
-    reporter waits in one, the ranks that did not report (frozen, or their watchdog could not run);
-    else all of them (the network)."""
-    outside = [r for r in records if not r.get("in_collective")]
-    if outside:
-        return sorted({int(r["rank"]) for r in outside})
-    missing = sorted(set(range(world_size)) - {int(r["rank"]) for r in records})
-    return missing or sorted({int(r["rank"]) for r in records})
-
-
-@dataclass
-class FailureRecord:
-    kind: str
-    """``stalled`` (watchdog / timeout) or ``error``."""
-    host: str
-    rank: int
-    step: int
-    phase: str
-    reason: str
-    stalled_s: float = 0.0
-    timeout_s: float = 0.0
-    where: str = ""
-    in_collective: bool = False
-    time: float = field(default_factory=time.time)
-    suspects: list[int] = field(default_factory=list)
-
-    def line(self) -> str:
-        parts = [f"llm-runtime {self.kind}: host={self.host} rank={self.rank} step={self.step} phase={self.phase}"]
-        if self.kind == "stalled":
-            parts.append(f"stalled_s={self.stalled_s:.0f} timeout_s={self.timeout_s:g}")
-        if self.where:
-            parts.append(f"where={self.where.replace(' ', ':')}" + (" (in a collective)" if self.in_collective else ""))
-        if self.suspects:
-            parts.append("suspect_ranks=" + ",".join(map(str, self.suspects)))
-        parts.append(f"reason={self.reason}")
-        return redact(" ".join(parts))
+    return max(MIN_COLLECTIVE_CAP_S, train_timeout_s - exchange_s - COLLECTIVE_MARGIN_S)
 
 
 class Watchdog:
@@ -194,7 +123,7 @@ class Watchdog:
 
     def write_record(self, record: FailureRecord) -> None:
         """Write a failure found elsewhere (the health check's verdict) as this rank's and the host's record."""
-        self._write(record, record)
+        write_record(self.output_dir, self.rank, record, record)
 
     def close(self) -> None:
         self._stop.set()
@@ -213,7 +142,7 @@ class Watchdog:
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             return
         if self._failing.is_set():  # the watchdog is on its way out: let it finish (it exits the process)
-            time.sleep(self.cfg.exchange_s + 45)
+            time.sleep(self.cfg.exchange_s + SECOND_FAILURE_WAIT_S)
             return
         first = (str(err).strip().splitlines() or [""])[0][:300]
         if is_collective_timeout(err):
@@ -221,12 +150,12 @@ class Watchdog:
             while tb is not None and tb.tb_next is not None:
                 tb = tb.tb_next
             self.fail(f"{type(err).__name__}: {first}", frame=tb.tb_frame if tb is not None else None)
-        _log_nccl_warnings()
+        log_nccl_warnings()
         step, phase, _, _ = self._state
         record = FailureRecord("error", self.host, self.rank, step, phase, f"{type(err).__name__}: {first}")
         if lost_peer(err):  # an effect: give the rank that caused it time to write the host's record first
-            time.sleep(min(self.cfg.exchange_s + 2, 15))
-        self._write(record, record)
+            time.sleep(min(self.cfg.exchange_s + LOST_PEER_WAIT_S, LOST_PEER_WAIT_MAX_S))
+        write_record(self.output_dir, self.rank, record, record)
 
     # ---- the thread -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -248,14 +177,14 @@ class Watchdog:
                 self._failing.set()
                 first = True
         if not first:
-            time.sleep(self.cfg.exchange_s + 45)
+            time.sleep(self.cfg.exchange_s + SECOND_FAILURE_WAIT_S)
         return first
 
     def _stall(self, step: int, phase: str, stalled_s: float, timeout_s: float, reason: str, frame,
                code: int) -> None:
         if not self._claim():
             os._exit(code)
-        backstop = threading.Timer(self.cfg.exchange_s + 30, os._exit, (code,))  # whatever blocks below
+        backstop = threading.Timer(self.cfg.exchange_s + BACKSTOP_S, os._exit, (code,))  # whatever blocks below
         backstop.daemon = True
         backstop.start()
         try:
@@ -264,8 +193,8 @@ class Watchdog:
                                    spot, in_collective)
             log.error("%s; stacks of every thread follow", record.line())
             _flush()
-            _dump_stacks(sys.stderr)
-            _log_nccl_warnings()
+            dump_stacks(sys.stderr)
+            log_nccl_warnings()
             records = self._exchange(asdict(record))
             record.suspects = suspects(records, self.world_size)
             # The host's record describes the first suspect (as every stalled rank saw it), whoever writes it.
@@ -274,7 +203,7 @@ class Watchdog:
             summary = FailureRecord(**{**blamed, "suspects": record.suspects})
             if not reported:  # the suspects never reported: say so, from this rank's view
                 summary.reason = f"ranks {','.join(map(str, record.suspects))} stopped reporting; {summary.reason}"
-            self._write(record, summary, stacks=True)
+            write_record(self.output_dir, self.rank, record, summary, stacks=True)
             log.error("failure record: %s", summary.line())
             _flush()
             self._written(len(records))  # the first rank to exit gets the others torn down: let them write first
@@ -303,7 +232,7 @@ class Watchdog:
 
         worker = threading.Thread(target=lambda: _quietly(trade), daemon=True, name="llm-runtime-stall-exchange")
         worker.start()
-        worker.join(self.cfg.exchange_s + 5)
+        worker.join(self.cfg.exchange_s + EXCHANGE_JOIN_MARGIN_S)
         records = list(seen.values())
         return records if any(r.get("rank") == self.rank for r in records) else records + [mine]
 
@@ -315,65 +244,13 @@ class Watchdog:
 
         def wait() -> None:
             self.store.add(key, 1)
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + WRITTEN_WAIT_S
             while self.store.add(key, 0) < expected and time.monotonic() < deadline:
                 time.sleep(0.1)
 
         worker = threading.Thread(target=lambda: _quietly(wait), daemon=True, name="llm-runtime-stall-written")
         worker.start()
-        worker.join(7)
-
-    def _write(self, record: FailureRecord, summary: FailureRecord, stacks: bool = False) -> None:
-        """The rank's record (JSON, and its stacks) under output_dir/failures, and the host's one-line
-        ``output_dir/failure``: ``summary`` from the first rank on the host to fail."""
-        if not self.output_dir:
-            return
-        try:
-            folder = Path(self.output_dir) / "failures"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"rank-{self.rank:05d}.json").write_text(redact(json.dumps(asdict(record))) + "\n")
-            if stacks:
-                with open(folder / f"rank-{self.rank:05d}.stacks.txt", "w") as sink:
-                    _dump_stacks(sink)
-            fd = os.open(Path(self.output_dir) / "failure", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "w") as sink:
-                sink.write(summary.line() + "\n")
-        except FileExistsError:
-            pass
-        except OSError as err:
-            log.warning("could not write the failure record under %s: %s", self.output_dir, err)
-
-
-def _dump_stacks(stream) -> None:
-    """Every thread's stack (faulthandler: works even when the main thread holds the GIL in C code);
-    a stream without a file descriptor (a notebook's) falls back to the process's stderr."""
-    try:
-        faulthandler.dump_traceback(file=stream, all_threads=True)
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        try:
-            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
-        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-            pass
-
-
-def _log_nccl_warnings(limit: int = 20) -> None:
-    """NCCL's WARN lines from this process's NCCL_DEBUG_FILE (the runtime sends NCCL's INFO output
-    there on EFA hosts), so a failure's NCCL errors reach the job log too."""
-    template = os.environ.get("NCCL_DEBUG_FILE", "")
-    if not template:
-        return
-    import socket
-
-    from .verify_efa import debug_file
-
-    path = debug_file(template, socket.gethostname(), os.getpid())
-    try:
-        with open(path, errors="replace") as handle:
-            warnings = [line.rstrip() for line in handle if "NCCL WARN" in line]
-    except OSError:
-        return
-    for line in warnings[-limit:]:
-        log.error("nccl: %s", redact(line))
+        worker.join(WRITTEN_JOIN_S)
 
 
 def _stall_prefix() -> str:

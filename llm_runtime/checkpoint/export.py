@@ -15,18 +15,9 @@ import torch.distributed as dist
 
 from .transfer import gather_bytes
 
-__all__ = ["export_model", "model_dir_for"]
+__all__ = ["export_model"]
 
 log = logging.getLogger(__name__)
-
-
-def model_dir_for(configured: str, env, cluster_kind: str) -> str:
-    """``train.model_dir``, else SageMaker's (SM_MODEL_DIR, /opt/ml/model), else none."""
-    if configured:
-        return configured
-    if env.get("SM_MODEL_DIR"):
-        return env["SM_MODEL_DIR"]
-    return "/opt/ml/model" if cluster_kind == "sagemaker" else ""
 
 
 def export_model(trainer, rt, directory: str, model_config) -> Path | None:

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["MANIFEST", "Manifest", "ManifestError", "Member", "NodeObject", "due", "resume_order", "run_id_for",
+__all__ = ["MANIFEST", "Manifest", "ManifestError", "Member", "NodeObject", "ResumeTarget", "due", "parse_resume", "resume_order", "run_id_for",
            "step_dir", "node_key", "retention", "parse_step_dir"]
 
 MANIFEST = "manifest.json"
@@ -45,6 +45,31 @@ def step_dir(step: int) -> str:
 def parse_step_dir(name: str) -> int | None:
     match = _STEP.match(name)
     return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class ResumeTarget:
+    """The one checkpoint ``checkpoint.resume=<base>/<run_id>/step-NNNNNNNNN`` names."""
+
+    base: str
+    run_id: str
+    step: int
+
+    @property
+    def step_name(self) -> str:
+        return step_dir(self.step)
+
+
+def parse_resume(resume: str) -> ResumeTarget | None:
+    """``checkpoint.resume``: None for ``auto`` / ``never``, else the checkpoint it names (ValueError if none)."""
+    if resume in ("auto", "never"):
+        return None
+    parts = resume.rstrip("/").rsplit("/", 2)
+    step = parse_step_dir(parts[-1])
+    if step is None or len(parts) < 3 or not parts[0] or not parts[1]:
+        raise ValueError(f"checkpoint.resume={resume!r}: use auto, never, or the URI of one checkpoint "
+                         "(.../<run_id>/step-NNNNNNNNN)")
+    return ResumeTarget(parts[0], parts[1], step)
 
 
 def node_key(step: int, node: int, spread: int) -> str:

@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -27,20 +26,16 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..faults import inject
+from ..workerenv import stop_file
 from ..progress import bar
-from .layout import MANIFEST, Manifest, ManifestError, NodeObject, due, node_key, resume_order, retention, run_id_for, step_dir
+from .layout import MANIFEST, Manifest, ManifestError, NodeObject, due, node_key, parse_resume, resume_order, retention, run_id_for, step_dir
 from .state import restore_rng, rng_state
 from .store import LocalStore, StoreError, open_store
 from .transfer import CorruptCheckpoint, TarStream, ensure_member, gather_json, local_members, run_with_deadline
 
-__all__ = ["Checkpointer", "ResumeMismatch", "SaveReport", "default_local_dir"]
+__all__ = ["Checkpointer", "ResumeMismatch", "SaveReport"]
 
 log = logging.getLogger(__name__)
-
-
-def default_local_dir(sagemaker_sync: bool) -> str:
-    return "/opt/ml/checkpoints" if sagemaker_sync else os.path.join(tempfile.gettempdir(), "llm_runtime",
-                                                                       "checkpoints")
 
 
 class ResumeMismatch(RuntimeError):
@@ -62,7 +57,7 @@ class SaveReport:
 
 class Checkpointer:
     def __init__(self, config, *, rank: int, world_size: int, local_rank: int, node_rank: int, num_nodes: int,
-                 backend: str, on_stall=None):
+                 backend: str, local_dir: str, on_stall=None):
         ck = config.checkpoint
         self.on_stall = on_stall
         """Called with (reason, phase=, stalled_s=, timeout_s=) when the upload passes its deadline; it
@@ -71,9 +66,8 @@ class Checkpointer:
         self.ck, self.config = ck, config
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.node_rank, self.num_nodes, self.backend = node_rank, num_nodes, backend
-        base = ck.local_dir or default_local_dir(ck.sagemaker_sync)
-        self.run_id = run_id_for(ck.uri or os.path.abspath(base), ck.run_id)
-        self.local_root = Path(base) / self.run_id / f"node-{node_rank:05d}"
+        self.run_id = run_id_for(ck.uri or os.path.abspath(local_dir), ck.run_id)  # local_dir: JobPaths.checkpoint_dir
+        self.local_root = Path(local_dir) / self.run_id / f"node-{node_rank:05d}"
         self.local = LocalStore(str(self.local_root.parent), self.local_root.name)  # tier 1, same layout
         self.store = open_store(ck.uri, self.run_id, part_size=ck.part_size_mb << 20,
                                 concurrency=ck.upload_concurrency)
@@ -82,7 +76,7 @@ class Checkpointer:
         # Stop requests are agreed on over a group of their own: the checkpoint group may be busy
         # with a background upload's collectives at any moment.
         self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=config.comm.train_timeout_s))
-        self.stop_file = os.environ.get("LLM_RUNTIME_STOP_FILE", "")
+        self.stop_file = stop_file()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._last_save = time.monotonic()
@@ -244,7 +238,7 @@ class Checkpointer:
             for step in sorted(s for s, ok in steps.items() if not ok and s > newest):
                 log.warning("checkpoint step %d has no manifest (its save never completed): skipped", step)
             if not found and self.ck.resume != "auto":
-                found = [("explicit", _explicit_step(self.ck.resume))]
+                found = [("explicit", parse_resume(self.ck.resume).step)]
             return found
 
         return [tuple(c) for c in self._rank0(find)]
@@ -387,25 +381,15 @@ def _config_json(config) -> dict:
             for section, values in body.items()}
 
 
-def _explicit_step(uri: str) -> int:
-    from .layout import parse_step_dir
-
-    step = parse_step_dir(uri.rstrip("/").rsplit("/", 1)[-1])
-    if step is None:
-        raise ValueError(f"checkpoint.resume={uri!r}: name a checkpoint directory ending in step-NNNNNNNNN")
-    return step
-
-
 def _explicit_store(uri: str, ck):
     """checkpoint.resume=<uri>/<run>/step-N: the store of that run."""
-    base, run, _ = uri.rstrip("/").rsplit("/", 2)
-    return open_store(base, run, part_size=ck.part_size_mb << 20, concurrency=ck.upload_concurrency)
+    target = parse_resume(uri)
+    return open_store(target.base, target.run_id, part_size=ck.part_size_mb << 20, concurrency=ck.upload_concurrency)
 
 
 def _read_explicit(uri: str) -> str | None:
-    base, run, step = uri.rstrip("/").rsplit("/", 2)
-    store = open_store(base, run)
-    return store.get_text(f"{step}/{MANIFEST}")
+    target = parse_resume(uri)
+    return open_store(target.base, target.run_id).get_text(f"{target.step_name}/{MANIFEST}")
 
 
 class _VerifyingReader:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..config import Config, ConfigError
+from ..paths import JobPaths, job_paths
 from .location import DataLocation, LocationError, resolve_location
 from .loader import STATE_VERSION, LoaderSpec, ShardLoader, load_index
 from .order import DataOrder, OrderError, auto_partitions
@@ -38,26 +38,21 @@ class DataPlan:
                 f"{self.order.steps_per_epoch} steps per epoch, {self.order.num_partitions} partitions")
 
 
-def plan_data(config: Config, dp_size: int, env: Mapping[str, str] | None = None,
-              sagemaker_root: str | None = None, num_partitions: int | None = None) -> DataPlan:
+def plan_data(config: Config, dp_size: int, paths: JobPaths | None = None,
+              num_partitions: int | None = None) -> DataPlan:
     """Resolve and check the job's data; ConfigError names the key, the URI and what is wrong.
 
+    ``paths`` gives the SageMaker channels (default: this process's environment).
     ``num_partitions`` (from a saved loader state) wins over ``data.num_partitions`` when that is auto.
     """
     data, train = config.data, config.train
-    env = os.environ if env is None else env
+    paths = paths or job_paths(config, "", os.environ)
     try:
-        location = resolve_location(data.uri, env, sagemaker_root)
+        location = resolve_location(data.uri, paths)
     except LocationError as err:
         raise ConfigError(str(err)) from None
     if location.kind == "bundled":
         return DataPlan(location)
-    for key in ("num_workers", "max_open_shards", "shuffle_block", "max_attempts"):
-        if getattr(data, key) < (0 if key == "num_workers" else 1):
-            raise ConfigError(f"data.{key} must be >= {0 if key == 'num_workers' else 1}, got {getattr(data, key)}")
-    for key in ("timeout_s", "stage_timeout_s"):
-        if not getattr(data, key) > 0:
-            raise ConfigError(f"data.{key} must be > 0 seconds, got {getattr(data, key)}")
     if location.kind == "s3" and importlib.util.find_spec("boto3") is None:
         raise ConfigError(f"data.uri={location.uri} needs boto3: pip install 'llm-runtime[s3]'")
     try:
@@ -137,8 +132,8 @@ class BundledLoader:
         self.close()
 
 
-def build_loader(config: Config, dims, *, dp_rank: int, local_rank: int = 0, env: Mapping[str, str] | None = None,
-                 sagemaker_root: str | None = None, plan: DataPlan | None = None,
+def build_loader(config: Config, dims, *, dp_rank: int, local_rank: int = 0, paths: JobPaths | None = None,
+                 plan: DataPlan | None = None,
                  state: dict | None = None) -> ShardLoader | BundledLoader:
     """This rank's loader: its data-parallel replica's rows of every global batch.
 
@@ -148,7 +143,7 @@ def build_loader(config: Config, dims, *, dp_rank: int, local_rank: int = 0, env
     data = config.data
     saved_parts = (state or {}).get("num_partitions") if not data.num_partitions else None
     if plan is None or (saved_parts and plan.order is not None and plan.order.num_partitions != saved_parts):
-        plan = plan_data(config, dims.dp_size, env, sagemaker_root, num_partitions=saved_parts)
+        plan = plan_data(config, dims.dp_size, paths, num_partitions=saved_parts)
     if plan.index is None:
         loader = BundledLoader(config, dp_rank, dims.dp_size)
         if state:

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
+from ..paths import JobPaths
 from .sources import parse_s3_uri
 
 __all__ = ["DataLocation", "LocationError", "resolve_location"]
@@ -36,9 +35,8 @@ class DataLocation:
         return f"{where}{self.uri}"
 
 
-def _channels(env: Mapping[str, str], root: str | Path | None) -> dict[str, dict]:
-    base = Path(root) if root is not None else Path(env.get("SAGEMAKER_BASE_DIR") or "/opt/ml")
-    path = base / "input" / "config" / "inputdataconfig.json"
+def _channels(paths: JobPaths) -> dict[str, dict]:
+    path = paths.input_config_dir / "inputdataconfig.json"
     try:
         body = json.loads(path.read_text())
     except FileNotFoundError:
@@ -50,16 +48,12 @@ def _channels(env: Mapping[str, str], root: str | Path | None) -> dict[str, dict
     return {name: spec if isinstance(spec, dict) else {} for name, spec in body.items()}
 
 
-def _channel(name: str, env: Mapping[str, str], root: str | Path | None, *, required: bool) -> DataLocation | None:
-    channels = _channels(env, root)
-    variable = f"SM_CHANNEL_{name.upper()}"
-    if variable in env:
-        path = env[variable]
-    elif name in channels:
-        base = Path(root) if root is not None else Path(env.get("SAGEMAKER_BASE_DIR") or "/opt/ml")
-        path = str(base / "input" / "data" / name)
+def _channel(name: str, paths: JobPaths, *, required: bool) -> DataLocation | None:
+    channels = _channels(paths)
+    if name.lower() in paths.channel_dirs or name in channels:
+        path = paths.channel_dir(name)
     elif required:
-        known = sorted(set(channels) | {k[11:].lower() for k in env if k.startswith("SM_CHANNEL_")})
+        known = sorted(set(channels) | set(paths.channel_dirs))
         raise LocationError(f"data.uri=channel:{name}: the job has no input channel {name!r} "
                             f"(channels: {', '.join(known) or 'none'})")
     else:
@@ -70,10 +64,10 @@ def _channel(name: str, env: Mapping[str, str], root: str | Path | None, *, requ
     return DataLocation(kind="local", uri=path, channel=name, input_mode=mode)
 
 
-def resolve_location(uri: str, env: Mapping[str, str], sagemaker_root: str | Path | None = None) -> DataLocation:
+def resolve_location(uri: str, paths: JobPaths) -> DataLocation:
     """``data.uri`` -> where to read: a path, s3://, channel:NAME, or (empty) the train channel / bundled text."""
     if uri.startswith("channel:"):
-        return _channel(uri[len("channel:"):], env, sagemaker_root, required=True)
+        return _channel(uri[len("channel:"):], paths, required=True)
     if uri.startswith("s3://"):
         try:
             parse_s3_uri(uri)
@@ -84,4 +78,4 @@ def resolve_location(uri: str, env: Mapping[str, str], sagemaker_root: str | Pat
         raise LocationError(f"data.uri={uri!r}: only local paths, s3:// and channel:NAME are supported")
     if uri:
         return DataLocation(kind="local", uri=uri)
-    return _channel("train", env, sagemaker_root, required=False) or DataLocation(kind="bundled")
+    return _channel("train", paths, required=False) or DataLocation(kind="bundled")

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..progress import bar
+from ..workerenv import launch_tag
 from .shards import ShardIndex, sha256_file
 from .sources import parse_s3_uri
 
@@ -144,7 +145,3 @@ def stage(uri: str, index: ShardIndex, fingerprint: str, *, stage_dir: str, loca
                      f"{margin:g}s) for local rank 0 to stage {uri} to {dest}")
 
 
-def launch_tag() -> str:
-    """What the local ranks of one launch share: torchrun's run id and restart count (empty without)."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return f"{run_id}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}" if run_id else ""

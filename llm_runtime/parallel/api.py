@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .batching import resolve_stages_per_rank
 from .dims import ParallelDims
 from .fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp, mixed_precision_policy
 from .pipeline import build_schedule, build_stage_modules, split_layers, stage_indices
@@ -188,87 +189,124 @@ def parallelize(
     compile: bool = False,
     loss_fn: Callable = cross_entropy,
 ) -> ParallelModel:
-    """Apply PP split, then TP, activation checkpointing, compile and FSDP/DDP, in that order."""
+    """Apply the PP split, then TP, activation checkpointing, compile and FSDP/DDP, in that order."""
     if dims.world_size > 1 and mesh is None:
         raise ValueError("parallelize needs the DeviceMesh of a multi-rank job (rt.mesh)")
-    coords = dims.coords(rank)
-    if dims.world_size > 1:
-        # Every rank must start from the same weights: FSDP and TP do not broadcast, and a
-        # model built after init() uses per-rank seeds. Rank 0's weights win.
-        model.to(device)
-        with torch.no_grad():
-            for tensor in itertools.chain(model.parameters(), model.buffers()):
-                dist.broadcast(tensor, src=0)
-    if dims.pp == 1:
-        stages_per_rank = 1  # no pipeline: the schedule settings do not apply
-    stages_per_rank = stages_per_rank or (2 if pp_schedule == "interleaved" else 1)
-    if dims.pp > 1 or stages_per_rank > 1:
-        num_stages = dims.pp * stages_per_rank
-        ranges = split_layers(len(getattr(model, layers_attr)), num_stages, split_points)
-        mine = stage_indices(coords["pp"], dims.pp, stages_per_rank)
-        parts = build_stage_modules(model, mine, ranges, layers_attr=layers_attr,
-                                    first_only=first_only, last_only=last_only)
-    else:
-        num_stages, mine, parts = 1, [0], [model]
-    for part in parts:
-        part.to(device)
-    blocks_per_part = [list(getattr(part, layers_attr).values()) if isinstance(getattr(part, layers_attr), nn.ModuleDict)
-                       else list(getattr(part, layers_attr)) for part in parts]
+    apply_same_weights(model, dims, device)
+    per_rank = resolve_stages_per_rank(stages_per_rank, pp_schedule) if dims.pp > 1 else 1
+    num_stages, mine, parts = apply_pipeline_split(model, dims, rank, per_rank, split_points, layers_attr,
+                                                   first_only, last_only, device)
+    blocks_per_part = [_blocks(part, layers_attr) for part in parts]
     all_blocks = [block for blocks in blocks_per_part for block in blocks]
-
-    if dims.tp > 1:
-        if not tp_plan:
-            raise ValueError("parallel.tp > 1 needs a tensor-parallel plan for the model's blocks")
-        apply_tensor_parallel(parts, all_blocks, mesh["tp"], tp_plan, root_tp_plan)
-        log.info("tensor parallel over %d ranks (%d block styles, %d around the blocks)", dims.tp,
-                 len(tp_plan), len(root_tp_plan or {}))
+    apply_tp(parts, all_blocks, dims, mesh, tp_plan, root_tp_plan)
     apply_activation_checkpointing(all_blocks, activation_checkpoint, ac_every)
     if compile:
         apply_compile(all_blocks)
-
-    data_parallel = "none"
-    dp_axes = [axis for axis in ("dp_replicate", "dp_shard") if dims.sizes()[axis] > 1]
-    if dp_axes:
-        if dims.dp_shard == 1 and dims.tp == 1 and dims.pp == 1:
-            # Plain replication: DDP's bucketed all-reduce is the cheapest way to keep copies equal.
-            from torch.nn.parallel import DistributedDataParallel
-
-            parts = [DistributedDataParallel(parts[0], device_ids=[device.index] if device.type == "cuda" else None)]
-            data_parallel = "ddp"
-        else:
-            # FSDP2 over the shard axis, HSDP (replicate x shard) when both exist. Replication next
-            # to TP/PP is HSDP with shard groups of one: replicas stay whole copies (all-reduce only,
-            # no gathers across what are usually node boundaries).
-            if dp_axes == ["dp_replicate"]:
-                dp_axes = ["dp_replicate", "dp_shard"]
-                dp_mesh = _full_mesh(dims, device.type)[tuple(dp_axes)]
-            else:
-                dp_mesh = mesh[tuple(dp_axes)] if len(dp_axes) > 1 else mesh[dp_axes[0]]
-            log.info("FSDP2 over %s %s", "x".join(dp_axes), tuple(dp_mesh.shape))
-            policy = mixed_precision_policy(mixed_precision, reduce_dtype, device.type)
-            apply_fsdp(parts, blocks_per_part, dp_mesh, policy, reshard_after_forward=dims.pp == 1)
-            data_parallel = "fsdp"
-
-    autocast_dtype = None
-    if mixed_precision != "fp32":
-        if device.type == "cpu":
-            log.info("parallel.mixed_precision=%s: running fp32 on CPU", mixed_precision)
-        elif data_parallel != "fsdp" and num_stages == 1:
-            autocast_dtype = torch.bfloat16
-        elif data_parallel != "fsdp":
-            log.warning("parallel.mixed_precision=%s is applied through FSDP's policy; this pipeline "
-                        "layout has no FSDP (dp_shard=1), so it runs fp32", mixed_precision)
-
-    schedule, pp_group = None, None
-    if num_stages > 1:
-        from torch.distributed.pipelining import PipelineStage
-
-        pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
-        stages = [PipelineStage(part, index, num_stages, device, group=pp_group) for part, index in zip(parts, mine)]
-        schedule = build_schedule(stages, microbatches or num_stages, loss_fn, pp_schedule)
+    parts, data_parallel = apply_data_parallel(parts, blocks_per_part, dims, mesh, device, mixed_precision,
+                                               reduce_dtype)
+    autocast_dtype = autocast_for(mixed_precision, device, data_parallel, num_stages)
+    schedule, pp_group = apply_schedule(parts, mine, num_stages, dims, mesh, device, microbatches or num_stages,
+                                        loss_fn, pp_schedule)
     log.info("parallelized: %s, %s data parallel, %d stage(s) on this rank of %d", dims.describe(),
              data_parallel, len(parts), num_stages)
     return ParallelModel(parts=parts, dims=dims, rank=rank, mesh=mesh, schedule=schedule,
                          has_first_stage=0 in mine, has_last_stage=(num_stages - 1) in mine,
                          loss_fn=loss_fn, data_parallel=data_parallel, autocast_dtype=autocast_dtype,
                          _pp_group=pp_group)
+
+
+def apply_same_weights(model: nn.Module, dims: ParallelDims, device: torch.device) -> None:
+    """Every rank starts from rank 0's weights: FSDP and TP do not broadcast, and a model built
+    after init() uses per-rank seeds. Moves the model to ``device`` first (a collective per tensor)."""
+    if dims.world_size == 1:
+        return
+    model.to(device)
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            dist.broadcast(tensor, src=0)
+
+
+def apply_pipeline_split(model: nn.Module, dims: ParallelDims, rank: int, per_rank: int, split_points, layers_attr: str,
+                         first_only, last_only, device: torch.device) -> tuple[int, list[int], list[nn.Module]]:
+    """(stages in the pipeline, this rank's stage indices, its stage modules on ``device``)."""
+    if dims.pp == 1 and per_rank == 1:
+        parts = [model]
+        num_stages, mine = 1, [0]
+    else:
+        num_stages = dims.pp * per_rank
+        ranges = split_layers(len(getattr(model, layers_attr)), num_stages, split_points)
+        mine = stage_indices(dims.coords(rank)["pp"], dims.pp, per_rank)
+        parts = build_stage_modules(model, mine, ranges, layers_attr=layers_attr,
+                                    first_only=first_only, last_only=last_only)
+    for part in parts:
+        part.to(device)
+    return num_stages, mine, parts
+
+
+def _blocks(part: nn.Module, layers_attr: str) -> list[nn.Module]:
+    layers = getattr(part, layers_attr)
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
+def apply_tp(parts, all_blocks, dims: ParallelDims, mesh, tp_plan, root_tp_plan) -> None:
+    """Tensor parallelism over the mesh's ``tp`` axis, by the model's per-block and root plans."""
+    if dims.tp == 1:
+        return
+    if not tp_plan:
+        raise ValueError("parallel.tp > 1 needs a tensor-parallel plan for the model's blocks")
+    apply_tensor_parallel(parts, all_blocks, mesh["tp"], tp_plan, root_tp_plan)
+    log.info("tensor parallel over %d ranks (%d block styles, %d around the blocks)", dims.tp,
+             len(tp_plan), len(root_tp_plan or {}))
+
+
+def apply_data_parallel(parts, blocks_per_part, dims: ParallelDims, mesh, device: torch.device,
+                        mixed_precision: str, reduce_dtype: str) -> tuple[list[nn.Module], str]:
+    """(parts, ``none`` | ``ddp`` | ``fsdp``): DDP for plain replication, else FSDP2 / HSDP."""
+    dp_axes = [axis for axis in ("dp_replicate", "dp_shard") if dims.sizes()[axis] > 1]
+    if not dp_axes:
+        return parts, "none"
+    if dims.dp_shard == 1 and dims.tp == 1 and dims.pp == 1:
+        # Plain replication: DDP's bucketed all-reduce is the cheapest way to keep copies equal.
+        from torch.nn.parallel import DistributedDataParallel
+
+        return [DistributedDataParallel(parts[0], device_ids=[device.index] if device.type == "cuda" else None)], "ddp"
+    # FSDP2 over the shard axis, HSDP (replicate x shard) when both exist. Replication next to TP/PP
+    # is HSDP with shard groups of one: replicas stay whole copies (all-reduce only, no gathers
+    # across what are usually node boundaries).
+    if dp_axes == ["dp_replicate"]:
+        dp_axes = ["dp_replicate", "dp_shard"]
+        dp_mesh = _full_mesh(dims, device.type)[tuple(dp_axes)]
+    else:
+        dp_mesh = mesh[tuple(dp_axes)] if len(dp_axes) > 1 else mesh[dp_axes[0]]
+    log.info("FSDP2 over %s %s", "x".join(dp_axes), tuple(dp_mesh.shape))
+    policy = mixed_precision_policy(mixed_precision, reduce_dtype, device.type)
+    apply_fsdp(parts, blocks_per_part, dp_mesh, policy, reshard_after_forward=dims.pp == 1)
+    return parts, "fsdp"
+
+
+def autocast_for(mixed_precision: str, device: torch.device, data_parallel: str, num_stages: int):
+    """bf16 autocast where FSDP's mixed-precision policy does not apply (DDP, TP only); a pipeline
+    without FSDP runs fp32 (the stages exchange activations in their parameters' dtype), with a warning."""
+    if mixed_precision == "fp32" or data_parallel == "fsdp":
+        return None
+    if device.type == "cpu":
+        log.info("parallel.mixed_precision=%s: running fp32 on CPU", mixed_precision)
+        return None
+    if num_stages == 1:
+        return torch.bfloat16
+    log.warning("parallel.mixed_precision=%s is applied through FSDP's policy; this pipeline layout has no "
+                "data-parallel axis (dp_shard = dp_replicate = 1), so nothing wraps it in FSDP and it runs fp32 "
+                "(add a dp_shard axis, or use parallel.backend=deepspeed)", mixed_precision)
+    return None
+
+
+def apply_schedule(parts, mine, num_stages: int, dims: ParallelDims, mesh, device: torch.device, microbatches: int,
+                   loss_fn: Callable, pp_schedule: str):
+    """(pipeline schedule, pipeline group) over this rank's stages; (None, None) without pipelining."""
+    if num_stages == 1:
+        return None, None
+    from torch.distributed.pipelining import PipelineStage
+
+    pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
+    stages = [PipelineStage(part, index, num_stages, device, group=pp_group) for part, index in zip(parts, mine)]
+    return build_schedule(stages, microbatches, loss_fn, pp_schedule), pp_group

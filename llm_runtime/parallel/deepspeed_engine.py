@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .deepspeed_config import DeepSpeedLayout, deepspeed_config, read_user_config, resolve_user_config
-from ..runtime import train_timeout_everywhere
+from ..runtime import set_group_timeouts
 from .fsdp import apply_activation_checkpointing
 
 __all__ = ["DeepSpeedModel", "import_deepspeed", "llama_pipeline_specs", "mics_available"]
@@ -144,7 +144,7 @@ class DeepSpeedModel:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, config=ds_config, model_parameters=[p for p in model.parameters() if p.requires_grad],
             lr_scheduler=scheduler_factory, dist_init_required=False)
-        train_timeout_everywhere(train_timeout_s)
+        set_group_timeouts(train_timeout_s)
         hpz = self.engine.zero_hpz_partition_size() if self.engine.zero_optimization_stage() == 3 else 1
         log.info("DeepSpeed engine: ZeRO stage %d, %d data-parallel x %d pipeline%s, %d micro-batches of %d",
                  self.engine.zero_optimization_stage(), layout.dp, layout.pp,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-__all__ = ["AXES", "ParallelDims", "resolve_dims"]
+__all__ = ["AXES", "ParallelDims", "dims_for", "resolve_dims"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,32 @@ def _factors(dp_replicate, dp_shard, tp, pp) -> str:
             f"parallel.tp={tp} x parallel.pp={pp}")
 
 
+def _default_shard(dp: int, tp: int, nproc_per_node: int | None, num_nodes: int) -> int:
+    """Neither replicas nor a shard size given: one shard group per node on several nodes, else all of dp."""
+    if num_nodes > 1 and nproc_per_node:
+        per_node = nproc_per_node // tp if nproc_per_node % tp == 0 else 0
+        if per_node and dp % per_node == 0 and per_node < dp:
+            return per_node  # one shard group per node: gathers stay on the node's fast links
+        if tp <= nproc_per_node:  # (tp beyond a node gets its own warning)
+            log.warning("no shard group fits one node (%d processes per node, tp=%d, %d data-parallel "
+                        "ranks): FSDP shards over all of them, across nodes; set "
+                        "parallel.shard_group_size to choose", nproc_per_node, tp, dp)
+    return dp
+
+
+def dims_for(parallel, world_size: int, *, nproc_per_node: int | None = None, num_nodes: int = 1) -> ParallelDims:
+    """The ``[parallel]`` section's layout on this world (the one caller of :func:`resolve_dims` with a
+    config); a layout that does not fit is a ConfigError naming every factor."""
+    from ..config import ConfigError
+
+    try:
+        return resolve_dims(world_size=world_size, dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard,
+                            tp=parallel.tp, pp=parallel.pp, shard_group_size=parallel.shard_group_size,
+                            nproc_per_node=nproc_per_node, num_nodes=num_nodes)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def resolve_dims(
     *,
     world_size: int,
@@ -107,15 +133,7 @@ def resolve_dims(
             raise ValueError(f"parallel.shard_group_size={shard_group_size} contradicts parallel.dp_shard={dp_shard}")
         dp_shard = shard_group_size
     if dp_replicate == 0 and dp_shard == -1:
-        dp_shard = dp
-        if num_nodes > 1 and nproc_per_node:
-            per_node = nproc_per_node // tp if nproc_per_node % tp == 0 else 0
-            if per_node and dp % per_node == 0 and per_node < dp:
-                dp_shard = per_node  # one shard group per node: gathers stay on the node's fast links
-            elif tp <= nproc_per_node:  # (tp beyond a node gets its own warning below)
-                log.warning("no shard group fits one node (%d processes per node, tp=%d, %d data-parallel "
-                            "ranks): FSDP shards over all of them, across nodes; set "
-                            "parallel.shard_group_size to choose", nproc_per_node, tp, dp)
+        dp_shard = _default_shard(dp, tp, nproc_per_node, num_nodes)
     if dp_replicate == 0:
         if dp % dp_shard:
             source = f" (parallel.shard_group_size={shard_group_size})" if shard_group_size else ""

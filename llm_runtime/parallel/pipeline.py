@@ -17,6 +17,14 @@ __all__ = ["SCHEDULES", "build_schedule", "build_stage_modules", "split_layers",
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
+def parse_split_points(text: str) -> list[int]:
+    """``parallel.pp_split_points`` ("3,6") as layer indices."""
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ValueError(f"parallel.pp_split_points must be comma-separated layer indices, got {text!r}") from None
+
+
 def split_layers(num_layers: int, num_stages: int, split_points: Sequence[int] = ()) -> list[range]:
     """Layer ranges of each stage: even split (earlier stages take the remainder) or explicit starts."""
     if num_stages < 1:

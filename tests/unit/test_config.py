@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from llm_runtime.cluster import sagemaker as sm
-from llm_runtime.config import Config, ConfigError, load_config, parse_cli_overrides, to_dict
+from llm_runtime.config import Config, ConfigError, load_config, parse_cli_overrides, to_dict, validate
 
 
 def write_toml(tmp_path, text: str, name: str = "job.toml"):
@@ -265,3 +265,66 @@ def test_a_renamed_key_says_what_it_is_called_now():
                                           r"'comm.train_timeout_s'"):
         load_config(cli=[("dist.train_timeout_s", "5")])
     assert load_config(cli=[("comm.train_timeout_s", "5")]).comm.train_timeout_s == 5.0
+
+
+# ------------------------------------------------------------------ one check for every key
+
+RANGE_CASES = [
+    # (key, value outside its range, what the message says is allowed)
+    ("watchdog.multiple", "-5", ">= 1"),
+    ("health.iters", "0", ">= 1"),
+    ("watchdog.exchange_s", "-1", ">= 0"),
+    ("launch.stop_deadline_s", "-3", ">= 0"),
+    ("data.timeout_s", "0", "> 0"),
+    ("data.stage_timeout_s", "-1", "> 0"),
+    ("train.steps", "0", ">= 1"),
+    ("train.min_lr_ratio", "1.5", "from 0 to 1"),
+    ("checkpoint.keep", "0", ">= 1"),
+    ("checkpoint.part_size_mb", "1", "from 5 to 5120"),
+    ("parallel.dp_shard", "0", "not 0"),
+    ("parallel.zero_stage", "4", "from -1 to 3"),
+    ("comm.train_timeout_s", "0", "> 0"),
+    ("health.straggler_factor", "1", "> 1"),
+]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("key, value, allowed", RANGE_CASES, ids=[c[0] for c in RANGE_CASES])
+def test_a_value_outside_its_range_is_refused_naming_key_value_source_and_range(source, key, value, allowed, tmp_path):
+    load, where = _load_from(source, key, value, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load()
+    message = str(err.value)
+    assert key in message and where in message and value in message and allowed in message, message
+
+
+@pytest.mark.parametrize("section, key, value, needle", [
+    ("watchdog", "multiple", -5.0, "watchdog.multiple=-5.0 (from the program's Config): expects a number >= 1"),
+    ("train", "lr_schedule", "linear", "train.lr_schedule='linear' (from the program's Config): expects one of"),
+    ("launch", "nproc_per_node", "2", "launch.nproc_per_node='2' (from the program's Config): expects an integer"),
+])
+def test_a_config_built_in_a_program_is_checked_by_the_same_rules(section, key, value, needle):
+    config = Config()
+    setattr(getattr(config, section), key, value)
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("cli, needle", [
+    ([("checkpoint.resume", "s3://b/run/latest")], "checkpoint.resume='s3://b/run/latest': use auto, never"),
+    ([("checkpoint.uri", "gs://b/x")], "checkpoint.uri='gs://b/x' (from command line --checkpoint.uri)"),
+    ([("checkpoint.run_id", "a/b")], "checkpoint.run_id='a/b'"),
+    ([("parallel.stages_per_rank", "2")], "parallel.stages_per_rank=2 (from command line --parallel.stages_per_rank) "
+                                          "needs parallel.pp_schedule=interleaved"),
+    ([("parallel.pp", "2"), ("train.micro_batch_size", "2")], "train.micro_batch_size=2 (from command line"),
+    ([("parallel.backend", "deepspeed"), ("train.export_dir", "/x")], "train.export_dir='/x'"),
+])
+def test_cross_key_rules_name_every_key_involved(cli, needle):
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(cli=cli))
+    assert needle in str(err.value)
+
+
+def test_the_defaults_pass_the_check():
+    assert validate(Config()) == Config()

@@ -1,9 +1,12 @@
 """The shard loader on local files: exact order, resume, resizing, workers, damaged shards."""
+import io
 import itertools
+import os
 
 import pytest
 
 from llm_runtime.config import Config, ConfigError
+from llm_runtime.paths import job_paths
 from llm_runtime.data.build import build_loader, plan_data
 from llm_runtime.data.order import DataOrder
 from llm_runtime.data.stage import StageError
@@ -127,33 +130,32 @@ def test_the_reused_staged_copy_is_the_verified_one(shards, tmp_path):
     (dict(uri="/no/such/dir"), "cannot read /no/such/dir/index.json"),
     (dict(uri="s3://Bad_Bucket/x"), "not a valid S3 bucket name"),
     (dict(uri="gs://bucket/x"), "only local paths, s3:// and channel:NAME"),
-    (dict(timeout_s=0), "data.timeout_s must be > 0 seconds"),
-    (dict(stage_timeout_s=-1), "data.stage_timeout_s must be > 0 seconds"),
+    # Ranges (data.timeout_s=0, ...) are the config's own check: tests/unit/test_config.py.
 ])
 def test_data_that_does_not_fit_the_job_fails_before_training_with_the_key_named(shards, change, needle):
     cfg = config(shards, num_workers=1)
     for key, value in change.items():
         setattr(cfg.train if key in ("seq_len", "batch_size") else cfg.data, key, value)
     with pytest.raises(ConfigError, match=needle):
-        plan_data(cfg, 1, env={})
+        plan_data(cfg, 1, job_paths(cfg, "", {}))
 
 
 def test_index_names_that_escape_the_data_directory_are_refused(shards):
     index = (shards / "index.json").read_text().replace('"shard-000000.tar"', '"../../etc/passwd"')
     (shards / "index.json").write_text(index)
     with pytest.raises(ConfigError, match="'../../etc/passwd' is not a plain relative path"):
-        plan_data(config(shards), 1, env={})
+        plan_data(config(shards), 1, job_paths(Config(), "", {}))
 
 
 def test_no_data_at_all_trains_on_the_bundled_text(tmp_path):
     cfg = Config()
-    plan = plan_data(cfg, 2, env={}, sagemaker_root=str(tmp_path))
+    plan = plan_data(cfg, 2, job_paths(cfg, "", {"SAGEMAKER_BASE_DIR": str(tmp_path)}))
     assert plan.location.kind == "bundled"
-    with build_loader(cfg, Dims(2), dp_rank=1, env={}, sagemaker_root=str(tmp_path)) as loader:
+    with build_loader(cfg, Dims(2), dp_rank=1, paths=job_paths(cfg, "", {"SAGEMAKER_BASE_DIR": str(tmp_path)})) as loader:
         rows = [loader.next_batch() for _ in range(2)]
         state = loader.state_dict()
     assert tuple(rows[0].shape) == (8, 129) and state["step"] == 2
-    with build_loader(cfg, Dims(2), dp_rank=1, env={}, sagemaker_root=str(tmp_path), state=state) as loader:
+    with build_loader(cfg, Dims(2), dp_rank=1, paths=job_paths(cfg, "", {"SAGEMAKER_BASE_DIR": str(tmp_path)}), state=state) as loader:
         assert loader.step == 2
 
 
@@ -167,20 +169,104 @@ def test_workers_leave_no_processes_or_threads_behind(shards):
     assert threading.active_count() <= before
 
 
-def test_a_fastfile_channel_is_read_with_one_sequential_stream_per_worker(shards, tmp_path):
+class _ObservedShardFile(io.FileIO):
+    """A shard file whose reads are recorded as the file system receives them: offset, size asked
+    for, bytes returned. The loader's own buffered reader sits on top, unchanged."""
+
+    def __init__(self, path, record):
+        super().__init__(path, "rb")
+        self._record = record
+        record("open", os.path.basename(path))
+
+    def readinto(self, buffer):
+        at = self.tell()
+        got = super().readinto(buffer)
+        self._record("read", os.path.basename(self.name), at, len(buffer), got)
+        return got
+
+    def close(self):
+        if not self.closed:
+            self._record("close", os.path.basename(self.name))
+        super().close()
+
+
+def observe_shard_reads(patch, shards, log_path):
+    """Every open, read and close of a file in ``shards``, by any process (DataLoader workers are
+    forked, so they inherit the hook), appended to ``log_path`` as [pid, event, ...] lines."""
+    import builtins
     import json
 
-    config_dir = tmp_path / "ml" / "input" / "config"
-    config_dir.mkdir(parents=True)
-    (config_dir / "inputdataconfig.json").write_text(json.dumps({"train": {"TrainingInputMode": "FastFile"}}))
-    cfg = config("")  # no data.uri: the train channel
-    env = {"SM_CHANNEL_TRAIN": str(shards)}
-    with build_loader(cfg, Dims(1), dp_rank=0, env=env, sagemaker_root=str(tmp_path / "ml")) as fast:
-        assert (fast.spec.threads, fast.spec.read_size) == (1, 8 << 20)
-        assert sample_ids(fast.next_batch()) == reference(1)[0]
-    (config_dir / "inputdataconfig.json").write_text(json.dumps({"train": {"TrainingInputMode": "File"}}))
-    with build_loader(cfg, Dims(1), dp_rank=0, env=env, sagemaker_root=str(tmp_path / "ml")) as file_mode:
-        assert file_mode.spec.threads == cfg.data.max_open_shards
+    real_open = builtins.open
+
+    def record(*event):
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, (json.dumps([os.getpid(), *event]) + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def observing_open(file, mode="r", buffering=-1, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.dirname(os.path.abspath(file)) == str(shards) \
+                and str(file).endswith(".tar"):
+            assert mode == "rb" and not args and not kwargs, (file, mode, args, kwargs)
+            size = buffering if buffering > 1 else io.DEFAULT_BUFFER_SIZE
+            return io.BufferedReader(_ObservedShardFile(os.fspath(file), record), buffer_size=size)
+        return real_open(file, mode, buffering, *args, **kwargs)
+
+    patch.setattr(builtins, "open", observing_open)
+
+    def events():
+        with real_open(log_path) as handle:
+            return [json.loads(line) for line in handle]
+    return events
+
+
+def read_channel(shards, tmp_path, mode, steps):
+    """``steps`` batches from a SageMaker train channel in ``mode``, 2 DataLoader workers, one
+    partition each (the default data.num_partitions), and what the file system saw."""
+    import json
+
+    root = tmp_path / f"ml-{mode}"
+    (root / "input" / "config").mkdir(parents=True)
+    (root / "input" / "config" / "inputdataconfig.json").write_text(
+        json.dumps({"train": {"TrainingInputMode": mode}}))
+    cfg = config("", num_workers=2, num_partitions=0)  # no data.uri: the train channel
+    with pytest.MonkeyPatch.context() as patch:
+        events = observe_shard_reads(patch, shards, tmp_path / f"reads-{mode}.jsonl")
+        with build_loader(cfg, Dims(1), dp_rank=0, paths=job_paths(cfg, "", {"SM_CHANNEL_TRAIN": str(shards),
+                                                                          "SAGEMAKER_BASE_DIR": str(root)})) as loader:
+            batches = [sample_ids(loader.next_batch()) for _ in range(steps)]
+    return batches, events()
+
+
+def test_a_fastfile_channel_is_read_with_one_sequential_stream_per_worker(shards, tmp_path):
+    # FastFile is S3 behind a file system: fast for files read front to back in large reads,
+    # slow for random reads and many files at once.
+    batches, events = read_channel(shards, tmp_path, "FastFile", steps=5)  # one epoch (workers read ahead)
+    assert batches == reference(5, num_partitions=2)
+    workers = {event[0] for event in events}
+    assert len(workers) == 2 and os.getpid() not in workers  # the two DataLoader workers read, nobody else
+    for worker in workers:
+        open_now, read_up_to = set(), {}
+        for _, kind, name, *read in (e for e in events if e[0] == worker):
+            if kind == "open":
+                assert not open_now, f"worker {worker} opened {name} while {sorted(open_now)} was open"
+                open_now.add(name)
+                read_up_to[name] = None
+            elif kind == "close":
+                open_now.remove(name)
+            else:
+                at, asked, got = read
+                assert name in open_now, f"{name} read while not open"
+                # Sequential: each read continues where the previous one ended (no seek back, no skip).
+                assert read_up_to[name] in (None, at), f"{name}: read at {at} after reading up to {read_up_to[name]}"
+                read_up_to[name] = at + got
+                assert asked == 8 << 20, f"{name}: a read of {asked} bytes, not 8 MiB"
+    assert {name for _, kind, name, *_ in events if kind == "read"} == {f"shard-{n:06d}.tar" for n in range(5)}
+    # A File channel is a local disk: the same order, in the default 1 MiB reads.
+    file_batches, file_events = read_channel(shards, tmp_path, "File", steps=5)
+    assert file_batches == batches
+    assert {event[4] for event in file_events if event[1] == "read"} == {1 << 20}
 
 
 def test_other_local_ranks_wait_for_local_rank_zero_to_stage(shards, tmp_path):
@@ -232,4 +318,4 @@ def test_a_failure_of_local_rank_zero_in_this_launch_stops_the_waiting_ranks_at_
 def test_an_index_that_cannot_describe_its_shards_fails_before_training(shards, edit, needle):
     (shards / "index.json").write_text(edit((shards / "index.json").read_text()))
     with pytest.raises(ConfigError, match=needle):
-        plan_data(config(shards), 1, env={})
+        plan_data(config(shards), 1, job_paths(Config(), "", {}))

@@ -3,7 +3,14 @@ import json
 
 import pytest
 
+from llm_runtime.config import Config
 from llm_runtime.data.location import LocationError, resolve_location
+from llm_runtime.paths import job_paths
+
+
+def at(env, root):
+    """The job's paths with SageMaker's tree at ``root`` and the channel variables in ``env``."""
+    return job_paths(Config(), "sagemaker", {**env, "SAGEMAKER_BASE_DIR": str(root)})
 
 
 @pytest.fixture
@@ -27,17 +34,12 @@ def root(tmp_path):
     ("/fsx/tokens", {}, "local", "/fsx/tokens", ""),
 ])
 def test_data_uri_resolves_to_a_path_a_bucket_or_a_channel(root, uri, env, kind, where, mode):
-    location = resolve_location(uri, env, root)
+    location = resolve_location(uri, at(env, root))
     assert (location.kind, location.uri, location.input_mode) == (kind, where.format(root=root), mode)
 
 
-def test_fastfile_channels_are_read_sequentially(root):
-    assert resolve_location("channel:fast", {}, root).sequential
-    assert not resolve_location("channel:train", {}, root).sequential
-
-
 def test_without_a_train_channel_or_a_uri_the_bundled_text_is_used(tmp_path):
-    assert resolve_location("", {}, tmp_path).kind == "bundled"
+    assert resolve_location("", at({}, tmp_path)).kind == "bundled"
 
 
 @pytest.mark.parametrize("uri,needle", [
@@ -49,7 +51,7 @@ def test_without_a_train_channel_or_a_uri_the_bundled_text_is_used(tmp_path):
 ])
 def test_a_data_uri_that_names_nothing_usable_says_what_exists(root, uri, needle):
     with pytest.raises(LocationError, match=needle):
-        resolve_location(uri, {}, root)
+        resolve_location(uri, at({}, root))
 
 
 def test_a_malformed_inputdataconfig_is_named(tmp_path):
@@ -57,4 +59,4 @@ def test_a_malformed_inputdataconfig_is_named(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
     with pytest.raises(LocationError, match="inputdataconfig.json is not readable JSON"):
-        resolve_location("", {}, tmp_path)
+        resolve_location("", at({}, tmp_path))

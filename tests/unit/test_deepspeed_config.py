@@ -370,7 +370,7 @@ CHECK_OK = [
 @pytest.mark.parametrize("keys, world, dp, pp, micro", [c[1:] for c in CHECK_OK], ids=[c[0] for c in CHECK_OK])
 def test_check_splits_the_batch_over_dp_equal_world_over_pp(keys, world, dp, pp, micro, deepspeed_installed):
     cfg = ds_cli(**keys)
-    _, dims = train_mod.check(cfg, world)
+    _, dims, _ = train_mod.check_job(cfg, world)
     assert (dims.dp_size, dims.pp, dims.tp) == (dp, pp, 1)
     assert train_mod.deepspeed_batching(cfg, dims.dp_size, dims.pp) == micro
 
@@ -395,35 +395,35 @@ CHECK_BAD = [
 @pytest.mark.parametrize("keys, world, fragment", [c[1:] for c in CHECK_BAD], ids=[c[0] for c in CHECK_BAD])
 def test_check_rejects_bad_deepspeed_job_with_config_error(keys, world, fragment, deepspeed_installed):
     with pytest.raises(ConfigError) as err:
-        train_mod.check(ds_cli(**keys), world)
+        train_mod.check_job(ds_cli(**keys), world)
     assert fragment in str(err.value)
 
 
 def test_check_without_deepspeed_installed_names_the_extra(deepspeed_missing):
     with pytest.raises(ConfigError) as err:
-        train_mod.check(ds_cli(), 4)
+        train_mod.check_job(ds_cli(), 4)
     assert "llm-runtime[deepspeed]" in str(err.value)
     assert "parallel.backend=deepspeed" in str(err.value)
 
 
 def test_check_fsdp_backend_does_not_need_deepspeed(deepspeed_missing):
-    _, dims = train_mod.check(load_config(cli=[("train.batch_size", "16")]), 4)
+    _, dims, _ = train_mod.check_job(load_config(cli=[("train.batch_size", "16")]), 4)
     assert dims.dp_size == 4
 
 
 def test_check_rejects_seq_len_longer_than_the_text_with_deepspeed(deepspeed_installed):
     with pytest.raises(ConfigError, match="train.seq_len"):
-        train_mod.check(ds_cli(train__seq_len=10_000_000), 4)
+        train_mod.check_job(ds_cli(train__seq_len=10_000_000), 4)
 
 
 def test_check_rejects_export_dir_with_deepspeed_before_training(deepspeed_installed):
     with pytest.raises(ConfigError, match="export_dir"):
-        train_mod.check(ds_cli(train__export_dir="/tmp/out"), 4)
+        train_mod.check_job(ds_cli(train__export_dir="/tmp/out"), 4)
 
 
 def test_check_rejects_a_missing_deepspeed_json_before_workers_start(deepspeed_installed, tmp_path):
     with pytest.raises(ConfigError, match="deepspeed.config"):
-        train_mod.check(ds_cli(deepspeed__config=tmp_path / "missing.json"), 4)
+        train_mod.check_job(ds_cli(deepspeed__config=tmp_path / "missing.json"), 4)
 
 
 # ------------------------------------------------------------------ config loading
@@ -507,7 +507,7 @@ def test_unknown_deepspeed_section_key_is_rejected():
 ], ids=["micro-batch-size-with-pipeline", "microbatches-not-dividing", "fsdp-only-key", "shard-group-of-one"])
 def test_deepspeed_settings_it_would_ignore_or_cannot_run_are_refused(keys, needle, deepspeed_installed):
     with pytest.raises(ConfigError, match=needle):
-        train_mod.check(ds_cli(**keys), 4)
+        train_mod.check_job(ds_cli(**keys), 4)
 
 
 @pytest.mark.parametrize("user, needle", [
@@ -520,4 +520,4 @@ def test_user_json_cannot_change_what_the_trainer_depends_on(user, needle, tmp_p
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
     with pytest.raises(ConfigError, match=needle):
-        train_mod.check(ds_cli(train__batch_size=16, parallel__pp=2, deepspeed__config=str(path)), 4)
+        train_mod.check_job(ds_cli(train__batch_size=16, parallel__pp=2, deepspeed__config=str(path)), 4)

@@ -8,7 +8,7 @@ import pytest
 
 from llm_runtime.cluster import ClusterInfo, InstanceGroup, detect
 from llm_runtime.launch import (LaunchError, Target, mpi_export_names, mpi_status_port, mpirun_argv,
-                                plan_launch, sagemaker_target, torchrun_argv)
+                                plan_launch, sagemaker_target)
 
 PY = "/opt/venv/bin/python"
 TARGET = Target(module="llm_runtime", args=("train", "--train.steps=5"))
@@ -115,9 +115,18 @@ def test_restarts_disable_the_shared_rendezvous_store(restarts, env):
         assert dict(plan_launch(info, TARGET, max_restarts=restarts).env) == env
 
 
-def test_torchrun_argv_matches_what_plan_launch_runs():
-    argv = torchrun_argv(SM_NODE1, TARGET, nproc=8, max_restarts=2)
-    assert tuple(argv) == plan_launch(SM_NODE1, TARGET, max_restarts=2).argv
+def test_the_second_sagemaker_host_runs_torchrun_with_exactly_this_command_line():
+    plan = plan_launch(SM_NODE1, TARGET, max_restarts=2, python=PY)
+    assert plan.argv == ("--nnodes", "2", "--node-rank", "1", "--master-addr", "algo-1", "--master-port", "7777",
+                         "--nproc-per-node", "8", "--max-restarts", "2", "--monitor-interval", "1",
+                         "-m", "llm_runtime", "train", "--train.steps=5")
+    # ... and torchrun's own parser reads it as meant.
+    from torch.distributed.run import parse_args
+
+    args = parse_args(list(plan.argv))
+    assert (args.nnodes, args.node_rank, args.master_addr, args.master_port) == ("2", 1, "algo-1", 7777)
+    assert (args.nproc_per_node, args.max_restarts, args.module) == ("8", 2, True)
+    assert [args.training_script, *args.training_script_args] == ["llm_runtime", "train", "--train.steps=5"]
 
 
 def test_sagemaker_node_detected_from_tree_plans_its_torchrun(sagemaker_tree):

@@ -221,9 +221,26 @@ def test_format_table_aligned():
     assert any(line.startswith("NCCL_PROTO ") and "| user " in line for line in lines)
 
 
-def test_mpi_exports_sorted():
-    assert netenv.mpi_exports(PLAN) == sorted(PLAN)
-    assert netenv.mpi_exports({}) == []
+@pytest.mark.parametrize("fabric,forwarded", [
+    (EFA_UNKNOWN, {"FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA", "NCCL_PROTO", "NCCL_LAUNCH_MODE", "NCCL_NET_SHARED_COMMS",
+                   "NCCL_DEBUG", "NCCL_DEBUG_SUBSYS", "NCCL_DEBUG_FILE", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME",
+                   "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_NCCL_TRACE_BUFFER_SIZE"}),
+    (NO_EFA, {"NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+              "TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_NCCL_TRACE_BUFFER_SIZE"}),
+], ids=["efa-p4d", "no-efa"])
+def test_mpirun_forwards_the_network_variables_to_every_remote_rank_by_name(fabric, forwarded):
+    # What `llm-runtime launch --mpi` does on the first host: apply the plan, then run mpirun.
+    from llm_runtime.launch import Target, mpi_export_names, mpirun_argv
+
+    plan, environ = netenv.plan(INFO, fabric), {}
+    netenv.apply(plan, environ)
+    argv = mpirun_argv(INFO, Target(module="llm_runtime", args=("train",)), nproc=8, python="/usr/bin/python3",
+                       export=mpi_export_names(environ, netenv.mpi_exports(plan)))
+    exported = [argv[i + 1] for i, flag in enumerate(argv) if flag == "-x"]
+    # Each name once, no value in the line (mpirun -x NAME sends the value applied here), and no
+    # FI_* variables from a host without EFA.
+    assert sorted(exported) == sorted(forwarded | {"MASTER_ADDR=algo-1"})
+    assert forwarded <= environ.keys()
 
 
 # ---------------------------------------------------------------- probe_fabric

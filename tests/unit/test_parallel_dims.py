@@ -14,8 +14,13 @@ import pytest
 from llm_runtime.cluster import ClusterInfo
 from llm_runtime.config import Config, ConfigError, ParallelConfig, load_config, parse_cli_overrides
 from llm_runtime.parallel.dims import AXES, ParallelDims, resolve_dims
-from llm_runtime.runtime import dims_for
-from llm_runtime.train import check
+from llm_runtime.parallel.dims import dims_for
+from llm_runtime.train import check_job
+
+
+def check(config, world, **options):
+    """(model config, dims) of train.check_job."""
+    return check_job(config, world, **options)[:2]
 
 MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -216,7 +221,7 @@ def test_dims_for_turns_a_layout_mismatch_into_a_config_error_naming_every_facto
     info = ClusterInfo(kind="local", hosts=("h",), current_host="h", node_rank=0, num_nodes=1, nproc_per_node=8,
                        master_addr="127.0.0.1", master_port=29500)
     with pytest.raises(ConfigError) as err:
-        dims_for(ParallelConfig(dp_replicate=3, dp_shard=3), 8, info)
+        dims_for(ParallelConfig(dp_replicate=3, dp_shard=3), 8, nproc_per_node=info.nproc_per_node)
     for axis in AXES:
         assert f"parallel.{axis}=" in str(err.value)
     assert "WORLD_SIZE" in str(err.value)
@@ -225,7 +230,8 @@ def test_dims_for_turns_a_layout_mismatch_into_a_config_error_naming_every_facto
 def test_dims_for_uses_the_cluster_node_layout_for_one_shard_group_per_node():
     info = ClusterInfo(kind="torchrun", hosts=("a", "b"), current_host="a", node_rank=0, num_nodes=2,
                        nproc_per_node=4, master_addr="a", master_port=29500)
-    assert dims_for(ParallelConfig(tp=2), 8, info) == ParallelDims(dp_replicate=2, dp_shard=2, tp=2, pp=1)
+    assert dims_for(ParallelConfig(tp=2), 8, nproc_per_node=info.nproc_per_node,
+                    num_nodes=info.num_nodes) == ParallelDims(dp_replicate=2, dp_shard=2, tp=2, pp=1)
 
 
 @pytest.mark.parametrize("shard_group_size, dp_shard", [(4, 2), (2, 8), (8, 1)])

@@ -7,11 +7,16 @@ import re
 import pytest
 import torch
 
-from llm_runtime.config import ConfigError, load_config
+from llm_runtime.config import ConfigError, load_config, validate
 from llm_runtime.models import Llama, LlamaConfig
 from llm_runtime.parallel.pipeline import build_stage_modules, split_layers, stage_indices
-from llm_runtime.runtime import parse_split_points
-from llm_runtime.train import check
+from llm_runtime.parallel.pipeline import parse_split_points
+from llm_runtime.train import check_job
+
+
+def check(config, world, **options):
+    """(model config, dims) of train.check_job."""
+    return check_job(config, world, **options)[:2]
 
 TINY = LlamaConfig(dim=32, layers=4, heads=4)
 
@@ -246,9 +251,11 @@ def test_split_points_text_becomes_layer_indices(text, expected):
 
 
 @pytest.mark.parametrize("text", ["three", "3;6", "3.5", "3,x", "[3, 6]"])
-def test_garbage_split_points_are_a_config_error_naming_the_key(text):
-    with pytest.raises(ConfigError, match=r"parallel\.pp_split_points"):
+def test_garbage_split_points_are_a_config_error_naming_the_key_and_its_source(text):
+    with pytest.raises(ValueError, match=r"parallel\.pp_split_points"):
         parse_split_points(text)
+    with pytest.raises(ConfigError, match=r"parallel\.pp_split_points.*from command line"):
+        validate(load_config(cli=[("parallel.pp_split_points", text)]))
 
 
 # ------------------------------------------------------------------ train.check: pipeline settings
@@ -305,8 +312,7 @@ def test_runnable_pipeline_settings_pass_check(overrides, world):
     ({"parallel.microbatches": 1}, "fewer than the 2 pipeline stages"),
 ])
 def test_pipeline_settings_the_schedule_cannot_run_are_refused_before_launch(overrides, needle):
-    from llm_runtime.config import ConfigError, load_config
-    from llm_runtime.train import check
+    from llm_runtime.config import ConfigError, load_config, validate
 
     cli = [("parallel.pp", "2"), ("model.layers", "4"), ("train.batch_size", "8")]
     cli += [(key, str(value)) for key, value in overrides.items()]

@@ -28,7 +28,43 @@ def test_a_bad_metrics_file_is_named_with_its_line(tmp_path, text, needle):
         load_metrics(tmp_path / "m.jsonl")
 
 
-def test_the_report_is_one_png_with_three_panels(tmp_path):
+# report.plot returns only the file's path (the figure is closed), so the panels are read from
+# the PNG itself: matplotlib draws each panel's frame in black (axes.edgecolor) and grid lines
+# light grey, so the left frame line is the image's most-dark column, broken once per gap
+# between stacked panels; each panel's curve is recognised by its colour.
+LOSS_BLUE, SPEED_GREEN, STALL_RED = (0x1F, 0x77, 0xB4), (0x2C, 0xA0, 0x2C), (0xD6, 0x27, 0x28)  # tab: colours
+
+
+def _panel_frames(image):
+    """(top, bottom, left, right) pixel bounds of each framed panel, top to bottom."""
+    import numpy as np
+
+    dark = image[..., :3].mean(axis=2) < 0.5
+    height, width = dark.shape
+    counts = dark.sum(axis=0)
+    left = int(np.argmax(counts[: width // 2]))
+    right = width // 2 + int(np.argmax(counts[width // 2:]))
+    spine = dark[:, max(0, left - 1):left + 2].any(axis=1)
+    frames, top = [], None
+    for y, on in enumerate([*spine, False]):
+        if on and top is None:
+            top = y
+        elif not on and top is not None:
+            if y - top > height // 10:  # a frame line, not a tick mark or a letter
+                frames.append((top, y - 1, left, right))
+            top = None
+    return frames
+
+
+def _pixels_of(image, colour, box):
+    import numpy as np
+
+    top, bottom, left, right = box
+    inside = image[top + 2:bottom - 1, left + 2:right - 1, :3]
+    return int((np.abs(inside - np.array(colour) / 255).max(axis=2) < 0.06).sum())
+
+
+def test_the_report_is_one_png_with_three_panels_loss_tokens_per_s_and_checkpoint_stalls(tmp_path):
     import matplotlib.image
 
     records = [{"step": s, "loss": 6.0 / s, "tokens_per_s": 1000.0 + s, "mfu": (1000.0 + s) * 1e-4,
@@ -36,8 +72,17 @@ def test_the_report_is_one_png_with_three_panels(tmp_path):
     records[3]["mfu"] = None  # unknown peak for a while: skipped, not a crash
     out = plot(records, tmp_path / "r" / "report.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    height, width, _ = matplotlib.image.imread(out).shape
+    image = matplotlib.image.imread(out)
+    height, width, _ = image.shape
     assert width >= 900 and height >= 900
+    frames = _panel_frames(image)
+    assert len(frames) == 3, f"panel frames found at rows {[(f[0], f[1]) for f in frames]}"
+    assert all(a[1] < b[0] for a, b in zip(frames, frames[1:]))  # stacked, not overlapping
+    assert all(f[1] - f[0] > height // 5 for f in frames), frames  # each a readable share of the image
+    # Each curve is drawn in its own panel, and only there: loss, then tokens/s, then stalls.
+    for panel, colour in enumerate((LOSS_BLUE, SPEED_GREEN, STALL_RED)):
+        found = [_pixels_of(image, colour, frame) for frame in frames]
+        assert found[panel] > 100 and sum(found) == found[panel], (colour, found)
 
 
 def test_the_report_command_writes_the_image_and_refuses_a_missing_file(tmp_path, capsys):

@@ -43,5 +43,5 @@ def test_hyperparameters_are_parsed_as_data_and_never_evaluated(tmp_path, value)
                                                                  "train.steps": json.dumps(value)}))
     hyper = read_hyperparameters({"SAGEMAKER_BASE_DIR": str(tmp_path)}, root=tmp_path)
     assert hyper["checkpoint.run_id"] == value  # a string, as given
-    with pytest.raises(ConfigError, match="train.steps expects an integer"):
+    with pytest.raises(ConfigError, match=r"train.steps=.* \(from SageMaker hyperparameters.json\): expects an integer"):
         load_config(hyperparameters=hyper)

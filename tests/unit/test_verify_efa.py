@@ -10,7 +10,9 @@ from llm_runtime.cli import main
 from llm_runtime import exitcodes
 from llm_runtime.verify_efa import analyse, debug_file, exit_code, startup_action
 
-LOGS = Path(__file__).resolve().parents[1] / "data" / "nccl"
+# Not captured from a real job: no EFA hardware exists here, so these logs were written by hand in
+# NCCL_DEBUG=INFO's line format (NCCL 2.18-2.21, aws-ofi-nccl 1.7-1.11), one per network outcome.
+HAND_WRITTEN_LOGS = Path(__file__).resolve().parents[1] / "data" / "nccl"
 
 
 @pytest.mark.parametrize("log,verdict,provider,channels,gdr,code", [
@@ -21,22 +23,23 @@ LOGS = Path(__file__).resolve().parents[1] / "data" / "nccl"
     ("no_nccl.log", "unknown", "", 0, 0, 2),
 ])
 def test_the_log_says_which_network_nccl_chose(log, verdict, provider, channels, gdr, code):
-    report = analyse((LOGS / log).read_text())
+    report = analyse((HAND_WRITTEN_LOGS / log).read_text())
     assert (report.verdict, report.provider, report.channels, report.gdrdma_channels) == (verdict, provider,
                                                                                            channels, gdr)
     assert exit_code(report) == code
 
 
 def test_versions_hosts_and_warnings_are_reported():
-    report = analyse((LOGS / "efa_gdrdma.log").read_text())
+    report = analyse((HAND_WRITTEN_LOGS / "efa_gdrdma.log").read_text())
     assert (report.nccl_version, report.ofi_nccl_version, report.libfabric_version) == ("2.21.5+cuda12.4",
                                                                                          "1.11.0-aws", "1.22")
     assert report.hosts == ["algo-1", "algo-2"] and report.nics == 4
-    assert analyse((LOGS / "ofi_tcp_provider.log").read_text()).warnings == ["NET/OFI Couldn't find any optimal provider"]
+    tcp = analyse((HAND_WRITTEN_LOGS / "ofi_tcp_provider.log").read_text())
+    assert tcp.warnings == ["NET/OFI Couldn't find any optimal provider"]
 
 
 def test_one_host_on_sockets_makes_the_whole_job_a_fallback():
-    joined = (LOGS / "efa_gdrdma.log").read_text() + (LOGS / "socket_fallback.log").read_text()
+    joined = "".join((HAND_WRITTEN_LOGS / name).read_text() for name in ("efa_gdrdma.log", "socket_fallback.log"))
     assert analyse(joined).verdict == "socket"
 
 
@@ -46,12 +49,12 @@ def test_one_host_on_sockets_makes_the_whole_job_a_fallback():
     ("no_nccl.log", 2, "run with NCCL_DEBUG=INFO"),
 ])
 def test_the_command_prints_the_verdict_and_exits_with_its_code(log, code, needle, capsys):
-    assert main(["verify-efa", str(LOGS / log)]) == code
+    assert main(["verify-efa", str(HAND_WRITTEN_LOGS / log)]) == code
     assert needle in capsys.readouterr().out
 
 
 def test_json_output_carries_every_field(capsys):
-    assert main(["verify-efa", str(LOGS / "efa.log"), "--json"]) == 0
+    assert main(["verify-efa", str(HAND_WRITTEN_LOGS / "efa.log"), "--json"]) == 0
     body = json.loads(capsys.readouterr().out)
     assert body["verdict"] == "efa" and body["ofi_nccl_version"] == "1.7.4-aws" and body["channels"] == 4
 
@@ -71,8 +74,8 @@ def test_an_unreadable_log_is_one_line_naming_it(tmp_path, capsys):
     ("no_nccl.log", "require", logging.WARNING, 0),  # cannot tell: say so, do not fail a healthy job
 ])
 def test_the_check_at_start_warns_or_fails_on_a_fallback(log_name, mode, level, code):
-    """The captured sample logs stand in for NCCL on EFA hosts, which this machine has not."""
-    report = analyse((LOGS / log_name).read_text())
+    """The hand-written logs stand in for NCCL's output on EFA hosts, which this machine does not have."""
+    report = analyse((HAND_WRITTEN_LOGS / log_name).read_text())
     assert startup_action(mode, report) == (level, code)
 
 

