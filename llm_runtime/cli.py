@@ -19,7 +19,8 @@ from .cluster import ClusterError, ClusterInfo, detect_here
 from .cluster import sagemaker as sm
 from .config import Config, ConfigError, load_config, parse_cli_overrides, validate
 from .paths import job_paths, sagemaker_root
-from .launch import LaunchError, Target, execute, mpi_export_names, plan_launch, sagemaker_target
+from .launch import LaunchError, Target, mpi_export_names, plan_launch, sagemaker_target
+from .spawn import execute
 from .cli_tools import (UsageError, cmd_checkpoints, cmd_metric_definitions, cmd_prepare_data, cmd_report,
                         cmd_verify_efa)
 from .secrets import RedactingFilter, RedactingStream, install_excepthook, is_secret

@@ -174,7 +174,7 @@ def _guarded(what: str, check) -> list[str]:
 
 def run_healthcheck(rt) -> int:
     """Run the check on this worker (a collective: every rank calls it); returns the exit code."""
-    from .checkpoint.transfer import gather_json
+    from .gather import gather_json
     from .watchdog import FailureRecord
 
     cfg = rt.config.health

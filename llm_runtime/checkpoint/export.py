@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .transfer import gather_bytes
+from ..gather import gather_bytes
 
 __all__ = ["export_model"]
 

@@ -31,7 +31,8 @@ from ..progress import bar
 from .layout import MANIFEST, Manifest, ManifestError, NodeObject, due, node_key, parse_resume, resume_order, retention, run_id_for, step_dir
 from .state import restore_rng, rng_state
 from .store import LocalStore, StoreError, open_store
-from .transfer import CorruptCheckpoint, TarStream, ensure_member, gather_json, local_members, run_with_deadline
+from ..gather import gather_json
+from .transfer import CorruptCheckpoint, TarStream, ensure_member, local_members, run_with_deadline, verifying_reader
 
 __all__ = ["Checkpointer", "ResumeMismatch", "SaveReport"]
 
@@ -329,7 +330,7 @@ class Checkpointer:
                 import torch.distributed.checkpoint as dcp
 
                 loaded = state.dcp_state()
-                reader = _VerifyingReader(str(root / "dcp"), manifest, root, store)
+                reader = verifying_reader(str(root / "dcp"), manifest, root, store)
                 dcp.load(loaded, storage_reader=reader, process_group=self.group)  # errors reach every rank
                 state.load_dcp(loaded)
             else:
@@ -390,28 +391,3 @@ def _explicit_store(uri: str, ck):
 def _read_explicit(uri: str) -> str | None:
     target = parse_resume(uri)
     return open_store(target.base, target.run_id).get_text(f"{target.step_name}/{MANIFEST}")
-
-
-class _VerifyingReader:
-    """DCP's FileSystemReader over the node's step dir: every file is checked against the manifest
-    (and fetched with one ranged GET when absent) before DCP opens it, .metadata (a pickle) included."""
-
-    def __new__(cls, path: str, manifest: Manifest, root: Path, store):
-        from torch.distributed.checkpoint import FileSystemReader
-
-        class Reader(FileSystemReader):
-            def read_metadata(self, *args, **kwargs):
-                ensure_member(manifest, "dcp/.metadata", root, store)
-                return super().read_metadata(*args, **kwargs)
-
-            def read_data(self, plan, planner):
-                names = sorted({self.storage_data[item.storage_index].relative_path for item in plan.items})
-                sizes = [manifest.member(f"dcp/{name}")[1].size for name in names]
-                with bar(sum(sizes), f"checkpoint step {manifest.step}: fetch and verify") as shown:
-                    for name, size in zip(names, sizes):
-                        ensure_member(manifest, f"dcp/{name}", root, store)
-                        shown.update(size)
-                return super().read_data(plan, planner)
-
-        os.makedirs(path, exist_ok=True)
-        return Reader(path)

@@ -1,4 +1,4 @@
-"""Moving checkpoint files: node tars with member offsets, verified fetches, JSON over a process group.
+"""Moving checkpoint files: node tars with member offsets, verified fetches, deadlines.
 
 The node tar is plain (no compression) with fixed attributes; each member's data offset is
 recorded so a reader fetches exactly that member with one ranged GET and checks its sha256
@@ -7,19 +7,16 @@ before anything reads (or unpickles) it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tarfile
 import threading
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from ..data.shards import sha256_file
+from ..progress import bar
 from .layout import Manifest, Member, NodeObject
 
-__all__ = ["CorruptCheckpoint", "TarStream", "build_node_tar", "ensure_member", "gather_bytes", "gather_json", "run_with_deadline", "sha256_file"]
+__all__ = ["CorruptCheckpoint", "TarStream", "ensure_member", "local_members", "run_with_deadline", "sha256_file", "verifying_reader"]
 
 
 class CorruptCheckpoint(ValueError):
@@ -89,15 +86,6 @@ class TarStream:
                           members=tuple(self.members))
 
 
-def build_node_tar(root: Path, names: list[str], tar_path: Path, key: str, node: int) -> NodeObject:
-    """The node tar written to a file (the stream, saved)."""
-    stream = TarStream(root, names)
-    with open(tar_path, "wb") as sink:
-        for block in iter(lambda: stream.read(8 << 20), b""):
-            sink.write(block)
-    return stream.node_object(key, node)
-
-
 def local_members(root: Path, names: list[str], key: str, node: int) -> NodeObject:
     """Without tier 2: the node's files as they lie (offsets are virtual, for the checksums)."""
     out, offset = [], 0
@@ -133,29 +121,6 @@ def ensure_member(manifest: Manifest, name: str, local_root: Path, store) -> Pat
     return path
 
 
-def gather_bytes(payload: bytes, group, dst: int | None = None) -> list[bytes]:
-    """Every rank's ``payload`` in rank order: on all ranks, or (``dst``) only on that rank (others get [])."""
-    world = dist.get_world_size(group)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(payload)], dtype=torch.int64), group=group)
-    longest = max(int(s.item()) for s in sizes)
-    buffer = torch.zeros(longest, dtype=torch.uint8)
-    if payload:
-        buffer[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    receiving = dst is None or dist.get_rank(group) == dst
-    buffers = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)] if receiving else None
-    if dst is None:
-        dist.all_gather(buffers, buffer, group=group)
-    else:
-        dist.gather(buffer, gather_list=buffers, dst=dst, group=group)
-    return [b[:int(s.item())].numpy().tobytes() for b, s in zip(buffers, sizes)] if receiving else []
-
-
-def gather_json(value, group) -> list:
-    """Every rank's JSON-able ``value``, in rank order (bytes over the group; no pickles)."""
-    return [json.loads(raw) for raw in gather_bytes(json.dumps(value).encode(), group)]
-
-
 def run_with_deadline(fn, timeout_s: float, what: str):
     """``fn()`` in a daemon thread; a TimeoutError names ``what`` when it takes longer (it is left behind)."""
     result: dict = {}
@@ -174,3 +139,27 @@ def run_with_deadline(fn, timeout_s: float, what: str):
     if "error" in result:
         raise result["error"]
     return result.get("value")
+
+
+def verifying_reader(path: str, manifest: Manifest, root: Path, store):
+    """DCP's FileSystemReader over the node's step dir: every file is checked against the manifest
+    (and fetched with one ranged GET when absent) before DCP opens it, .metadata (a pickle) included."""
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            ensure_member(manifest, "dcp/.metadata", root, store)
+            return super().read_metadata(*args, **kwargs)
+
+        def read_data(self, plan, planner):
+            names = sorted({self.storage_data[item.storage_index].relative_path for item in plan.items})
+            sizes = [manifest.member(f"dcp/{name}")[1].size for name in names]
+            with bar(sum(sizes), f"checkpoint step {manifest.step}: fetch and verify") as shown:
+                for name, size in zip(names, sizes):
+                    ensure_member(manifest, f"dcp/{name}", root, store)
+                    shown.update(size)
+            return super().read_data(plan, planner)
+
+    os.makedirs(path, exist_ok=True)
+    return Reader(path)

@@ -58,8 +58,15 @@ def _parallel_rules(config: Config) -> None:
                           "the final model goes to train.model_dir")
 
 
+def _data_rules(config: Config) -> None:
+    parts, batch = config.data.num_partitions, config.train.batch_size
+    if parts and batch % parts:
+        raise ConfigError(f"{_named(config, 'data.num_partitions')} must divide {_named(config, 'train.batch_size')}: "
+                          "every step takes the same number of samples from each partition")
+
+
 #: Cross-key rules, one function per section (or pair of sections).
-RULES = (_checkpoint_rules, _parallel_rules)
+RULES = (_checkpoint_rules, _parallel_rules, _data_rules)
 
 
 def validate(config: Config) -> Config:

@@ -179,7 +179,9 @@ def test_retention_keeps_the_newest_checkpoints_locally_and_in_s3(tmp_path, s3):
                                                                                     "step-000000008"]
     assert "checkpoint step=8 blocked_s=" in proc.stdout + proc.stderr
     again, proc = train(tmp_path, "again", *ck, steps=8)  # nothing left: the job says so and ends
-    assert again == [] and "nothing left to train" in proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    assert again == [] and "done: nothing to train, the checkpoint's step 8 reaches train.steps=8" in log
+    assert "final_loss" not in log
 
 
 @pytest.mark.parametrize("layout,nproc", [

@@ -7,9 +7,19 @@ import pytest
 
 from llm_runtime.checkpoint.layout import Manifest
 from llm_runtime.checkpoint.store import LocalStore
-from llm_runtime.checkpoint.transfer import CorruptCheckpoint, build_node_tar, ensure_member
+from llm_runtime.checkpoint.layout import NodeObject
+from llm_runtime.checkpoint.transfer import CorruptCheckpoint, TarStream, ensure_member
 
 NAMES = ["dcp/.metadata", "dcp/__0_0.distcp", "rank-00000.json"]
+
+
+def build_node_tar(root, names, tar_path, key: str, node: int) -> NodeObject:
+    """The node tar the uploader streams, saved to a file (the runtime never writes one locally)."""
+    stream = TarStream(root, names)
+    with open(tar_path, "wb") as sink:
+        for block in iter(lambda: stream.read(8 << 20), b""):
+            sink.write(block)
+    return stream.node_object(key, node)
 
 
 @pytest.fixture

@@ -319,6 +319,8 @@ def test_a_config_built_in_a_program_is_checked_by_the_same_rules(section, key, 
                                           "needs parallel.pp_schedule=interleaved"),
     ([("parallel.pp", "2"), ("train.micro_batch_size", "2")], "train.micro_batch_size=2 (from command line"),
     ([("parallel.backend", "deepspeed"), ("train.export_dir", "/x")], "train.export_dir='/x'"),
+    ([("data.num_partitions", "3")], "data.num_partitions=3 (from command line --data.num_partitions) must divide "
+                                     "train.batch_size=16 (from the default)"),
 ])
 def test_cross_key_rules_name_every_key_involved(cli, needle):
     with pytest.raises(ConfigError) as err:

@@ -47,3 +47,28 @@ def test_plain_python_is_a_world_of_one(monkeypatch, tmp_path):
     finally:
         rt.shutdown()
     assert not dist.is_initialized()
+
+
+def test_init_refuses_a_bad_user_config_before_any_process_group():
+    import torch.distributed as dist
+
+    from llm_runtime import init
+    from llm_runtime.config import Config, ConfigError
+
+    config = Config()
+    config.watchdog.exchange_s = -1.0
+    with pytest.raises(ConfigError, match=r"watchdog.exchange_s=-1.0 \(from the program's Config\): expects a number >= 0"):
+        init(config)
+    assert not dist.is_initialized()
+
+
+def test_init_reads_a_user_programs_config_from_its_environment(monkeypatch):
+    import torch.distributed as dist
+
+    from llm_runtime import init
+    from llm_runtime.config import ConfigError
+
+    monkeypatch.setenv("LLM_RUNTIME_LAUNCH_STOP_DEADLINE_S", "-3")
+    with pytest.raises(ConfigError, match="LLM_RUNTIME_LAUNCH_STOP_DEADLINE_S"):
+        init()
+    assert not dist.is_initialized()
