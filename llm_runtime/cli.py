@@ -18,7 +18,7 @@ from . import netenv
 from .cluster import ClusterError, ClusterInfo, detect_here
 from .cluster import sagemaker as sm
 from .config import Config, ConfigError, load_config, parse_cli_overrides, validate
-from .paths import job_paths, sagemaker_root
+from .paths import code_dir, job_paths
 from .launch import LaunchError, Target, mpi_export_names, plan_launch, sagemaker_target
 from .spawn import execute
 from .cli_tools import (UsageError, cmd_checkpoints, cmd_metric_definitions, cmd_prepare_data, cmd_report,
@@ -148,7 +148,7 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hype
         per_node = nproc or info.nproc_per_node
         faults = _check_faults(warn=False)
         check_job(config, per_node * max(1, info.num_nodes), nproc_per_node=per_node, num_nodes=info.num_nodes,
-                  report=True)
+                  report=True, paths=job_paths(config, info.kind, os.environ))
         if faults:
             log.warning("LLM_RUNTIME_FAULT=%s is set: faults will be injected", os.environ["LLM_RUNTIME_FAULT"])
     else:
@@ -180,7 +180,7 @@ def cmd_launch(args: Sequence[str]) -> int:
         return COMMANDS[rest[0]]([*options, *rest[1:]])
     if rest and rest[0] == "train":
         # The SageMaker contract: `docker run IMAGE train` -> the job's program, else the built-in trainer.
-        program = sagemaker_target(hyper, os.environ, sagemaker_root(os.environ) / "code")
+        program = sagemaker_target(hyper, os.environ, code_dir(os.environ))
         target = program or Target(module="llm_runtime",
                                    args=("train", *(["--config", toml] if toml else []), *rest[1:]))
     else:

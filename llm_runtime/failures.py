@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .paths import failure_file, failures_dir
 from .secrets import redact
 
 __all__ = ["FailureRecord", "dump_stacks", "is_collective_timeout", "log_nccl_warnings", "lost_peer",
@@ -37,11 +38,11 @@ def is_collective_timeout(err: BaseException) -> bool:
 def set_aside_failure(output_dir: str, label: str) -> str:
     """Move ``output_dir/failure`` (an earlier run's or attempt's) to ``failures/<label>-<time>.txt``,
     so the file only ever describes this run; returns the new path, or "" when there was none."""
-    failure = Path(output_dir) / "failure" if output_dir else None
+    failure = Path(failure_file(output_dir)) if output_dir else None
     if failure is None or not failure.exists():
         return ""
     try:
-        target = failure.parent / "failures" / f"{label}-{int(time.time())}.txt"
+        target = Path(failures_dir(output_dir)) / f"{label}-{int(time.time())}.txt"
         target.parent.mkdir(parents=True, exist_ok=True)
         failure.replace(target)
         return str(target)
@@ -144,13 +145,13 @@ def write_record(output_dir: str, rank: int, record: FailureRecord, summary: Fai
     if not output_dir:
         return
     try:
-        folder = Path(output_dir) / "failures"
+        folder = Path(failures_dir(output_dir))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"rank-{rank:05d}.json").write_text(redact(json.dumps(asdict(record))) + "\n")
         if stacks:
             with open(folder / f"rank-{rank:05d}.stacks.txt", "w") as sink:
                 dump_stacks(sink)
-        fd = os.open(Path(output_dir) / "failure", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(failure_file(output_dir), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(fd, "w") as sink:
             sink.write(summary.line() + "\n")
     except FileExistsError:

@@ -175,7 +175,7 @@ def _guarded(what: str, check) -> list[str]:
 def run_healthcheck(rt) -> int:
     """Run the check on this worker (a collective: every rank calls it); returns the exit code."""
     from .gather import gather_json
-    from .watchdog import FailureRecord
+    from .failures import FailureRecord
 
     cfg = rt.config.health
     rt.watchdog.beat(0, "health", timeout_s=cfg.timeout_s)

@@ -169,8 +169,6 @@ def plan_launch(
     nproc = nproc or info.nproc_per_node
     if nproc < 1:
         raise LaunchError(f"--nproc-per-node must be >= 1, got {nproc}")
-    if max_restarts < 0:
-        raise LaunchError(f"--max-restarts must be >= 0, got {max_restarts}")
     if info.is_worker:
         return LaunchPlan("exec", tuple(target.argv(python)),
                           message=f"already a {info.kind} worker (rank {info.rank}): running the target here")
@@ -196,6 +194,3 @@ def plan_launch(
                           wait_addr=info.master_addr, wait_port=mpi_status_port(info), start_sshd=ssh)
     return LaunchPlan("torchrun", tuple(torchrun_argv(info, target, nproc=nproc, max_restarts=max_restarts)),
                       env=env, message=f"node {info.node_rank}/{info.num_nodes}: {nproc} workers via torch.distributed.run")
-
-
-# ---------------------------------------------------------------- edges: starting processes

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["JobPaths", "job_paths", "sagemaker_root"]
+__all__ = ["JobPaths", "code_dir", "failure_file", "failures_dir", "input_config_dir", "job_paths", "sagemaker_root"]
 
 SAGEMAKER_ROOT = "/opt/ml"
 
@@ -24,6 +24,26 @@ def sagemaker_root(env: Mapping[str, str]) -> Path:
     """SageMaker's base directory: ``$SAGEMAKER_BASE_DIR`` (the toolkit's override, used by tests
     and local runs) or /opt/ml."""
     return Path(env.get("SAGEMAKER_BASE_DIR") or SAGEMAKER_ROOT)
+
+
+def input_config_dir(root: str | Path) -> Path:
+    """``resourceconfig.json``, ``hyperparameters.json``, ``inputdataconfig.json``."""
+    return Path(root) / "input" / "config"
+
+
+def code_dir(env: Mapping[str, str]) -> Path:
+    """Where SageMaker unpacks the job's program (``sagemaker_submit_directory``)."""
+    return sagemaker_root(env) / "code"
+
+
+def failure_file(output_dir: str) -> str:
+    """The host's one-line failure record; SageMaker shows ``/opt/ml/output/failure`` as the job's reason."""
+    return os.path.join(output_dir, "failure") if output_dir else ""
+
+
+def failures_dir(output_dir: str) -> str:
+    """Each rank's JSON record and stacks, and the records set aside from earlier attempts."""
+    return os.path.join(output_dir, "failures") if output_dir else ""
 
 
 @dataclass(frozen=True)
@@ -45,22 +65,18 @@ class JobPaths:
 
     @property
     def failure_file(self) -> str:
-        """The one-line failure record; SageMaker shows ``/opt/ml/output/failure`` as the job's reason."""
-        return os.path.join(self.output_dir, "failure") if self.output_dir else ""
+        return failure_file(self.output_dir)
 
     @property
     def failures_dir(self) -> str:
-        """Each rank's JSON record and stacks, and the records set aside from earlier attempts."""
-        return os.path.join(self.output_dir, "failures") if self.output_dir else ""
+        return failures_dir(self.output_dir)
 
     @property
     def input_config_dir(self) -> Path:
-        """``resourceconfig.json``, ``hyperparameters.json``, ``inputdataconfig.json``."""
-        return Path(self.root) / "input" / "config"
+        return input_config_dir(self.root)
 
     @property
     def code_dir(self) -> Path:
-        """Where SageMaker unpacks the job's program (``sagemaker_submit_directory``)."""
         return Path(self.root) / "code"
 
     def channel_dir(self, name: str) -> str:

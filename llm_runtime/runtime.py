@@ -30,7 +30,10 @@ from .secrets import RedactingFilter
 from .watchdog import Watchdog, collective_cap
 from .workerenv import process_env, restart_count
 
-__all__ = ["Runtime", "World", "choose_backend", "init", "run_worker", "set_group_timeouts", "world_of"]
+__all__ = ["Runtime", "World", "build_device_mesh", "check_network", "choose_backend", "config_from_environment",
+           "die_with_launcher", "init", "run_worker", "seed_everything", "set_aside_previous_attempt",
+           "set_group_timeouts", "setup_logging", "setup_network", "start_process_group", "start_watchdog",
+           "verify_network", "world_of"]
 
 log = logging.getLogger(__name__)
 

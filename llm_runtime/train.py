@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .config import Config, ConfigError, ParallelConfig, TrainConfig, validate
+from .config import LAYOUT_KEYS, Config, ConfigError, ParallelConfig, TrainConfig, set_by, validate
 from .models import ByteTokenizer, Llama, LlamaConfig, bundled_text
 from .parallel.batching import batching, stages_per_rank
 from .parallel.dims import ParallelDims, dims_for
@@ -24,6 +24,7 @@ from .checkpoint.export import export_model
 from .data.build import DataPlan, build_loader, global_batch_starts
 from .faults import inject
 from .metrics import memory_gb, metrics_for_run
+from .paths import JobPaths
 from .runtime import Runtime, run_worker
 
 __all__ = ["batch_layout", "check_job", "global_batch_starts", "lr_factor", "main", "run"]
@@ -49,20 +50,24 @@ def lr_factor(step: int, train: TrainConfig) -> float:
 
 
 def check_job(config: Config, world_size: int, *, nproc_per_node: int | None = None, num_nodes: int = 1,
-              report: bool = False, data: bool = True) -> tuple[LlamaConfig, ParallelDims, DataPlan | None]:
+              report: bool = False, data: bool = True,
+              paths: JobPaths | None = None) -> tuple[LlamaConfig, ParallelDims, DataPlan | None]:
     """Every config error the built-in trainer would hit on this world, as ConfigError, before any worker
     starts: the config's own check (config/check.py), then the layout, the batch split, the data and
     the model. ``report`` (the launcher, once per job) also logs which data the job reads and what a
-    user DeepSpeed JSON overrides; ``data`` reads the data's index too. The model's vocabulary follows
-    the data's tokenizer."""
+    user DeepSpeed JSON overrides; ``data`` reads the data's index too (its channels from ``paths``).
+    The model's vocabulary follows the data's tokenizer."""
     validate(config)
-    if config.parallel.backend == "deepspeed":
-        model_config, dims = _check_deepspeed(config, world_size, report)
-        plan = _check_data(config, dims) if data else None
-    else:
-        dims = dims_for(config.parallel, world_size, nproc_per_node=nproc_per_node, num_nodes=num_nodes)
-        batching(config.train, config.parallel, dims.dp_size, dims.pp, stages=stages_per_rank(config.parallel))
-        plan = _check_data(config, dims) if data else None
+    try:
+        if config.parallel.backend == "deepspeed":
+            model_config, dims = _check_deepspeed(config, world_size, report)
+        else:
+            dims = dims_for(config.parallel, world_size, nproc_per_node=nproc_per_node, num_nodes=num_nodes)
+            batching(config.train, config.parallel, dims.dp_size, dims.pp, stages=stages_per_rank(config.parallel))
+    except ConfigError as err:  # a rule over several keys and the world: say who set the keys
+        raise ConfigError(f"{err}{set_by(config, LAYOUT_KEYS)}") from None
+    plan = _check_data(config, dims, paths) if data else None
+    if config.parallel.backend != "deepspeed":
         model_config = _check_model(config, dims, _vocab(plan))
     if report and plan is not None:  # only once everything passed: an error stays the one line printed
         log.info("data: %s", plan.describe())
@@ -92,11 +97,11 @@ def _vocab(plan: DataPlan | None) -> int:
     return plan.index.vocab_size if plan is not None and plan.index is not None else ByteTokenizer.vocab_size
 
 
-def _check_data(config: Config, dims: ParallelDims) -> DataPlan:
+def _check_data(config: Config, dims: ParallelDims, paths: JobPaths | None) -> DataPlan:
     """The data plan (index read, order checked); the bundled text must hold one sequence."""
     from .data.build import plan_data
 
-    plan = plan_data(config, dims.dp_size)
+    plan = plan_data(config, dims.dp_size, paths)
     if plan.index is None:
         text_bytes = len(bundled_text().encode())
         if text_bytes < config.train.seq_len + 2:
@@ -141,14 +146,14 @@ def run(rt: Runtime) -> dict[str, float]:
     """Train on this worker; returns the final metrics (identical on every rank)."""
     config, train = rt.config, rt.config.train
     model_config, _, plan = check_job(config, rt.world_size, nproc_per_node=rt.cluster.nproc_per_node,
-                                      num_nodes=rt.cluster.num_nodes)
+                                      num_nodes=rt.cluster.num_nodes, paths=rt.paths)
     if rt.is_main:
         log.info("data: %s", plan.describe())
     micro, accumulation = batch_layout(train, rt.dp_size)
     per_replica = micro * accumulation
     if config.data.mode == "stage":  # ranks wait for their host's copy up to data.stage_timeout_s
         rt.watchdog.beat(0, "start", timeout_s=max(config.watchdog.first_timeout_s, config.data.stage_timeout_s + 300))
-    loader = build_loader(config, rt.dims, dp_rank=rt.dp_rank, local_rank=rt.local_rank, plan=plan)
+    loader = build_loader(config, rt.dims, dp_rank=rt.dp_rank, local_rank=rt.local_rank, paths=rt.paths, plan=plan)
     try:
         return _train(rt, model_config, loader, per_replica, accumulation)
     finally:
@@ -242,7 +247,7 @@ def _finish(rt: Runtime, trainer, loader, model_config, metrics: dict, start: in
                  stats["retries"])
     if start >= train.steps:
         log.info("done: nothing to train, the checkpoint's step %d reaches train.steps=%d", start, train.steps)
-        return {**metrics, "step": start, "nothing_to_train": True}
+        return metrics
     log.info("done steps=%d final_loss=%.4f", train.steps, metrics["loss"])
     return metrics
 
@@ -307,7 +312,7 @@ class _DeepSpeedTrainer:
 def deepspeed_batching(config: Config, dp: int, pp: int) -> tuple[int, int]:
     """(micro-batch, accumulation steps) for DeepSpeed: the same rule as the fsdp backend
     (the pipeline's micro-batches are ``parallel.microbatches``, default one per stage)."""
-    split = batching(config.train, config.parallel, dp, pp)
+    split = batching(config.train, config.parallel, dp, pp, schedule_rules=False)
     return split.micro_batch, split.count
 
 

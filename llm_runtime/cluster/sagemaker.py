@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import ClusterError, ClusterInfo, InstanceGroup, env_int
-from ..paths import sagemaker_root
+from ..paths import input_config_dir, sagemaker_root
 
 __all__ = [
     "DEFAULT_MASTER_PORT",
@@ -42,7 +42,7 @@ class SageMakerConfig:
 
 def config_dir(env: Mapping[str, str], root: str | Path | None = None) -> Path:
     """``<root>/input/config``; root defaults to ``$SAGEMAKER_BASE_DIR`` or /opt/ml."""
-    return (Path(root) if root is not None else sagemaker_root(env)) / "input" / "config"
+    return input_config_dir(root if root is not None else sagemaker_root(env))
 
 
 def _load_json(path: Path) -> Any:

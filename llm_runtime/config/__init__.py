@@ -3,7 +3,7 @@
 Precedence, lowest to highest: defaults < TOML file (``--config``) < ``LLM_RUNTIME_<SECTION>_<KEY>``
 variables < SageMaker hyperparameters (``section.key``) < command line ``--section.key=value``.
 """
-from .check import validate
+from .check import LAYOUT_KEYS, set_by, validate
 from .load import ENV_PREFIX, ConfigError, load_config, parse_cli_overrides, source_of, to_dict
 from .tree import (CheckpointConfig, CommConfig, Config, DataConfig, DeepSpeedConfig, DistConfig, HealthConfig,
                    LaunchConfig, MetricsConfig, ModelConfig, NetenvConfig, ParallelConfig, TrainConfig,
@@ -11,5 +11,5 @@ from .tree import (CheckpointConfig, CommConfig, Config, DataConfig, DeepSpeedCo
 
 __all__ = ["CheckpointConfig", "CommConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "DistConfig",
            "ENV_PREFIX", "HealthConfig", "LaunchConfig", "MetricsConfig", "ModelConfig", "NetenvConfig",
-           "ParallelConfig", "TrainConfig", "WatchdogConfig", "load_config", "parse_cli_overrides", "source_of",
-           "to_dict", "validate"]
+           "ParallelConfig", "TrainConfig", "WatchdogConfig", "load_config", "parse_cli_overrides", "set_by",
+           "source_of", "to_dict", "validate"]

@@ -12,12 +12,25 @@ from .load import ConfigError, hints, sections, source_of
 from .rules import allowed, problem
 from .tree import Config
 
-__all__ = ["validate"]
+__all__ = ["LAYOUT_KEYS", "set_by", "validate"]
+
+#: The keys a layout or batch-split error on a given world size comes from.
+LAYOUT_KEYS = ("parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.pp", "parallel.shard_group_size",
+               "parallel.microbatches", "parallel.stages_per_rank", "parallel.pp_schedule", "train.batch_size",
+               "train.micro_batch_size")
 
 
 def _named(config: Config, dotted: str) -> str:
     section, _, key = dotted.partition(".")
     return f"{dotted}={getattr(getattr(config, section), key)!r} (from {source_of(config, dotted)})"
+
+
+def set_by(config: Config, keys) -> str:
+    """``"; set by KEY=VALUE (SOURCE), ..."`` for those of ``keys`` that some source set ("" for none):
+    what a rule over several keys and the world size appends to its message."""
+    recorded = config.__dict__.get("_sources", {})
+    named = [_named(config, key) for key in keys if key in recorded]
+    return f"; set by {', '.join(named)}" if named else ""
 
 
 def _checkpoint_rules(config: Config) -> None:
@@ -30,9 +43,12 @@ def _checkpoint_rules(config: Config) -> None:
             parse_s3_uri(ck.uri)
         elif "://" in ck.uri:
             raise ValueError("use s3://bucket/prefix or a directory path")
-        run_id_for(ck.uri, ck.run_id)
     except ValueError as err:
         raise ConfigError(f"{_named(config, 'checkpoint.uri')}: {err}") from None
+    try:
+        run_id_for(ck.uri, ck.run_id)
+    except ValueError as err:
+        raise ConfigError(f"{err} (from {source_of(config, 'checkpoint.run_id')})") from None
     try:
         parse_resume(ck.resume)
     except ValueError as err:
@@ -43,7 +59,7 @@ def _parallel_rules(config: Config) -> None:
     from ..parallel.pipeline import parse_split_points
 
     parallel = config.parallel
-    if parallel.stages_per_rank > 1 and parallel.pp_schedule != "interleaved":
+    if parallel.pp > 1 and parallel.stages_per_rank > 1 and parallel.pp_schedule != "interleaved":
         raise ConfigError(f"{_named(config, 'parallel.stages_per_rank')} needs parallel.pp_schedule=interleaved, "
                           f"not {_named(config, 'parallel.pp_schedule')}")
     try:
@@ -58,15 +74,8 @@ def _parallel_rules(config: Config) -> None:
                           "the final model goes to train.model_dir")
 
 
-def _data_rules(config: Config) -> None:
-    parts, batch = config.data.num_partitions, config.train.batch_size
-    if parts and batch % parts:
-        raise ConfigError(f"{_named(config, 'data.num_partitions')} must divide {_named(config, 'train.batch_size')}: "
-                          "every step takes the same number of samples from each partition")
-
-
 #: Cross-key rules, one function per section (or pair of sections).
-RULES = (_checkpoint_rules, _parallel_rules, _data_rules)
+RULES = (_checkpoint_rules, _parallel_rules)
 
 
 def validate(config: Config) -> Config:

@@ -1,6 +1,7 @@
 """Range markers for ``Annotated`` config keys, and the pure checks of one value against its key."""
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +78,7 @@ def allowed(hint: Any) -> str:
     if options:
         return "one of " + ", ".join(map(repr, options))
     kind = base_type(hint)
-    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+    words = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[kind]
     ranges = _parts(hint)[1]
     return " ".join([words, ", ".join(r.describe() for r in ranges)]).strip()
 
@@ -91,4 +92,6 @@ def problem(value: Any, hint: Any) -> bool:
         return True
     if options is not None and value not in options:
         return True
+    if kind is float and not math.isfinite(value):
+        return True  # NaN passes every comparison; an infinite timeout overflows timedelta
     return any(not r.contains(value) for r in _parts(hint)[1])

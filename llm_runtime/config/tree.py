@@ -204,7 +204,7 @@ class MetricsConfig:
     peak_tflops: Annotated[float, ge(0)] = 0.0
     """The device's peak TFLOP/s for MFU; 0 = from the table of known accelerators (metrics.py)."""
     flops_per_token: Annotated[float, ge(0)] = 0.0
-    """Training FLOPs per token for MFU; 0 = the bundled model's exact count."""
+    """Training FLOPs per token for MFU; 0 = the bundled model's approximation (6N + 12 x layers x dim x seq_len)."""
 
 
 @dataclass

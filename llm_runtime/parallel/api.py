@@ -287,10 +287,12 @@ def apply_data_parallel(parts, blocks_per_part, dims: ParallelDims, mesh, device
 def autocast_for(mixed_precision: str, device: torch.device, data_parallel: str, num_stages: int):
     """bf16 autocast where FSDP's mixed-precision policy does not apply (DDP, TP only); a pipeline
     without FSDP runs fp32 (the stages exchange activations in their parameters' dtype), with a warning."""
-    if mixed_precision == "fp32" or data_parallel == "fsdp":
+    if mixed_precision == "fp32":
         return None
     if device.type == "cpu":
         log.info("parallel.mixed_precision=%s: running fp32 on CPU", mixed_precision)
+        return None
+    if data_parallel == "fsdp":
         return None
     if num_stages == 1:
         return torch.bfloat16

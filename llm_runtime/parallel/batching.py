@@ -38,9 +38,11 @@ def _error(text: str):
     return ConfigError(text)
 
 
-def batching(train, parallel, dp: int, pp: int, *, stages: int = 1) -> Batching:
+def batching(train, parallel, dp: int, pp: int, *, stages: int = 1, schedule_rules: bool = True) -> Batching:
     """The global ``train.batch_size`` over ``dp`` replicas; with ``pp`` > 1 the pipeline's
-    ``parallel.microbatches`` (default: one per stage, ``pp x stages``) cut each replica's share."""
+    ``parallel.microbatches`` (default: one per stage, ``pp x stages``) cut each replica's share.
+    ``schedule_rules``: torch's pipeline schedules need at least one micro-batch per stage (and the
+    interleaved one a multiple of pp); DeepSpeed's pipeline engine has no such rule."""
     batch = train.batch_size
     if batch % dp:
         raise _error(f"train.batch_size={batch} (global, in sequences) does not divide over {dp} data-parallel "
@@ -53,12 +55,12 @@ def batching(train, parallel, dp: int, pp: int, *, stages: int = 1) -> Batching:
             raise _error(f"train.micro_batch_size={micro} does not divide {where}")
         return Batching(micro, per_replica // micro)
     count = parallel.microbatches or pp * stages
-    if count < pp:
+    if schedule_rules and count < pp:
         raise _error(f"parallel.microbatches={count} is fewer than the {pp} pipeline stages; the schedule needs "
                      "at least one per stage")
     if per_replica % count:
         raise _error(f"parallel.microbatches={count} does not divide {where}")
-    if parallel.pp_schedule == "interleaved" and count % pp:
+    if schedule_rules and parallel.pp_schedule == "interleaved" and count % pp:
         raise _error(f"the interleaved schedule needs parallel.microbatches ({count}) to be a multiple of "
                      f"parallel.pp ({pp})")
     return Batching(per_replica // count, count)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-__all__ = ["SCHEDULES", "build_schedule", "build_stage_modules", "split_layers", "stage_indices"]
+__all__ = ["SCHEDULES", "build_schedule", "build_stage_modules", "parse_split_points", "split_layers", "stage_indices"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 

@@ -231,13 +231,13 @@ BAD_INPUT_CASES = [
     ("train-data-uri-scheme", ["train", "--data.uri=gs://b/tokens"], {}, None, "data.uri"),
     ("train-data-uri-missing", ["train", "--data.uri=/no/such/tokens"], {}, None, "/no/such/tokens/index.json"),
     ("train-range-from-flag", ["train", "--watchdog.multiple=-5"], {}, None,
-     "watchdog.multiple=-5.0 (from command line --watchdog.multiple): expects a number >= 1"),
+     "watchdog.multiple=-5.0 (from command line --watchdog.multiple): expects a finite number >= 1"),
     ("launch-range-from-env", ["launch", "-m", "m"], {"LLM_RUNTIME_HEALTH_ITERS": "0"}, None,
      "health.iters=0 (from environment variable LLM_RUNTIME_HEALTH_ITERS): expects an integer >= 1"),
     ("train-range-from-hyperparameter", ["train"], {}, {"hosts": ["algo-1"],
                                                         "hyperparameters": {"launch.stop_deadline_s": "-3"}},
-     "launch.stop_deadline_s=-3.0 (from SageMaker hyperparameters.json): expects a number >= 0"),
-    ("train-cross-key-rule", ["train", "--parallel.stages_per_rank=2"], {}, None,
+     "launch.stop_deadline_s=-3.0 (from SageMaker hyperparameters.json): expects a finite number >= 0"),
+    ("train-cross-key-rule", ["train", "--parallel.pp=2", "--parallel.stages_per_rank=2"], {}, None,
      "needs parallel.pp_schedule=interleaved"),
 ]
 

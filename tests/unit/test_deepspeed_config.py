@@ -1,7 +1,7 @@
-"""The DeepSpeed backend's config as tables (llm_runtime.parallel.deepspeed_config, train.check).
+"""The DeepSpeed backend's config as tables (llm_runtime.parallel.deepspeed_config, train.check_job).
 
 Pure: no processes, no process groups, and DeepSpeed itself is never imported; where
-``train.check`` asks whether DeepSpeed is installed, ``importlib.util.find_spec`` is faked.
+``train.check_job`` asks whether DeepSpeed is installed, ``importlib.util.find_spec`` is faked.
 """
 from __future__ import annotations
 
@@ -325,7 +325,7 @@ def test_merge_over_the_real_runtime_config_keeps_our_stage():
     assert lines == []
 
 
-# ------------------------------------------------------------------ train.check with backend=deepspeed
+# ------------------------------------------------------------------ train.check_job with backend=deepspeed
 
 @pytest.fixture
 def deepspeed_installed(monkeypatch):
@@ -364,6 +364,8 @@ CHECK_OK = [
     ("world-8-pp-4-zero-0", dict(train__batch_size=8, parallel__pp=4, parallel__zero_stage=0), 8, 2, 4, (1, 4)),
     ("single-process", dict(train__batch_size=4, train__micro_batch_size=1), 1, 1, 1, (1, 4)),
     ("hpz-groups", dict(train__batch_size=16, parallel__shard_group_size=2), 4, 4, 1, (4, 1)),
+    # DeepSpeed's pipeline engine runs fewer micro-batches than stages (torch's schedules do not).
+    ("pp-2-one-microbatch", dict(train__batch_size=8, parallel__pp=2, parallel__microbatches=1), 4, 2, 2, (4, 1)),
 ]
 
 

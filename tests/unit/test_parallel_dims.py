@@ -1,4 +1,4 @@
-"""Parallel layouts before any process group: ParallelDims, resolve_dims, dims_for, check() and the config keys.
+"""Parallel layouts before any process group: ParallelDims, resolve_dims, dims_for, train.check_job() and the config keys.
 
 Pure arithmetic only: no process, no process group. The rank <-> coordinate oracle below is
 written independently of the library (nested loops in mesh order [pp, dp_replicate, dp_shard, tp]).
@@ -284,7 +284,7 @@ def test_tp_within_a_node_does_not_warn(dims_log, world, nproc, nodes, tp):
     assert [r for r in dims_log.records if r.levelno >= logging.WARNING] == []
 
 
-# ------------------------------------------------------------------ train.check: layout errors before any worker
+# ------------------------------------------------------------------ train.check_job: layout errors before any worker
 
 def test_tp_that_does_not_divide_the_heads_is_a_config_error_naming_tp_and_heads():
     with pytest.raises(ConfigError) as info:
@@ -370,3 +370,13 @@ def test_parallel_defaults_mean_infer_everything():
 def test_minus_one_or_zero_dp_replicate_is_inferred(dp_replicate):
     dims = resolve_dims(world_size=8, dp_replicate=dp_replicate, dp_shard=2)
     assert (dims.dp_replicate, dims.dp_shard) == (4, 2)
+
+
+def test_a_layout_that_does_not_fit_the_world_names_who_set_its_keys():
+    config = load_config(env={"LLM_RUNTIME_PARALLEL_TP": "3"}, cli=[("train.batch_size", "8")])
+    with pytest.raises(ConfigError) as err:
+        check(config, 4)
+    message = str(err.value)
+    assert "WORLD_SIZE=4" in message
+    assert "set by parallel.tp=3 (from environment variable LLM_RUNTIME_PARALLEL_TP)" in message
+    assert "train.batch_size=8 (from command line --train.batch_size)" in message

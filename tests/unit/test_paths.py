@@ -72,9 +72,18 @@ def test_channels_come_from_their_variables_or_the_sagemaker_tree():
     assert str(got.input_config_dir) == "/sm/input/config" and str(got.code_dir) == "/sm/code"
 
 
-def test_the_launcher_and_a_worker_derive_the_same_paths():
-    """Both call job_paths on the same config and environment: nothing in it depends on the process."""
-    env = {"SM_OUTPUT_DIR": "/o", "SM_MODEL_DIR": "/m", "SM_CHANNEL_TRAIN": "/t"}
-    config = load_config(env={"LLM_RUNTIME_METRICS_TENSORBOARD": "true"})
-    assert job_paths(config, "sagemaker", env) == job_paths(load_config(env={"LLM_RUNTIME_METRICS_TENSORBOARD": "true"}),
-                                                            "sagemaker", dict(env))
+def test_a_worker_reads_its_paths_from_the_same_function_as_the_launcher(tmp_path, monkeypatch):
+    """init() gives the worker rt.paths from job_paths on the same config and environment, and the
+    watchdog writes failure records where rt.paths says (a world of one, no launcher)."""
+    from llm_runtime import init
+
+    monkeypatch.setenv("SM_OUTPUT_DIR", str(tmp_path / "out"))
+    monkeypatch.setenv("SM_MODEL_DIR", str(tmp_path / "model"))
+    config = load_config(cli=[("launch.cluster", "local")])
+    rt = init(config)
+    try:
+        assert rt.paths == job_paths(config, rt.cluster.kind, dict(__import__("os").environ))
+        assert rt.paths.output_dir == str(tmp_path / "out") and rt.paths.model_dir == str(tmp_path / "model")
+        assert rt.watchdog.output_dir == rt.paths.output_dir
+    finally:
+        rt.shutdown()

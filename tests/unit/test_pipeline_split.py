@@ -1,5 +1,5 @@
 """Pipeline splits without a process group: split_layers, stage_indices, build_stage_modules on the
-bundled Llama, parse_split_points, and the pipeline checks train.check() runs before any worker starts."""
+bundled Llama, parse_split_points, and the pipeline checks train.check_job() runs before any worker starts."""
 from __future__ import annotations
 
 import re
@@ -258,7 +258,7 @@ def test_garbage_split_points_are_a_config_error_naming_the_key_and_its_source(t
         validate(load_config(cli=[("parallel.pp_split_points", text)]))
 
 
-# ------------------------------------------------------------------ train.check: pipeline settings
+# ------------------------------------------------------------------ train.check_job: pipeline settings
 
 PIPELINE_ERRORS = [
     # (id, config overrides, world size, text the message must contain)

@@ -57,7 +57,7 @@ def test_init_refuses_a_bad_user_config_before_any_process_group():
 
     config = Config()
     config.watchdog.exchange_s = -1.0
-    with pytest.raises(ConfigError, match=r"watchdog.exchange_s=-1.0 \(from the program's Config\): expects a number >= 0"):
+    with pytest.raises(ConfigError, match=r"watchdog.exchange_s=-1.0 \(from the program's Config\): expects a finite number >= 0"):
         init(config)
     assert not dist.is_initialized()
 
