@@ -32,27 +32,16 @@ def saved_steps(root):
     return sorted(int(p.parent.name.split("-")[1]) for p in root.glob("*/node-*/step-*/manifest.json"))
 
 
-def test_a_job_with_only_a_local_dir_resumes_from_its_own_local_checkpoint(tmp_path):
-    local = tmp_path / "local"
-    ck = [f"--checkpoint.local_dir={local}", "--checkpoint.every_steps=2"]
-    first, out = train(tmp_path, "first", *ck, steps=4)
-    assert [m["step"] for m in first] == [1, 2, 3, 4]
-    assert "resumed from checkpoint" not in out
-    assert 4 in saved_steps(local), sorted(str(p) for p in local.rglob("*"))
-
-    second, out = train(tmp_path, "second", *ck, steps=6)
-    assert "resumed from checkpoint step 4" in out, out[-3000:]
-    assert [m["step"] for m in second] == [5, 6]
-    assert not list((tmp_path / "sm").glob("checkpoints/*")) and not list((tmp_path / "tmp").rglob("step-*"))
-
-
-def test_sagemaker_sync_keeps_tier_one_in_sagemakers_checkpoint_folder_and_resumes_from_it(tmp_path):
+def test_sagemaker_sync_keeps_tier_one_in_sagemakers_checkpoint_folder_and_resumes_from_it_alone(tmp_path):
+    """No checkpoint.uri: the resume reads tier 1 only (checkpoint.local_dir takes the same path,
+    with another folder: tests/unit/test_paths.py)."""
     synced = tmp_path / "sm" / "checkpoints"
     ck = ["--checkpoint.sagemaker_sync=true", "--checkpoint.every_steps=2"]
     first, out = train(tmp_path, "first", *ck, steps=4)
     assert [m["step"] for m in first] == [1, 2, 3, 4]
     assert 4 in saved_steps(synced), sorted(str(p) for p in tmp_path.rglob("step-*"))
     assert not list((tmp_path / "tmp").rglob("step-*"))  # not in the default tier-1 place
+    assert "resumed from checkpoint" not in out
 
     second, out = train(tmp_path, "second", *ck, steps=6)
     assert "resumed from checkpoint step 4" in out, out[-3000:]
