@@ -47,9 +47,9 @@ commands:
   report METRICS.jsonl [--out report.png]
       loss, tokens/s and checkpoint blocked time against step, in one image
   prepare-data --input PATH|s3://...  --output DIR|s3://... --seq-len N [--tokenizer byte|tokenizer.json]
-               [--shard-size 256MB] [--workers K] [--text-field text]
-               [--prefixes N] [--host-index I --num-hosts H]  (hosts default to the detected cluster)
-      tokenize text / jsonl (.gz) files into webdataset token shards with index.json
+               [--shard-size 256MB] [--workers K] [--text-field text] [--prefixes N]
+               [--host-index I --num-hosts H] [--merge-timeout 3600]  (hosts default to the detected cluster)
+      tokenize text / jsonl files (.gz, .zst) into webdataset token shards with index.json
   checkpoints (list | verify [--step N]) URI [--run-id ID]
       a job's checkpoints under checkpoint.uri: complete or not, objects, bytes; verify checksums
   verify-efa LOGFILE [--json]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from .cluster import detect_here
 
 __all__ = ["UsageError", "cmd_checkpoints", "cmd_metric_definitions", "cmd_prepare_data", "cmd_report",
-           "cmd_verify_efa"]
+           "cmd_verify_efa", "prepare_data_parser"]
 
 
 class UsageError(ValueError):
@@ -47,9 +47,8 @@ def cmd_report(args: Sequence[str]) -> int:
     return 0
 
 
-def cmd_prepare_data(args: Sequence[str]) -> int:
-    from .data.prepare import PrepareError, parse_size, prepare
-
+def prepare_data_parser() -> argparse.ArgumentParser:
+    """``llm-runtime prepare-data``'s options (the README and the usage text list each of them)."""
     parser = argparse.ArgumentParser(prog="llm-runtime prepare-data")
     parser.add_argument("--input", nargs="+", required=True, action="extend", help="files, globs or directories")
     parser.add_argument("--output", required=True, help="output directory or s3://bucket/prefix")
@@ -63,7 +62,13 @@ def cmd_prepare_data(args: Sequence[str]) -> int:
     parser.add_argument("--num-hosts", type=int, default=None, help="hosts sharing the work (default: detected)")
     parser.add_argument("--merge-timeout", type=float, default=3600.0,
                         help="seconds host 0 waits for the other hosts' partial indexes")
-    ns = parser.parse_args(args)
+    return parser
+
+
+def cmd_prepare_data(args: Sequence[str]) -> int:
+    from .data.prepare import PrepareError, parse_size, prepare
+
+    ns = prepare_data_parser().parse_args(args)
     host, hosts = ns.host_index, ns.num_hosts
     if host is None or hosts is None:
         info = detect_here()

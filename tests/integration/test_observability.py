@@ -3,7 +3,10 @@ the JSON lines file, TensorBoard's own reader, and the report image."""
 import json
 import re
 
+from llm_runtime.metrics import FIELDS
 from tests.procs import BIN, clean_env, metrics, run
+
+SPECS = {name: spec for name, spec, *_ in FIELDS}  # the line prints each value with its format
 
 TINY = ["--model.dim=64", "--model.layers=2", "--model.heads=4", "--train.seq_len=32", "--train.batch_size=8",
         "--train.warmup_steps=2", "--train.steps=6", "--train.log_every=2"]
@@ -28,7 +31,7 @@ def test_a_jobs_metrics_reach_the_log_the_jsonl_tensorboard_and_the_report_with_
             key = item["Name"].split(":", 1)[1]
             match = re.search(item["Regex"], line)
             assert match, (item, line)
-            assert abs(float(match.group(1)) - record[key]) <= 0.01 * abs(record[key]) + 1e-3, (key, line, record)
+            assert float(match.group(1)) == float(format(record[key], SPECS[key])), (key, line, record)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
