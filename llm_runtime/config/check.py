@@ -8,7 +8,7 @@ starts. Errors are one line: the key, the value, where it came from and what is 
 """
 from __future__ import annotations
 
-from .load import ConfigError, hints, sections, source_of
+from .load import ConfigError, hints, recorded_sources, sections, source_of
 from .rules import allowed, problem
 from .tree import Config
 
@@ -28,7 +28,7 @@ def _named(config: Config, dotted: str) -> str:
 def set_by(config: Config, keys) -> str:
     """``"; set by KEY=VALUE (SOURCE), ..."`` for those of ``keys`` that some source set ("" for none):
     what a rule over several keys and the world size appends to its message."""
-    recorded = config.__dict__.get("_sources", {})
+    recorded = recorded_sources(config)
     named = [_named(config, key) for key in keys if key in recorded]
     return f"; set by {', '.join(named)}" if named else ""
 

@@ -17,7 +17,7 @@ from typing import Any
 from .rules import allowed, base_type, problem
 from .tree import Config
 
-__all__ = ["ENV_PREFIX", "ConfigError", "load_config", "parse_cli_overrides", "source_of", "to_dict"]
+__all__ = ["ENV_PREFIX", "ConfigError", "load_config", "parse_cli_overrides", "recorded_sources", "source_of", "to_dict"]
 
 ENV_PREFIX = "LLM_RUNTIME_"
 
@@ -42,9 +42,14 @@ def hints(section: Any) -> dict[str, Any]:
     return typing.get_type_hints(type(section), include_extras=True)
 
 
+def recorded_sources(config: Config) -> dict[str, str]:
+    """``{section.key: source}`` for every key a source (file, variable, hyperparameter, flag) set."""
+    return config.__dict__.get("_sources", {})
+
+
 def source_of(config: Config, dotted: str) -> str:
     """Where ``section.key`` got its value: a file, a variable, hyperparameters, a flag, or the program."""
-    recorded = config.__dict__.get("_sources", {}).get(dotted)
+    recorded = recorded_sources(config).get(dotted)
     if recorded:
         return recorded
     section_name, _, key = dotted.partition(".")
@@ -105,7 +110,7 @@ def _set(config: Config, dotted: str, value: Any, source: str) -> None:
     if problem(value, hint):
         raise ConfigError(f"{dotted}={value!r} (from {source}): expects {allowed(hint)}")
     setattr(section, key, value)
-    config.__dict__.setdefault("_sources", {})[dotted] = source
+    config.__dict__.setdefault("_sources", {})[dotted] = source  # read through recorded_sources
 
 
 def parse_cli_overrides(args: Iterable[str]) -> list[tuple[str, str]]:

@@ -1,4 +1,6 @@
 """JobPaths: where a job's files go, derived once from the config, the cluster kind and the environment."""
+import os
+
 import pytest
 
 from llm_runtime.config import Config, load_config
@@ -82,7 +84,7 @@ def test_a_worker_reads_its_paths_from_the_same_function_as_the_launcher(tmp_pat
     config = load_config(cli=[("launch.cluster", "local")])
     rt = init(config)
     try:
-        assert rt.paths == job_paths(config, rt.cluster.kind, dict(__import__("os").environ))
+        assert rt.paths == job_paths(config, rt.cluster.kind, dict(os.environ))
         assert rt.paths.output_dir == str(tmp_path / "out") and rt.paths.model_dir == str(tmp_path / "model")
         assert rt.watchdog.output_dir == rt.paths.output_dir
     finally:
