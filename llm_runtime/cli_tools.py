@@ -86,11 +86,11 @@ def cmd_prepare_data(args: Sequence[str]) -> int:
 
 def cmd_checkpoints(args: Sequence[str]) -> int:
     from .checkpoint.inspect import main as checkpoints_main
-    from .checkpoint.store import StoreError
+    from .storage import StorageError
 
     try:
         return checkpoints_main(args)
-    except (ValueError, StoreError) as err:
+    except (ValueError, StorageError) as err:
         raise UsageError(str(err)) from None
 
 

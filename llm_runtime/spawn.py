@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from .cluster import ClusterInfo
 from .exitcodes import DOCUMENTED, launcher_exit
 from .launch import LaunchError, LaunchPlan, mpi_status_port
-from .workerenv import STOP_FILE_ENV
+from .workerenv import COMMIT_AGENT_ENV, STOP_FILE_ENV
 
 __all__ = ["execute"]
 
@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def execute(plan: LaunchPlan, info: ClusterInfo, *, mpi_wait_timeout_s: float = 600.0,
-            stop_deadline_s: float = 100.0) -> int:
-    """Carry out a plan; returns the exit status this host should exit with."""
+            stop_deadline_s: float = 100.0, agent=None) -> int:
+    """Carry out a plan; returns the exit status this host should exit with. ``agent`` (a
+    checkpoint CommitAgent, torchrun only) commits the node's saves and is given its time at the end."""
     log.info("%s", plan.message)
     if plan.action == "idle":
         print(f"llm-runtime: {plan.message}", flush=True)
@@ -42,7 +43,8 @@ def execute(plan: LaunchPlan, info: ClusterInfo, *, mpi_wait_timeout_s: float = 
         sys.stderr.flush()
         os.execvpe(plan.argv[0], list(plan.argv), env)
     if plan.action == "torchrun":
-        return _run_torchrun(plan.argv, plan.env, stop_deadline_s)
+        return _run_torchrun(plan.argv, {**plan.env, **({COMMIT_AGENT_ENV: "1"} if agent else {})},
+                             stop_deadline_s, agent)
     if plan.start_sshd:
         _start_sshd()
     if plan.action == "mpirun":
@@ -65,6 +67,7 @@ class _StopRequest:
         self.deadline_s = deadline_s
         self.path = ""
         self.requested = False
+        self.requested_at = 0.0
         self._previous: dict = {}
 
     def install(self) -> dict[str, str]:
@@ -77,6 +80,7 @@ class _StopRequest:
         if self.requested or self.deadline_s <= 0:
             self._raise()
         self.requested = True
+        self.requested_at = time.monotonic()
         with open(self.path, "w") as sink:  # the workers look for it at every step
             sink.write("stop\n")
         print(f"llm-runtime: SIGTERM: the workers save a checkpoint at their next step and stop "
@@ -94,6 +98,10 @@ class _StopRequest:
 
         raise SignalException("stop requested", sigval=signal.Signals.SIGTERM)
 
+    def time_left(self) -> float:
+        """Seconds left of the stop deadline (after SIGTERM)."""
+        return max(0.0, self.deadline_s - (time.monotonic() - self.requested_at))
+
     def remove(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self._previous.items():
@@ -102,7 +110,35 @@ class _StopRequest:
             shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
 
 
-def _run_torchrun(argv: Sequence[str], extra_env: Mapping[str, str], stop_deadline_s: float = 100.0) -> int:
+def _run_torchrun(argv: Sequence[str], extra_env: Mapping[str, str], stop_deadline_s: float = 100.0,
+                  agent=None) -> int:
+    """torch.distributed.run in this process; then the commit agent's last commit, within its deadline."""
+    stop = _StopRequest(stop_deadline_s)
+    code = _torchrun(argv, extra_env, stop)
+    if agent is not None:
+        left = stop.time_left() if stop.requested else agent.timeout_s
+        if not agent.finish(left) and code == 0:
+            code = 1  # the last checkpoint is not committed: not a clean end
+        _exit_if_stuck(code)
+    return code
+
+
+def _exit_if_stuck(code: int) -> None:
+    """An abandoned upload's transfer threads (not daemons) would hold the interpreter's exit until
+    their requests time out; the host exits now instead, with its code."""
+    import threading
+
+    stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()
+             and (not t.daemon or t.name.startswith("ThreadPoolExecutor"))]  # both are joined at exit
+    if stuck:
+        log.warning("exiting with %d transfer thread(s) still blocked (%s)", len(stuck), ", ".join(stuck[:3]))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _torchrun(argv: Sequence[str], extra_env: Mapping[str, str], stop: "_StopRequest") -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -110,7 +146,6 @@ def _run_torchrun(argv: Sequence[str], extra_env: Mapping[str, str], stop_deadli
     from torch.distributed.run import get_args_parser, parse_args, run
 
     os.environ.update(extra_env)
-    stop = _StopRequest(stop_deadline_s)
     argv = list(argv)
     if "--signals-to-handle" in get_args_parser()._option_string_actions:
         os.environ.update(stop.install())

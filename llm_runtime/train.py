@@ -67,6 +67,8 @@ def check_job(config: Config, world_size: int, *, nproc_per_node: int | None = N
     except ConfigError as err:  # a rule over several keys and the world: say who set the keys
         raise ConfigError(f"{err}{set_by(config, LAYOUT_KEYS)}") from None
     plan = _check_data(config, dims, paths) if data else None
+    if data:
+        _check_checkpoint_store(config)
     if config.parallel.backend != "deepspeed":
         model_config = _check_model(config, dims, _vocab(plan))
     if report and plan is not None:  # only once everything passed: an error stays the one line printed
@@ -91,6 +93,17 @@ def _check_model(config: Config, dims: ParallelDims, vocab_size: int) -> LlamaCo
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return model_config
+
+
+def _check_checkpoint_store(config: Config) -> None:
+    """checkpoint.uri reachable: a missing bucket, endpoint or credentials fail here, in one line."""
+    from .storage import StorageError, open_store
+
+    if config.checkpoint.uri:
+        try:
+            open_store(config.checkpoint.uri).probe()
+        except StorageError as err:
+            raise ConfigError(f"checkpoint.uri: {err}") from None
 
 
 def _vocab(plan: DataPlan | None) -> int:

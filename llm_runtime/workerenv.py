@@ -10,10 +10,12 @@ from collections.abc import Mapping
 
 from .cluster import ClusterInfo
 
-__all__ = ["STOP_FILE_ENV", "launch_tag", "process_env", "restart_count", "stop_file"]
+__all__ = ["COMMIT_AGENT_ENV", "STOP_FILE_ENV", "commit_agent", "launch_tag", "process_env", "restart_count", "stop_file"]
 
 STOP_FILE_ENV = "LLM_RUNTIME_STOP_FILE"
 """The launcher creates this file when the platform asked the job to stop (SIGTERM): save and stop."""
+COMMIT_AGENT_ENV = "LLM_RUNTIME_COMMIT_AGENT"
+"""Set by ``llm-runtime launch`` when its agent commits this node's checkpoints (they outlive the workers)."""
 
 
 def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -34,6 +36,11 @@ def launch_tag(env: Mapping[str, str] | None = None) -> str:
 def stop_file(env: Mapping[str, str] | None = None) -> str:
     """The stop file this worker's launcher watches for it ("" when the launcher has none)."""
     return _env(env).get(STOP_FILE_ENV, "")
+
+
+def commit_agent(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this worker's launcher commits the node's checkpoints (else local rank 0 does)."""
+    return _env(env).get(COMMIT_AGENT_ENV, "") == "1"
 
 
 def process_env(info: ClusterInfo) -> dict[str, str]:

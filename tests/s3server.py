@@ -173,6 +173,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _relay(self):
         proxy = self.server.proxy
         body = self._read_body()  # read even for a fault, so the connection stays in step
+        if proxy.upload_delay_s and self.command in ("PUT", "POST"):  # a slow uplink
+            proxy._stopping.wait(proxy.upload_delay_s)
         kind = proxy._pick_fault(self.command)
         if kind == "stall":  # a stuck request: no answer; the client's own deadline must catch it
             proxy._count(fault="stall")
@@ -225,7 +227,8 @@ class FaultProxy:
     """HTTP proxy on 127.0.0.1 (a free port) in front of ``upstream``. A ``fault_rate`` share of
     the requests whose method is in ``only_methods`` (None: all) get a fault drawn from ``faults``
     by ``random.Random(seed)``; these attributes may be changed while it runs (setting ``seed``
-    restarts the sequence). Counters: ``requests``, ``methods``, ``faults_injected``, ``bytes_out``.
+    restarts the sequence). ``upload_delay_s`` holds every PUT and POST that long first (a slow
+    uplink). Counters: ``requests``, ``methods``, ``faults_injected``, ``bytes_out``.
     """
 
     def __init__(self, upstream: str, *, fault_rate: float = 0.0, faults: tuple[str, ...] = ("slowdown",),
@@ -235,6 +238,7 @@ class FaultProxy:
         host, _, port = upstream.removeprefix("http://").rstrip("/").partition(":")
         self._upstream = (host, int(port or 80))
         self.fault_rate, self.faults, self.only_methods = fault_rate, tuple(faults), only_methods
+        self.upload_delay_s = 0.0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()

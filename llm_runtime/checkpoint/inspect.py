@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from collections.abc import Sequence
 
+from ..storage import StorageError, open_store
+from .commit import store_steps
 from .layout import MANIFEST, Manifest, ManifestError, run_id_for, step_dir
-from .store import StoreError, open_store
+from .transfer import verify_object
 
 __all__ = ["main"]
 
@@ -15,11 +16,11 @@ __all__ = ["main"]
 def _store(uri: str, run_id: str):
     if not uri:
         raise ValueError("a checkpoint URI (s3://bucket/prefix or a directory) is required")
-    return open_store(uri, run_id_for(uri, run_id))
+    return open_store(uri).child(run_id_for(uri, run_id))
 
 
 def _list(store) -> int:
-    steps = store.steps()
+    steps = store_steps(store)
     if not steps:
         print(f"no checkpoints under {store.uri}")
         return 0
@@ -29,7 +30,7 @@ def _list(store) -> int:
             print(f"{step:>10}  {'incomplete':<10} {'-':>7} {'-':>14}  -   (no manifest: never used)")
             continue
         try:
-            manifest = Manifest.parse(store.get_text(f"{step_dir(step)}/{MANIFEST}") or "", f"step {step}")
+            manifest = Manifest.parse(store.read_text(f"{step_dir(step)}/{MANIFEST}") or "", f"step {step}")
         except ManifestError as err:
             print(f"{step:>10}  {'invalid':<10} {'-':>7} {'-':>14}  -   ({err})")
             continue
@@ -39,14 +40,14 @@ def _list(store) -> int:
 
 
 def _verify(store, step: int | None) -> int:
-    complete = sorted(s for s, ok in store.steps().items() if ok)
+    complete = sorted(s for s, ok in store_steps(store).items() if ok)
     if not complete:
         print(f"no complete checkpoint under {store.uri}", file=sys.stderr)
         return 1
     targets = [step] if step is not None else complete
     bad = 0
     for target in targets:
-        text = store.get_text(f"{step_dir(target)}/{MANIFEST}")
+        text = store.read_text(f"{step_dir(target)}/{MANIFEST}")
         if text is None:
             print(f"step {target}: no manifest (incomplete or absent)", file=sys.stderr)
             bad += 1
@@ -58,17 +59,11 @@ def _verify(store, step: int | None) -> int:
             bad += 1
             continue
         problems = []
-        for obj in manifest.objects:
+        for obj in manifest.objects:  # streamed and hashed block by block: memory stays one block
             try:
-                data = store.get_range(obj.key, 0, obj.size)
-            except StoreError as err:
+                problems += verify_object(store, obj)
+            except StorageError as err:
                 problems.append(str(err))
-                continue
-            if hashlib.sha256(data).hexdigest() != obj.sha256:
-                problems.append(f"{obj.key}: object checksum does not match the manifest")
-            for member in obj.members:
-                if hashlib.sha256(data[member.offset:member.offset + member.size]).hexdigest() != member.sha256:
-                    problems.append(f"{obj.key}: member {member.name} does not match the manifest")
         for problem in problems:
             print(f"step {target}: {problem}", file=sys.stderr)
         bad += bool(problems)

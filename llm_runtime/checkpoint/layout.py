@@ -2,7 +2,7 @@
 
 A checkpoint of step ``n`` of run ``R`` under ``URI`` is
 
-    URI/R/step-<n:09d>/s<k>/node-<i:05d>.tar   one tar per node (k = i mod prefix_spread)
+    URI/R/step-<n:09d>/s<k>/node-<i:05d>-<t>.tar   one tar per node (k = i mod prefix_spread, t: the save)
     URI/R/step-<n:09d>/manifest.json           written last, by rank 0, after every node's upload
 
 and exists only once its manifest does. The manifest lists every object with its size and
@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["MANIFEST", "Manifest", "ManifestError", "Member", "NodeObject", "ResumeTarget", "due", "parse_resume", "resume_order", "run_id_for",
-           "step_dir", "node_key", "retention", "parse_step_dir"]
+           "step_dir", "steps_in", "node_key", "retention", "parse_step_dir"]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -72,9 +72,11 @@ def parse_resume(resume: str) -> ResumeTarget | None:
     return ResumeTarget(parts[0], parts[1], step)
 
 
-def node_key(step: int, node: int, spread: int) -> str:
-    """The node object's key relative to the run: spread over ``spread`` prefixes."""
-    return f"{step_dir(step)}/s{node % max(1, spread):02d}/node-{node:05d}.tar"
+def node_key(step: int, node: int, spread: int, token: str = "") -> str:
+    """The node object's key relative to the run: spread over ``spread`` prefixes. ``token`` names
+    the save, so a step saved again never overwrites the objects its committed manifest lists."""
+    suffix = f"-{token}" if token else ""
+    return f"{step_dir(step)}/s{node % max(1, spread):02d}/node-{node:05d}{suffix}.tar"
 
 
 @dataclass(frozen=True)
@@ -175,15 +177,29 @@ def due(step: int, last_step: int, *, every_steps: int, every_minutes: float, mi
     return bool(every_minutes) and minutes_since_save >= every_minutes
 
 
-def retention(complete: list[int], present: list[int], keep: int, current: int | None = None) -> list[int]:
+def retention(complete: list[int], present: list[int], keep: int, current: int | None = None,
+              abandon_later: bool = False) -> list[int]:
     """Steps to delete after ``current`` (default: the newest complete) was saved: all but the newest
-    ``keep`` complete ones up to it, incomplete ones older than it, and every step after it (a
-    timeline abandoned by a resume from an older checkpoint). Never ``current`` itself."""
+    ``keep`` complete ones up to it and incomplete ones older than it. Never ``current`` itself,
+    and never a step after it (a fallback left the newer ones; they may be fine) unless
+    ``abandon_later``: the user named the checkpoint to continue from (``checkpoint.resume``)."""
     if not complete:
         return []
     current = max(complete) if current is None else current
     kept = set(sorted(s for s in complete if s <= current)[-max(1, keep):]) | {current}
-    return sorted(s for s in set(present) | set(complete) if s not in kept)
+    return sorted(s for s in set(present) | set(complete)
+                  if s not in kept and (s < current or abandon_later))
+
+
+def steps_in(keys) -> dict[int, bool]:
+    """Object keys relative to a run -> every step that has objects -> whether its manifest is one."""
+    found: dict[int, bool] = {}
+    for key in keys:
+        parts = key.split("/")
+        step = parse_step_dir(parts[0])
+        if step is not None:
+            found[step] = found.get(step, False) or parts[1:] == [MANIFEST]
+    return found
 
 
 def resume_order(complete: list[int], not_after: int | None = None) -> list[int]:

@@ -4,6 +4,15 @@ torch backend: model parts and their optimizers through torch.distributed.checkp
 canonical parameter names (a pipeline stage keeps the unsplit model's names), so DCP can
 reshard to another layout. DeepSpeed: the engine's own checkpoint files. Both: the step,
 the data loader position, the LR schedulers and the RNG states, as JSON (never a pickle).
+
+Both states offer one protocol to the manager:
+
+- ``save(directory, group)``: write this rank's files; a future when the write finishes later;
+- ``prefetch(manifest, root, store, local_rank)``: verify (and fetch) what must be checked
+  before anything is read, the files a pickle loader opens included;
+- ``load(manifest, root, store, group)``: read the state back; ``failure`` keeps this rank's
+  own storage or checksum error (DCP wraps every rank's errors into one on all ranks);
+- ``json_state()`` / ``load_json_state(state)``.
 """
 from __future__ import annotations
 
@@ -11,6 +20,8 @@ import base64
 from pathlib import Path
 
 import torch
+
+from .transfer import ensure_member, fetch_members, verifying_reader
 
 __all__ = ["DeepSpeedState", "TorchState", "restore_rng", "rng_state"]
 
@@ -36,10 +47,31 @@ def _scheduler_state(scheduler) -> dict:
 
 
 class TorchState:
-    kind = "dcp"
-
     def __init__(self, parts, optimizers, schedulers):
         self.parts, self.optimizers, self.schedulers = list(parts), list(optimizers), list(schedulers)
+        self.failure: BaseException | None = None
+
+    def save(self, directory: Path, group):
+        """DCP's async save (its own gloo group, so training never shares a collective with it)."""
+        import torch.distributed.checkpoint as dcp
+
+        return dcp.async_save(self.dcp_state(), storage_writer=dcp.FileSystemWriter(str(directory / "dcp")),
+                              process_group=group)
+
+    def prefetch(self, manifest, root: Path, store, local_rank: int) -> None:
+        ensure_member(manifest, "dcp/.metadata", root, store)  # DCP unpickles it: verified first
+
+    def load(self, manifest, root: Path, store, group) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        self.failure = None
+        loaded = self.dcp_state()
+        reader = verifying_reader(str(root / "dcp"), manifest, root, store)
+        try:
+            dcp.load(loaded, storage_reader=reader, process_group=group)  # errors reach every rank
+        finally:
+            self.failure = reader.failure
+        self.load_dcp(loaded)
 
     def _options(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -78,20 +110,32 @@ class TorchState:
 class DeepSpeedState:
     """DeepSpeed's engine writes and reads its own files (torch.load of pickles: the runtime
     verifies every file against the manifest first)."""
-    kind = "deepspeed"
     tag = "state"
 
     def __init__(self, engine):
         self.engine = engine
+        self.failure: BaseException | None = None
 
-    def save_local(self, directory: Path) -> None:
+    def save(self, directory: Path, group) -> None:
+        """Synchronous (the engine's own writer); the upload is still in the background."""
         self.engine.save_checkpoint(str(directory / "ds"), tag=self.tag, save_latest=False)
 
-    def load_local(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory / "ds"), tag=self.tag, load_optimizer_states=True,
+    def prefetch(self, manifest, root: Path, store, local_rank: int) -> None:
+        """DeepSpeed reads files by its own names: local rank 0 fetches them all, verified, and drops
+        files no manifest lists (a stale layout's); the node's other ranks wait for it afterwards."""
+        if local_rank != 0:
+            return
+        wanted = sorted(n for n in manifest.member_names() if n.startswith("ds/"))
+        fetch_members(manifest, wanted, root, store)
+        for path in (root / "ds").rglob("*") if (root / "ds").exists() else ():
+            if path.is_file() and str(path.relative_to(root)) not in set(wanted):
+                path.unlink()
+
+    def load(self, manifest, root: Path, store, group) -> None:
+        path, _ = self.engine.load_checkpoint(str(root / "ds"), tag=self.tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {directory / 'ds'}")
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {root / 'ds'}")
 
     def json_state(self) -> dict:
         return {}

@@ -2,7 +2,8 @@
 
 The node tar is plain (no compression) with fixed attributes; each member's data offset is
 recorded so a reader fetches exactly that member with one ranged GET and checks its sha256
-before anything reads (or unpickles) it.
+before anything reads (or unpickles) it. Fetches and verifies stream: they hash while reading
+and hold one block, never a whole member.
 """
 from __future__ import annotations
 
@@ -10,13 +11,19 @@ import hashlib
 import os
 import tarfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..data.shards import sha256_file
 from ..progress import bar
+from ..storage import ObjectMissing
 from .layout import Manifest, Member, NodeObject
 
-__all__ = ["CorruptCheckpoint", "TarStream", "ensure_member", "local_members", "run_with_deadline", "sha256_file", "verifying_reader"]
+__all__ = ["CorruptCheckpoint", "TarStream", "ensure_member", "fetch_members", "local_members", "run_with_deadline",
+           "sha256_file", "verify_object", "verifying_reader"]
+
+BLOCK = 8 << 20  # what a fetch or a verify holds in memory at once
+FETCH_THREADS = 4
 
 
 class CorruptCheckpoint(ValueError):
@@ -97,7 +104,9 @@ def local_members(root: Path, names: list[str], key: str, node: int) -> NodeObje
 
 
 def ensure_member(manifest: Manifest, name: str, local_root: Path, store) -> Path:
-    """``local_root/name`` verified against the manifest; fetched (one ranged GET) when absent or wrong."""
+    """``local_root/name`` verified against the manifest; fetched (one ranged, streamed GET, hashed
+    while it is written) when absent or wrong. A mismatch is CorruptCheckpoint; a store that fails
+    (its retries spent) raises its StorageError: transient is not corrupt."""
     try:
         obj, member = manifest.member(name)
     except KeyError:
@@ -110,15 +119,62 @@ def ensure_member(manifest: Manifest, name: str, local_root: Path, store) -> Pat
     if store is None:
         raise CorruptCheckpoint(f"step {manifest.step}: local {path} is missing or does not match the manifest, "
                                 "and there is no checkpoint.uri to fetch it from")
-    data = store.get_range(obj.key, member.offset, member.size)
-    if hashlib.sha256(data).hexdigest() != member.sha256:
-        raise CorruptCheckpoint(f"step {manifest.step}: {name} in {store.uri}/{obj.key} does not match its "
-                                "checksum in the manifest")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # ranks of a node may fetch the same member: the last rename wins, same bytes
+    try:
+        digest = _fetch(store, obj.key, member.offset, member.size, tmp, manifest.step)
+        if digest != member.sha256:
+            raise CorruptCheckpoint(f"step {manifest.step}: {name} in {store.url(obj.key)} does not match its "
+                                    "checksum in the manifest")
+        os.replace(tmp, path)  # ranks of a node may fetch the same member: the last rename wins, same bytes
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _fetch(store, key: str, offset: int, size: int, dest: Path, step: int) -> str:
+    """Bytes ``[offset, offset + size)`` of ``key`` streamed to ``dest``; their sha256."""
+    digest = hashlib.sha256()
+    try:
+        stream = store.open_range(key, offset, size)
+    except ObjectMissing:
+        raise CorruptCheckpoint(f"step {step}: {store.url(key)}, listed in the manifest, does not exist") from None
+    try:
+        with open(dest, "wb") as sink:
+            for block in iter(lambda: stream.read(BLOCK), b""):
+                digest.update(block)
+                sink.write(block)
+    except ObjectMissing:
+        raise CorruptCheckpoint(f"step {step}: {store.url(key)}, listed in the manifest, does not exist") from None
+    finally:
+        stream.close()
+    return digest.hexdigest()
+
+
+def verify_object(store, obj: NodeObject) -> list[str]:
+    """Stream one node object once, hashing it whole and member by member (memory: one block);
+    the problems found, each naming the object (a missing object is one)."""
+    digest = hashlib.sha256()
+    members = sorted(obj.members, key=lambda m: m.offset)
+    hashers = [hashlib.sha256() for _ in members]
+    position = 0
+    try:
+        stream = store.open_range(obj.key, 0, obj.size)
+        try:
+            for block in iter(lambda: stream.read(BLOCK), b""):
+                digest.update(block)
+                for member, hasher in zip(members, hashers):
+                    lo, hi = max(member.offset, position), min(member.offset + member.size, position + len(block))
+                    if lo < hi:
+                        hasher.update(block[lo - position:hi - position])
+                position += len(block)
+        finally:
+            stream.close()
+    except ObjectMissing:
+        return [f"{obj.key}: listed in the manifest, does not exist"]
+    problems = [] if digest.hexdigest() == obj.sha256 else [f"{obj.key}: object checksum does not match the manifest"]
+    return problems + [f"{obj.key}: member {m.name} does not match the manifest"
+                       for m, h in zip(members, hashers) if h.hexdigest() != m.sha256]
 
 
 def run_with_deadline(fn, timeout_s: float, what: str):
@@ -141,6 +197,15 @@ def run_with_deadline(fn, timeout_s: float, what: str):
     return result.get("value")
 
 
+def fetch_members(manifest: Manifest, names: list[str], root: Path, store) -> None:
+    """Several members verified (and fetched when needed) at once, ``FETCH_THREADS`` at a time."""
+    sizes = [manifest.member(name)[1].size if name in set(manifest.member_names()) else 0 for name in names]
+    with bar(sum(sizes), f"checkpoint step {manifest.step}: fetch and verify") as shown, \
+            ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="checkpoint-fetch") as pool:
+        for size in pool.map(lambda name: ensure_member(manifest, name, root, store).stat().st_size, names):
+            shown.update(size)
+
+
 def verifying_reader(path: str, manifest: Manifest, root: Path, store):
     """DCP's FileSystemReader over the node's step dir: every file is checked against the manifest
     (and fetched with one ranged GET when absent) before DCP opens it, .metadata (a pickle) included."""
@@ -148,17 +213,23 @@ def verifying_reader(path: str, manifest: Manifest, root: Path, store):
     from torch.distributed.checkpoint import FileSystemReader
 
     class Reader(FileSystemReader):
+        failure: BaseException | None = None
+        """This rank's own fetch or checksum error (DCP hands every rank a wrapped copy of all of them)."""
+
+        def _checked(self, names: list[str]) -> None:
+            try:
+                fetch_members(manifest, names, root, store)
+            except BaseException as err:
+                self.failure = err
+                raise
+
         def read_metadata(self, *args, **kwargs):
-            ensure_member(manifest, "dcp/.metadata", root, store)
+            self._checked(["dcp/.metadata"])
             return super().read_metadata(*args, **kwargs)
 
         def read_data(self, plan, planner):
             names = sorted({self.storage_data[item.storage_index].relative_path for item in plan.items})
-            sizes = [manifest.member(f"dcp/{name}")[1].size for name in names]
-            with bar(sum(sizes), f"checkpoint step {manifest.step}: fetch and verify") as shown:
-                for name, size in zip(names, sizes):
-                    ensure_member(manifest, f"dcp/{name}", root, store)
-                    shown.update(size)
+            self._checked([f"dcp/{name}" for name in names])
             return super().read_data(plan, planner)
 
     os.makedirs(path, exist_ok=True)

@@ -35,7 +35,7 @@ def set_by(config: Config, keys) -> str:
 
 def _checkpoint_rules(config: Config) -> None:
     from ..checkpoint.layout import parse_resume, run_id_for
-    from ..data.sources import parse_s3_uri
+    from ..storage import parse_s3_uri
 
     ck = config.checkpoint
     try:

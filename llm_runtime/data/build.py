@@ -19,7 +19,7 @@ from .location import DataLocation, LocationError, resolve_location
 from .loader import STATE_VERSION, LoaderSpec, ShardLoader, load_index
 from .order import DataOrder, OrderError, auto_partitions
 from .shards import RecordLayout, ShardIndex
-from .sources import SourceError
+from ..storage import StorageError, open_store
 
 __all__ = ["BundledLoader", "DataPlan", "build_loader", "global_batch_starts", "plan_data"]
 
@@ -56,13 +56,15 @@ def plan_data(config: Config, dp_size: int, paths: JobPaths | None = None,
     if location.kind == "s3" and importlib.util.find_spec("boto3") is None:
         raise ConfigError(f"data.uri={location.uri} needs boto3: pip install 'llm-runtime[s3]'")
     try:
+        if location.kind == "s3":  # a missing bucket, endpoint or credentials: one line, in seconds
+            open_store(location.uri).probe()
         index, fingerprint = load_index(location.uri, max_attempts=data.max_attempts)
         layout = RecordLayout.for_index(index)
         for shard in index.shards:
             if shard.samples < 0 or shard.bytes < shard.samples * layout.record_bytes:
                 raise ValueError(f"index.json lists shard {shard.name} with {shard.samples} samples in "
                                  f"{shard.bytes} bytes; records are {layout.record_bytes} bytes each")
-    except (SourceError, ValueError, TypeError) as err:
+    except (StorageError, ValueError, TypeError) as err:
         raise ConfigError(f"data.uri ({location.describe()}): {err}") from None
     if index.seq_len != train.seq_len:
         raise ConfigError(f"data.uri ({location.describe()}) holds sequences of {index.seq_len} tokens "

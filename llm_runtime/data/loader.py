@@ -1,7 +1,7 @@
 """The token-shard loader: each data-parallel replica streams its own partitions, resumably.
 
 The order is defined in :mod:`.order`; this module reads it. A DataLoader worker streams its
-partitions, each as one sequential read per shard (through :mod:`.sources`), decodes whole
+partitions, each as one sequential read per shard (through :mod:`llm_runtime.storage`), decodes whole
 blocks of records at once, and hands one chunk per step to the training process, which
 interleaves the workers' chunks into the replica's batch. A background thread per worker
 keeps each partition's next block (and so its next shard) loaded.
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from .order import DataOrder, Segment
-from .shards import RecordLayout, ShardIndex, read_index
-from .sources import SourceError, check_member_name, open_source
+from ..storage import StorageError, open_store
+from .shards import RecordLayout, ShardIndex, check_member_name, read_index
 
 __all__ = ["LoaderSpec", "ShardLoader", "STATE_VERSION", "load_index"]
 
@@ -29,7 +29,9 @@ STATE_VERSION = 1
 
 def load_index(uri: str, *, max_attempts: int = 8) -> tuple[ShardIndex, str]:
     """index.json at ``uri`` (checked: names stay under it) and its fingerprint."""
-    text = open_source(uri, max_attempts=max_attempts).read_text("index.json")
+    text = open_store(uri, max_attempts=max_attempts).read_text("index.json")
+    if text is None:
+        raise StorageError(f"{uri}/index.json does not exist")
     index = read_index(text, f"{uri}/index.json")
     for shard in index.shards:
         check_member_name(shard.name, f"{uri}/index.json")
@@ -91,14 +93,14 @@ class _Partition:
         size = self.spec.layout.record_bytes
         name = self.spec.names[segment.shard]
         if self.stopped:
-            raise SourceError(f"reading {name} stopped: the loader was closed")
+            raise StorageError(f"reading {name} stopped: the loader was closed")
         if self.stream_at != (epoch, segment.shard, segment.first):
             self.close()
             # One streaming request for everything this partition reads from the shard this epoch.
             (whole,) = [s for s in self.spec.order.segments(epoch, self.partition, 0, self.spec.order.partition_len)
                         if s.shard == segment.shard]
             end = whole.first + whole.count
-            self.stream = self.source.open(name, segment.first * size, (end - segment.first) * size)
+            self.stream = self.source.open_range(name, segment.first * size, (end - segment.first) * size)
         offset = segment.first * size
         parts = []
         for chunk_start in range(0, segment.count, max(1, self.spec.read_size // size)):
@@ -132,7 +134,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         spec, order = self.spec, self.spec.order
-        source = open_source(spec.uri, max_attempts=spec.max_attempts, read_size=spec.read_size)
+        source = open_store(spec.uri, max_attempts=spec.max_attempts, read_size=spec.read_size)
         rows = [(p, i) for j, (p, i) in enumerate(order.replica_rows(spec.dp_rank, spec.dp_size))
                 if j % workers == worker]
         pool = ThreadPoolExecutor(max_workers=spec.threads, thread_name_prefix="shard-prefetch")
@@ -195,8 +197,8 @@ class ShardLoader:
                 step, worker, chunk, stats = next(self._iterator)
             except BaseException as err:
                 self.close()  # half a step was taken: the next call starts afresh from self.step
-                if isinstance(err, (SourceError, ValueError)):
-                    kind = SourceError if isinstance(err, SourceError) else ValueError
+                if isinstance(err, (StorageError, ValueError)):
+                    kind = StorageError if isinstance(err, StorageError) else ValueError
                     raise kind(f"data loader ({self.location}): {err}") from None
                 raise
             if (step, worker) != (self.step, expected):

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 
 from ..paths import JobPaths
-from .sources import parse_s3_uri
+from ..storage import parse_s3_uri
 
 __all__ = ["DataLocation", "LocationError", "resolve_location"]
 

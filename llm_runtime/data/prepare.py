@@ -26,8 +26,8 @@ import numpy as np
 
 from ..progress import bar
 from .shards import INDEX_NAME, ShardIndex, ShardInfo, bytes_per_sample, read_index, token_dtype, write_shard
-from .sources import parse_s3_uri
-from .storage import download, list_s3_inputs, open_output, shard_name
+from ..storage import parse_s3_uri
+from .output import ShardOutput, download, list_inputs, shard_name
 from .tokenize import TokenizerError, load_tokenizer
 
 __all__ = ["PrepareError", "PrepareSummary", "expand_inputs", "files_for_host", "merge_indexes", "parse_size",
@@ -76,7 +76,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     for item in inputs:
         if item.startswith("s3://"):
             try:
-                found = list_s3_inputs(item, SUFFIXES)
+                found = list_inputs(item, SUFFIXES)
             except (OSError, ValueError) as err:
                 raise PrepareError(f"--input {item}: {err}") from None
             if not found:
@@ -146,8 +146,8 @@ def _tokenize_file(task: tuple[str, int, str, str]) -> tuple[str, int, int]:
         local = os.path.join(scratch, f"input-{os.getpid()}-{os.path.basename(path)}")
         try:
             download(path, local)
-        except Exception as err:  # noqa: BLE001 - botocore's errors carry the code; the message names the input
-            raise PrepareError(f"--input {path}: download failed: {type(err).__name__}: {err}") from None
+        except OSError as err:  # a StorageError names the object and what went wrong
+            raise PrepareError(f"--input {path}: download failed: {err}") from None
     try:
         pieces = [tokenizer.encode_document(document) for document in read_documents(local, text_field)]
     finally:
@@ -191,7 +191,7 @@ def prepare(inputs: Sequence[str], output: str, *, seq_len: int, shard_size: int
     files = files_for_host(all_files, host_index, num_hosts)
     run = hashlib.sha256(json.dumps([all_files, seq_len, load_tokenizer(tokenizer).name, shard_size, num_hosts,
                                      prefixes]).encode()).hexdigest()[:12]
-    out = open_output(output)
+    out = ShardOutput(output)
     try:
         if host_index == 0:
             out.delete(INDEX_NAME)  # no reader may pair an old index with the shards being rewritten

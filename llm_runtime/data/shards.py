@@ -11,17 +11,27 @@ import functools
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "INDEX_NAME", "RecordLayout", "sha256_file", "ShardIndex", "ShardInfo", "bytes_per_sample", "read_index", "read_shard",
+__all__ = ["FORMAT_VERSION", "INDEX_NAME", "RecordLayout", "check_member_name", "sha256_file", "ShardIndex", "ShardInfo", "bytes_per_sample", "read_index", "read_shard",
            "token_dtype", "write_shard"]
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
+_MEMBER = re.compile(r"^[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*$")
+
+
+def check_member_name(name: str, where: str) -> str:
+    """A shard or member name from an index: a relative path of plain characters, no '.' or '..' parts
+    (nothing that could leave the data directory or mean something to a shell, s5cmd or a glob)."""
+    if not _MEMBER.match(name) or any(p in (".", "..") for p in name.split("/")):
+        raise ValueError(f"{where}: name {name!r} is not a plain relative path")
+    return name
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

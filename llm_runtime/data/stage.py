@@ -20,7 +20,7 @@ from pathlib import Path
 from ..progress import bar
 from ..workerenv import launch_tag
 from .shards import ShardIndex, sha256_file
-from .sources import parse_s3_uri
+from ..storage import open_store, parse_s3_uri
 
 __all__ = ["StageError", "stage", "s5cmd_binary"]
 
@@ -46,13 +46,11 @@ def _copy_s3(uri: str, names: list[str], dest: Path, timeout_s: float) -> None:
     bucket, prefix = parse_s3_uri(uri)
     keys = [f"{prefix}/{name}" if prefix else name for name in names]
     binary = s5cmd_binary()
-    if binary is None:  # boto3's transfer manager: multipart, threaded
-        import boto3
-
-        client = boto3.session.Session().client("s3")
-        for key, name in zip(keys, names):
+    if binary is None:  # the runtime's store: multipart, threaded, retried
+        store = open_store(uri)
+        for name in names:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, key, str(dest / name))
+            store.download(name, dest / name)
         return
     commands = dest / ".s5cmd-commands"
     # Names were checked (plain characters); --raw: no wildcard expansion of a key.

@@ -144,11 +144,20 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, 
     full, _ = train(tmp_path, "full", "--train.lr_schedule=constant", steps=8)
     resumed, proc = train(tmp_path, "resumed", *ck, steps=8)
     out = proc.stdout + proc.stderr
-    assert "checkpoint step 6 is not usable" in out and "resumed from checkpoint step 3" in out
+    (fallback,) = [line for line in out.splitlines() if "checkpoint step 6 is corrupt" in line]
+    assert "ERROR" in fallback and "does not match its checksum" in fallback  # loud, and says why
+    assert "resumed from checkpoint step 3" in out
     assert_same_tail(full, resumed, 4)
+    # Saved again at 6 under a new name; the corrupt object is gone, the new one verifies.
+    assert len([k for k in objects_of_step(s3, 6) if k.endswith(".tar")]) == 1
+    verify = run([str(BIN / "llm-runtime"), "checkpoints", "verify", "s3://test-bucket/ck"], timeout=60, check=False)
+    assert verify.returncode == 0 and "step 6: ok" in verify.stdout, verify.stdout + verify.stderr
 
 
-def test_a_job_killed_during_an_upload_resumes_from_the_previous_complete_checkpoint(tmp_path, s3_proxy, s3):
+def test_a_job_killed_during_an_upload_commits_that_checkpoint_when_the_host_starts_again(tmp_path, s3_proxy, s3):
+    """The whole job dies, launcher and its commit agent too, while step 10 goes up; its local files
+    and every rank's done marker are complete. The host's next attempt on the same disk commits
+    step 10 first and resumes there."""
     ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}",
           "--checkpoint.every_steps=5", "--checkpoint.upload_timeout_s=120"]
 
@@ -160,13 +169,16 @@ def test_a_job_killed_during_an_upload_resumes_from_the_previous_complete_checkp
 
     hang_and_kill(tmp_path, "first", *ck, steps=14, hang_step=12, until=second_upload_under_way)
     s3_proxy.fault_rate = 0.0
-    # The local tier of step 10 exists but never got a manifest: not a checkpoint.
+    # Step 10 never got a manifest: not a checkpoint yet.
     assert [k.split("/")[-2] for k in manifests(s3)] == ["step-000000005"]
     listing = run([str(BIN / "llm-runtime"), "checkpoints", "list", "s3://test-bucket/ck"], timeout=60)
     assert "complete" in listing.stdout
     resumed, proc = train(tmp_path, "resumed", *ck, steps=14)
-    assert "resumed from checkpoint step 5" in proc.stdout + proc.stderr
-    assert [m["step"] for m in resumed] == list(range(6, 15))
+    out = proc.stdout + proc.stderr
+    assert "checkpoint step 10 was saved on every node but never committed: committing it now" in out
+    assert "resumed from checkpoint step 10" in out and "commit did not finish" not in out  # no wait on a dead agent
+    assert [m["step"] for m in resumed] == list(range(11, 15))
+    assert [k.split("/")[-2] for k in manifests(s3)] == ["step-000000010", "step-000000014"]  # keep=2
 
 
 def test_retention_keeps_the_newest_checkpoints_locally_and_in_s3(tmp_path, s3):

@@ -11,7 +11,7 @@ import pytest
 from llm_runtime.config import Config, ConfigError
 from llm_runtime.data.build import build_loader, plan_data
 from llm_runtime.data.prepare import PrepareError, prepare
-from llm_runtime.data.sources import SourceError
+from llm_runtime.storage import StorageError
 from tests.datasets import sample_ids, write_dataset
 from tests.procs import BIN, REPO, clean_env, metrics, run
 
@@ -88,13 +88,13 @@ def test_an_object_that_keeps_failing_is_named_after_the_attempts_run_out(datase
     plan = plan_data(cfg, 1)  # the index read before the faults start
     s3_proxy.faults, s3_proxy.fault_rate, s3_proxy.only_methods = ("slowdown",), 1.0, {"GET"}
     with build_loader(cfg, Dims(1), dp_rank=0, plan=plan) as loader:
-        with pytest.raises(SourceError, match=r"s3://test-bucket/tokens/shard-0000\d\d.tar: GET bytes .* "
-                                              r"failed after 3 attempt\(s\): SlowDown"):
+        with pytest.raises(StorageError, match=r"GET bytes .* of s3://test-bucket/tokens/shard-0000\d\d.tar "
+                                               r"failed after 3 attempts: SlowDown"):
             loader.next_batch()
 
 
 def test_a_missing_index_on_s3_is_reported_before_training(s3):
-    with pytest.raises(ConfigError, match="cannot read s3://test-bucket/nothing/index.json: NoSuchKey"):
+    with pytest.raises(ConfigError, match="s3://test-bucket/nothing/index.json does not exist"):
         plan_data(config(s3.url("nothing")), 1)
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from llm_runtime.checkpoint.layout import (Manifest, ManifestError, Member, NodeObject, due, node_key, resume_order,
-                                           retention, run_id_for, step_dir)
+                                           retention, steps_in, run_id_for, step_dir)
 
 
 def test_run_id_is_stable_for_a_uri_and_never_a_timestamp():
@@ -19,13 +19,14 @@ def test_a_run_id_that_could_escape_its_prefix_is_refused(bad):
         run_id_for("s3://b/p", bad)
 
 
-@pytest.mark.parametrize("step,node,spread,key", [
-    (5, 0, 8, "step-000000005/s00/node-00000.tar"),
-    (5, 9, 8, "step-000000005/s01/node-00009.tar"),
-    (120, 3, 1, "step-000000120/s00/node-00003.tar"),
+@pytest.mark.parametrize("step,node,spread,token,key", [
+    (5, 0, 8, "", "step-000000005/s00/node-00000.tar"),
+    (5, 9, 8, "", "step-000000005/s01/node-00009.tar"),
+    (120, 3, 1, "", "step-000000120/s00/node-00003.tar"),
+    (120, 3, 1, "9f3a", "step-000000120/s00/node-00003-9f3a.tar"),  # a save of its own: never overwrites
 ])
-def test_node_objects_are_spread_over_key_prefixes(step, node, spread, key):
-    assert node_key(step, node, spread) == key
+def test_node_objects_are_spread_over_key_prefixes_and_named_per_save(step, node, spread, token, key):
+    assert node_key(step, node, spread, token) == key
 
 
 def manifest(**changes):
@@ -89,12 +90,26 @@ def test_saves_happen_every_n_steps_every_t_minutes_and_at_the_end(step, last, s
     ([8], [8], 1, None, []),
     ([], [3, 4], 2, None, []),                                 # nothing complete: delete nothing
     ([2, 4], [2, 4], 0, None, [2]),                            # keep=0 still keeps the newest complete
-    ([100, 150, 200], [100, 150, 200], 1, 150, [100, 200]),    # resumed from 100, saved 150: 200 is abandoned
+    ([100, 150, 200], [100, 150, 200], 1, 150, [100]),         # fell back to 100, saved 150: 200 stays
+    ([100, 150, 200], [100, 150, 200, 250], 2, 150, []),
+])
+def test_retention_keeps_the_newest_checkpoints_and_never_a_newer_one(complete, present, keep, current, deleted):
+    assert retention(complete, present, keep, current) == deleted
+
+
+@pytest.mark.parametrize("complete,present,keep,current,deleted", [
+    ([100, 150, 200], [100, 150, 200], 1, 150, [100, 200]),    # the user named the line to continue
     ([100, 150, 200], [100, 150, 200, 250], 2, 150, [200, 250]),
 ])
-def test_retention_keeps_the_newest_checkpoints_of_the_current_line_of_training(complete, present, keep, current,
-                                                                                 deleted):
-    assert retention(complete, present, keep, current) == deleted
+def test_retention_drops_newer_steps_only_once_the_user_names_the_checkpoint_to_continue(complete, present, keep,
+                                                                                        current, deleted):
+    assert retention(complete, present, keep, current, abandon_later=True) == deleted
+
+
+def test_steps_are_complete_only_with_their_manifest():
+    keys = ["step-000000002/s00/node-00000-ab.tar", "step-000000002/manifest.json", "step-000000004/s00/x.tar",
+            "step-000000004/nodes/manifest.json", "other/manifest.json"]
+    assert steps_in(keys) == {2: True, 4: False}
 
 
 def test_resume_tries_newest_first_and_can_stop_at_a_step():

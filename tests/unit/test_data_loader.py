@@ -127,7 +127,7 @@ def test_the_reused_staged_copy_is_the_verified_one(shards, tmp_path):
     (dict(batch_size=64), "fewer than one global batch"),
     (dict(num_partitions=3), "data.num_partitions=3 must divide train.batch_size=8"),
     (dict(max_open_shards=1, num_partitions=8), "would stream 8 partitions at once but data.max_open_shards=1"),
-    (dict(uri="/no/such/dir"), "cannot read /no/such/dir/index.json"),
+    (dict(uri="/no/such/dir"), "/no/such/dir/index.json does not exist"),
     (dict(uri="s3://Bad_Bucket/x"), "not a valid S3 bucket name"),
     (dict(uri="gs://bucket/x"), "only local paths, s3:// and channel:NAME"),
     # Ranges (data.timeout_s=0, ...) are the config's own check: tests/unit/test_config.py.

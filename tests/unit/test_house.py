@@ -34,6 +34,17 @@ def _long_functions(source: str) -> list[tuple[str, int, int]]:
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
 
 
+def _imports(source: str) -> set[str]:
+    """The top-level packages a module imports (anywhere in it, lazily inside functions too)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
 def _owners(fact: str) -> set[str]:
     return {_name(path) for path in MODULES if any(fact in text for text in _strings(path))}
 
@@ -64,6 +75,11 @@ def test_each_fact_about_the_job_has_one_owner(fact, owner):
     assert _owners(fact) == {owner}
 
 
+def test_only_the_storage_layer_talks_to_s3_through_boto3():
+    users = {_name(path) for path in MODULES if _imports(path.read_text()) & {"boto3", "botocore", "s3transfer"}}
+    assert users and all(name.startswith("llm_runtime/storage/") for name in users), sorted(users)
+
+
 def test_the_checks_themselves_can_fail(tmp_path):
     """A 61-line function (a method, too) is caught and a 60-line one is not; a string in code is a fact,
     the same string in a docstring is not."""
@@ -77,3 +93,5 @@ def test_the_checks_themselves_can_fail(tmp_path):
     module = tmp_path / "probe.py"
     module.write_text('"""/opt/ml in a docstring"""\nROOT = "/opt/ml"\n')
     assert _strings(module) == ["/opt/ml"]
+    assert _imports("def f():\n    import boto3.session\n    from botocore.config import Config\n") == \
+        {"boto3", "botocore"}
