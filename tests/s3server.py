@@ -175,7 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()  # read even for a fault, so the connection stays in step
         if proxy.upload_delay_s and self.command in ("PUT", "POST"):  # a slow uplink
             proxy._stopping.wait(proxy.upload_delay_s)
-        kind = proxy._pick_fault(self.command)
+        kind = proxy._pick_fault(self.command, self.path)
         if kind == "stall":  # a stuck request: no answer; the client's own deadline must catch it
             proxy._count(fault="stall")
             proxy._stopping.wait(STALL_S)
@@ -228,7 +228,8 @@ class FaultProxy:
     the requests whose method is in ``only_methods`` (None: all) get a fault drawn from ``faults``
     by ``random.Random(seed)``; these attributes may be changed while it runs (setting ``seed``
     restarts the sequence). ``upload_delay_s`` holds every PUT and POST that long first (a slow
-    uplink). Counters: ``requests``, ``methods``, ``faults_injected``, ``bytes_out``.
+    uplink). Counters: ``requests``, ``methods``, ``by_prefix`` ((method, "bucket/first-key-part")
+    -> requests), ``faults_injected``, ``bytes_out``.
     """
 
     def __init__(self, upstream: str, *, fault_rate: float = 0.0, faults: tuple[str, ...] = ("slowdown",),
@@ -264,16 +265,19 @@ class FaultProxy:
         with self._lock:
             self.requests, self.bytes_out = 0, 0
             self.methods: dict[str, int] = {}
+            self.by_prefix: dict[tuple[str, str], int] = {}
             self.faults_injected: dict[str, int] = dict.fromkeys(FAULT_KINDS, 0)
 
     def env(self) -> dict[str, str]:
         """Variables pointing a child process's AWS clients at this proxy."""
         return _endpoint_env(self.endpoint)
 
-    def _pick_fault(self, method: str) -> str | None:
+    def _pick_fault(self, method: str, path: str = "") -> str | None:
         with self._lock:
             self.requests += 1
             self.methods[method] = self.methods.get(method, 0) + 1
+            top = "/".join(path.split("?")[0].lstrip("/").split("/")[:2])  # bucket/first key part
+            self.by_prefix[(method, top)] = self.by_prefix.get((method, top), 0) + 1
             if self.only_methods is not None and method not in self.only_methods:
                 return None
             if self.fault_rate <= 0 or not self.faults or self._rng.random() >= self.fault_rate:

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from .commit import CLAIM, SavePlan, commit_with_deadline, pending_steps
+from .commit import CLAIM, SavePlan, abandon_incomplete, commit_with_deadline, pending_steps
 from .layout import run_id_for
 
 __all__ = ["CommitAgent", "start_agent"]
@@ -81,6 +81,8 @@ class CommitAgent:
         stop; False when one had to be abandoned."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         time.sleep(min(2 * SCAN_S, max(0.0, timeout_s)))  # a save planned just before the workers exited
+        for step in abandon_incomplete(self.node_dir, "exited"):
+            log.warning("checkpoint step %d: a worker exited before its local write finished; not committed", step)
         while (self._busy.is_set() or self._next() is not None) and time.monotonic() < deadline:
             time.sleep(0.1)
         abandoned = self._busy.is_set() or self._next() is not None

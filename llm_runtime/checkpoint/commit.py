@@ -32,7 +32,7 @@ from .layout import MANIFEST, Manifest, ManifestError, NodeObject, node_key, ret
 from .transfer import TarStream, local_members, run_with_deadline
 
 __all__ = ["DONE_DIR", "FAILED", "PLAN", "SavePlan", "commit", "commit_failure", "commit_with_deadline",
-           "committed_token", "delete_step", "marker",
+           "abandon_incomplete", "committed_token", "delete_step", "marker",
            "markers_missing", "pending_steps", "store_steps"]
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,20 @@ def pending_steps(node_dir: Path) -> list[Path]:
     return found
 
 
+def abandon_incomplete(node_dir: Path, why: str) -> list[int]:
+    """Pending saves whose done markers are not all in, once their workers are gone (they never
+    will be): marked failed, so a committer waiting for them stops. Returns their steps."""
+    abandoned = []
+    for directory in pending_steps(node_dir):
+        plan = SavePlan.read(directory)
+        missing = markers_missing(directory, plan)
+        if missing:
+            (directory / FAILED).write_text(f"error\nabandoned: ranks {missing} {why} before their local write "
+                                            "finished\n")
+            abandoned.append(plan.step)
+    return abandoned
+
+
 def store_steps(store) -> dict[int, bool]:
     return steps_in(key for key, _ in store.list())
 
@@ -137,7 +151,8 @@ def commit(directory: Path, plan: SavePlan, store, local_store, *, timeout_s: fl
     started = time.monotonic()
     what = f"checkpoint step {plan.step}"
     _wait(f"{what}: the done markers of ranks {markers_missing(directory, plan)} on node {plan.node_rank}",
-          lambda: not markers_missing(directory, plan), deadline, stopping)
+          lambda: not markers_missing(directory, plan), deadline,
+          lambda: stopping() or (directory / FAILED).exists())  # abandon_incomplete(): they never will
     names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()
                    and not p.name.startswith(".commit") and p.name not in (MANIFEST, PLAN)
                    and DONE_DIR not in p.relative_to(directory).parts and not p.name.endswith(".tmp"))

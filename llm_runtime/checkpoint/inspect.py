@@ -34,7 +34,7 @@ def _list(store) -> int:
         except ManifestError as err:
             print(f"{step:>10}  {'invalid':<10} {'-':>7} {'-':>14}  -   ({err})")
             continue
-        print(f"{step:>10}  {'complete':<10} {len(manifest.objects) + 1:>7} {manifest.total_bytes():>14}  "
+        print(f"{step:>10}  {'complete':<10} {2 * len(manifest.objects):>7} {manifest.total_bytes():>14}  "
               f"{manifest.world_size} ranks on {manifest.num_nodes} node(s), {manifest.backend}")
     return 0
 

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..gather import gather_json
 from ..storage import StorageError
-from .commit import CLAIM, SavePlan, commit_with_deadline, markers_missing, pending_steps, store_steps
+from .commit import CLAIM, SavePlan, abandon_incomplete, commit_with_deadline, markers_missing, pending_steps, store_steps
 from .layout import MANIFEST, Manifest, ManifestError, resume_order, step_dir
 from .state import restore_rng
 from .transfer import CorruptCheckpoint, ensure_member
@@ -80,6 +80,8 @@ class Restorer:
         """Wait for the agent's commits in flight, then commit saves complete on every node."""
         mine = []
         if self.local_rank == 0:
+            for step in abandon_incomplete(self.local_root, "of an earlier attempt exited"):
+                log.warning("checkpoint step %d was not written by every rank of the earlier attempt: not used", step)
             deadline = time.monotonic() + self.ck.upload_timeout_s
             while self.agent and any(_claimed_by_launcher(d) for d in pending_steps(self.local_root)):
                 if time.monotonic() > deadline:

@@ -20,7 +20,7 @@ __all__ = ["S3Store", "endpoint", "s3_client"]
 
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
-PROBE_ATTEMPTS = 2
+PROBE_ATTEMPTS = 3
 PROBE_TIMEOUT_S = 3
 DELETE_BATCH = 1000  # DeleteObjects' limit
 NO_CREDENTIALS = ("no AWS credentials: the credential chain (environment variables, shared credentials and "
@@ -78,7 +78,10 @@ class S3Store:
 
     # ---- reads ------------------------------------------------------------------------
     def read_bytes(self, name: str, offset: int = 0, size: int | None = None) -> bytes:
-        """A whole object, or ``size`` bytes of it from ``offset``; a cut body is resumed."""
+        """A whole (small) object with one GET, or ``size`` bytes of it from ``offset`` (a cut body is
+        resumed from the byte reached)."""
+        if size is None and offset == 0:
+            return self._read_whole(name)
         if size is None:
             size = self.size(name) - offset
         stream = self.open_range(name, offset, size)
@@ -86,6 +89,26 @@ class S3Store:
             return stream.read(size)
         finally:
             stream.close()
+
+    def _read_whole(self, name: str) -> bytes:
+        def get() -> bytes:
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
+            except Exception as err:  # noqa: BLE001 - botocore already retried the request
+                raise wrap(err, "GET", self.url(name), self.max_attempts) from None
+            body = response["Body"].read()  # a body that breaks off is retried whole (a small object)
+            if len(body) != int(response.get("ContentLength", len(body))):
+                raise ShortBody(f"{len(body)} of {response['ContentLength']} bytes")
+            return body
+
+        try:
+            data = retrying(self.max_attempts, on_retry=lambda err: self.stats.add(retries=1))(get)
+        except StorageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the body kept breaking off
+            raise wrap(err, "GET", self.url(name), self.max_attempts) from None
+        self.stats.add(read=len(data))
+        return data
 
     def read_text(self, name: str) -> str | None:
         """A small object as text; None when it does not exist."""
@@ -138,6 +161,8 @@ class S3Store:
             raise StorageError(f"{self.uri}: {NO_CREDENTIALS}") from None
         except Exception as err:  # noqa: BLE001
             code = error_code(err)
+            if code is not None and kind_of(err) == "transient":
+                return  # the endpoint answered (throttling, a server error): the job's own retries cope
             if code == "NoSuchBucket":
                 raise StorageError(f"{self.uri}: bucket {self.bucket!r} does not exist at {where}") from None
             if code is None and kind_of(err) == "transient":

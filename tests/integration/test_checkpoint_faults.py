@@ -66,8 +66,9 @@ def _run_until_exit(tmp_path, name, *args, timeout=240, **env):
 def test_a_worker_lost_mid_upload_still_commits_the_checkpoint_and_the_retry_resumes_from_it(tmp_path, s3,
                                                                                             s3_proxy, reference):
     s3_proxy.upload_delay_s = 2.0  # the node tar and the manifest take >= 4 s to go up
+    # Killed three steps after the save (two steps may not cover the save's local write on 2 busy cores).
     code, out = _run_until_exit(tmp_path, "lost", *ck(tmp_path, "local", "--checkpoint.every_steps=3"),
-                                LLM_RUNTIME_FAULT="kill:rank=1,step=5")
+                                LLM_RUNTIME_FAULT="kill:rank=1,step=6")
     assert code != 0, out[-3000:]
     failed, committed = out.find("worker(s) failed"), out.find("checkpoint step=3 committed")
     assert 0 <= failed < committed, out[-3000:]  # the launch agent committed it after the workers were gone
@@ -82,7 +83,7 @@ def test_an_elastic_restart_right_after_a_save_resumes_from_that_save(tmp_path, 
     s3_proxy.upload_delay_s = 2.0  # the restarted workers start while step 3 is still being committed
     run, proc = train(tmp_path, "elastic", *ck(tmp_path, "local", "--checkpoint.every_steps=3",
                                                 "--launch.max_restarts=1"),
-                      steps=8, timeout=300, LLM_RUNTIME_FAULT="kill:rank=1,step=5")
+                      steps=8, timeout=300, LLM_RUNTIME_FAULT="kill:rank=1,step=6")
     out = proc.stdout + proc.stderr
     assert "resumed from checkpoint step 3" in out, out[-3000:]
     assert_same_tail(reference, [m for m in run if m["step"] >= 4][-5:], 4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -245,8 +246,10 @@ def test_mpi_launch_from_first_host_reaches_remote_ranks_with_the_env_plan(clust
     assert {r["env"]["MASTER_ADDR"] for r in reports} == {"algo-1"}
 
 
-def test_two_hosts_upload_one_object_each_per_checkpoint_plus_the_manifest(cluster_factory, tmp_path, s3_proxy, s3):
-    # Hierarchical checkpointing: 4 ranks on 2 hosts write 3 objects per checkpoint, not 4+.
+def test_two_hosts_upload_one_object_each_per_checkpoint_plus_a_report_and_the_manifest(cluster_factory, tmp_path,
+                                                                                       s3_proxy, s3):
+    # Hierarchical checkpointing: 4 ranks on 2 hosts write 2 x nodes = 4 objects per checkpoint (a tar
+    # per node, host 2's report to host 1, the manifest), never one per rank.
     cluster = cluster_factory({**TINY, "train.steps": 4, "checkpoint.uri": "s3://test-bucket/ck",
                                "checkpoint.local_dir": str(tmp_path / "local"), "checkpoint.every_steps": 2,
                                "checkpoint.keep": 5, "metrics.jsonl": "/opt/ml/output/metrics.jsonl"})
@@ -257,8 +260,9 @@ def test_two_hosts_upload_one_object_each_per_checkpoint_plus_the_manifest(clust
     keys = sorted(o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="ck/")["Contents"])
     for step in (2, 4):
         mine = [k for k in keys if f"/step-{step:09d}/" in k]
-        assert len(mine) == 2 * 1 + 1, mine  # nodes x k + 1, k = 1
-        assert {k.rsplit("/", 1)[-1] for k in mine} == {"node-00000.tar", "node-00001.tar", "manifest.json"}
+        assert len(mine) == 2 * 2, mine  # 2 x nodes
+        assert sorted(re.sub(r"-[0-9a-f]{8}\.", ".", k.split(f"/step-{step:09d}/")[1]) for k in mine) == \
+            ["manifest.json", "nodes/node-00001.json", "s00/node-00000.tar", "s01/node-00001.tar"]
         manifest = json.loads(s3.client.get_object(Bucket=s3.bucket, Key=[k for k in mine
                                                                            if k.endswith("manifest.json")][0])["Body"].read())
         assert manifest["world_size"] == 4 and manifest["num_nodes"] == 2
@@ -267,6 +271,6 @@ def test_two_hosts_upload_one_object_each_per_checkpoint_plus_the_manifest(clust
         ranks_by_node = {o["node"]: sorted(m["name"] for m in o["members"] if m["name"].startswith("rank-"))
                          for o in manifest["objects"]}
         assert ranks_by_node == {0: ["rank-00000.json", "rank-00001.json"], 1: ["rank-00002.json", "rank-00003.json"]}
-    # Each object is small (< one part): one PUT per object, 3 per checkpoint, nothing per rank.
-    assert s3_proxy.methods.get("PUT", 0) == 2 * 3, s3_proxy.methods
+    # Each object is small (< one part): one PUT per object, 4 per checkpoint, nothing per rank.
+    assert s3_proxy.methods.get("PUT", 0) == 2 * 4, s3_proxy.methods
     assert "checkpoint step=4 blocked_s=" in cluster.output("algo-1")
