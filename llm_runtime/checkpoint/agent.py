@@ -26,7 +26,7 @@ from .layout import run_id_for
 __all__ = ["CommitAgent", "start_agent"]
 
 log = logging.getLogger(__name__)
-SCAN_S = 0.2
+SCAN_S = 0.05
 
 
 class CommitAgent:
@@ -80,11 +80,11 @@ class CommitAgent:
         """Let a commit in flight (or one the workers just planned) finish within ``timeout_s``, then
         stop; False when one had to be abandoned."""
         deadline = time.monotonic() + max(0.0, timeout_s)
-        time.sleep(min(2 * SCAN_S, max(0.0, timeout_s)))  # a save planned just before the workers exited
+        time.sleep(min(3 * SCAN_S, max(0.0, timeout_s)))  # a save planned just before the workers exited
         for step in abandon_incomplete(self.node_dir, "exited"):
             log.warning("checkpoint step %d: a worker exited before its local write finished; not committed", step)
         while (self._busy.is_set() or self._next() is not None) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(SCAN_S)
         abandoned = self._busy.is_set() or self._next() is not None
         if abandoned:
             log.warning("checkpoint: a commit was still running after %.0fs; abandoned (that step stays "

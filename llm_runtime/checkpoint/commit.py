@@ -38,7 +38,8 @@ __all__ = ["DONE_DIR", "FAILED", "PLAN", "SavePlan", "commit", "commit_failure",
 log = logging.getLogger(__name__)
 PLAN, DONE_DIR, FAILED, CLAIM = ".save.json", ".done", ".commit-failed", ".committing"
 NODES = "nodes"
-POLL_S = 0.25
+LOCAL_POLL_S = 0.02  # files on this node's disk: cheap to look at
+STORE_POLL_S = 0.25  # objects in the store: one request per look
 
 
 @dataclass
@@ -134,13 +135,13 @@ def delete_step(store, step: int, keep: set[str] = frozenset()) -> None:
     store.delete(names, first=[manifest] if manifest in names else [])
 
 
-def _wait(what: str, ready, deadline: float, stopping) -> None:
+def _wait(what: str, ready, deadline: float, stopping, poll_s: float = STORE_POLL_S) -> None:
     while not ready():
         if stopping():
             raise InterruptedError(f"{what}: abandoned (the job is stopping)")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not happen within checkpoint.upload_timeout_s")
-        time.sleep(POLL_S)
+        time.sleep(poll_s)
 
 
 def commit(directory: Path, plan: SavePlan, store, local_store, *, timeout_s: float,
@@ -152,7 +153,8 @@ def commit(directory: Path, plan: SavePlan, store, local_store, *, timeout_s: fl
     what = f"checkpoint step {plan.step}"
     _wait(f"{what}: the done markers of ranks {markers_missing(directory, plan)} on node {plan.node_rank}",
           lambda: not markers_missing(directory, plan), deadline,
-          lambda: stopping() or (directory / FAILED).exists())  # abandon_incomplete(): they never will
+          lambda: stopping() or (directory / FAILED).exists(),  # abandon_incomplete(): they never will
+          LOCAL_POLL_S)
     names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()
                    and not p.name.startswith(".commit") and p.name not in (MANIFEST, PLAN)
                    and DONE_DIR not in p.relative_to(directory).parts and not p.name.endswith(".tmp"))

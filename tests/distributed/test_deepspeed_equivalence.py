@@ -28,7 +28,6 @@ LAYOUTS = [
     ("zero1-4ranks-accumulation", 4, ["--parallel.zero_stage=1", "--train.micro_batch_size=1"],
      "ZeRO stage 1, 4 data-parallel x 1 pipeline"),
     ("zero2-4ranks", 4, ["--parallel.zero_stage=2"], "ZeRO stage 2, 4 data-parallel x 1 pipeline"),
-    ("zero3-4ranks", 4, ["--parallel.zero_stage=3"], "ZeRO stage 3, 4 data-parallel x 1 pipeline"),
     ("zero3-hpz-shard-groups-of-2-over-4", 4, ["--parallel.zero_stage=3", "--parallel.shard_group_size=2"],
      "ZeRO stage 3, 4 data-parallel x 1 pipeline, hpZ shard groups of 2"),
     ("zero3-4ranks-accumulation", 4, ["--parallel.zero_stage=3", "--train.micro_batch_size=1"],
