@@ -5,7 +5,9 @@ import re
 import threading
 from dataclasses import dataclass, field
 
-__all__ = ["RequestStats", "join", "open_store", "parse_s3_uri"]
+from .errors import ObjectMissing
+
+__all__ = ["RequestStats", "Store", "join", "open_store", "parse_s3_uri"]
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
@@ -56,6 +58,20 @@ class RequestStats:
     def as_dict(self) -> dict[str, int]:
         """The data loader's view: requests, bytes read, retries."""
         return {"requests": self.requests, "bytes": self.bytes_read, "retries": self.retries}
+
+
+class Store:
+    """What every backend derives from its own ``read_bytes``."""
+
+    def read_bytes(self, name: str, offset: int = 0, size: int | None = None) -> bytes:
+        raise NotImplementedError
+
+    def read_text(self, name: str) -> str | None:
+        """A small object as text; None when it does not exist."""
+        try:
+            return self.read_bytes(name).decode("utf-8")
+        except ObjectMissing:
+            return None
 
 
 def open_store(uri: str, *, max_attempts: int = 8, part_size: int = 64 << 20, concurrency: int = 8,

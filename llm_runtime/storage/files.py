@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .base import RequestStats
+from .base import RequestStats, Store
 from .errors import ObjectMissing, StorageError
 
 __all__ = ["FileStore"]
@@ -19,7 +19,7 @@ __all__ = ["FileStore"]
 COPY_BLOCK = 8 << 20
 
 
-class FileStore:
+class FileStore(Store):
     def __init__(self, root: str | os.PathLike, *, read_size: int = 1 << 20, _stats: RequestStats | None = None):
         self.root = Path(root)
         self.uri = str(self.root)
@@ -56,12 +56,6 @@ class FileStore:
             raise StorageError(f"{self.path(name)} bytes {offset}+{size}: the file ends after {len(data)}")
         self.stats.add(read=len(data))
         return data
-
-    def read_text(self, name: str) -> str | None:
-        try:
-            return self.read_bytes(name).decode("utf-8")
-        except ObjectMissing:
-            return None
 
     def size(self, name: str) -> int:
         try:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 
-from .base import RequestStats, join, parse_s3_uri
-from .errors import ObjectMissing, ShortBody, StorageError, describe, error_code, kind_of, wrap
+from .base import RequestStats, Store, join, parse_s3_uri
+from .errors import ShortBody, StorageError, describe, error_code, kind_of, wrap
 from .retry import retrying
 
 __all__ = ["S3Store", "endpoint", "s3_client"]
@@ -44,7 +44,7 @@ def s3_client(*, max_attempts: int = 8, pool: int = 32, connect_timeout: float =
     return boto3.session.Session().client("s3", endpoint_url=endpoint(), config=config)
 
 
-class S3Store:
+class S3Store(Store):
     """Objects under ``s3://bucket/prefix``; keys are relative to the prefix."""
 
     def __init__(self, uri: str, *, max_attempts: int = 8, part_size: int = 64 << 20, concurrency: int = 8,
@@ -109,13 +109,6 @@ class S3Store:
             raise wrap(err, "GET", self.url(name), self.max_attempts) from None
         self.stats.add(read=len(data))
         return data
-
-    def read_text(self, name: str) -> str | None:
-        """A small object as text; None when it does not exist."""
-        try:
-            return self.read_bytes(name).decode("utf-8")
-        except ObjectMissing:
-            return None
 
     def size(self, name: str) -> int:
         try:
