@@ -33,5 +33,5 @@ setup(
                  "sagemaker-training>=4.7", "tokenizers>=0.15", "matplotlib>=3.7", "tensorboard>=2.14",
                  "packaging>=23"],
     },
-    entry_points={"console_scripts": ["llm-runtime=llm_runtime.cli:main"]},
+    entry_points={"console_scripts": ["llm-runtime=llm_runtime.cli:entry"]},
 )

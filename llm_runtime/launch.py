@@ -79,8 +79,9 @@ def torchrun_argv(info: ClusterInfo, target: Target, *, nproc: int, max_restarts
     else:
         head = ["--nnodes", str(info.num_nodes), "--node-rank", str(info.node_rank),
                 "--master-addr", info.master_addr, "--master-port", str(info.master_port)]
+    # A worker's exit (a failure, or the end of the job) is noticed within 0.1 s: torchrun's default.
     return [*head, "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
-            "--monitor-interval", "1", *target.entry()]
+            "--monitor-interval", "0.1", *target.entry()]
 
 
 def mpirun_argv(

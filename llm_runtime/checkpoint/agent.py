@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from .commit import CLAIM, SavePlan, abandon_incomplete, commit_with_deadline, pending_steps
+from .commit import CLAIM, SavePlan, abandon_incomplete, commit_with_deadline, open_run_store, pending_steps
 from .layout import run_id_for
 
 __all__ = ["CommitAgent", "start_agent"]
@@ -97,7 +97,6 @@ class CommitAgent:
 
 def start_agent(config, paths, node_rank: int) -> CommitAgent | None:
     """The agent for this host's node (None without checkpoint.uri: a local commit needs no agent)."""
-    from .manager import open_run_store
     from ..storage import open_store
 
     ck = config.checkpoint

@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..faults import inject
+from ..storage import open_store
 from .layout import MANIFEST, Manifest, ManifestError, NodeObject, node_key, retention, step_dir, steps_in
 from .transfer import TarStream, local_members, run_with_deadline
 
-__all__ = ["DONE_DIR", "FAILED", "PLAN", "SavePlan", "commit", "commit_failure", "commit_with_deadline",
+__all__ = ["DONE_DIR", "FAILED", "PLAN", "SavePlan", "commit", "commit_failure", "commit_with_deadline", "open_run_store",
            "abandon_incomplete", "committed_token", "delete_step", "marker",
            "markers_missing", "pending_steps", "store_steps"]
 
@@ -268,3 +269,10 @@ def _tidy(store, plan: SavePlan) -> None:
     for old in retention([s for s, ok in steps.items() if ok], list(steps), plan.keep, plan.step,
                          plan.abandon_later):
         delete_step(store, old)
+
+
+def open_run_store(uri: str, run_id: str, ck):
+    """Tier 2 of run ``run_id`` under ``uri`` (None without a URI)."""
+    if not uri:
+        return None
+    return open_store(uri, part_size=ck.part_size_mb << 20, concurrency=ck.upload_concurrency).child(run_id)

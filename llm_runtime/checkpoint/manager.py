@@ -28,12 +28,12 @@ import torch.distributed as dist
 from ..gather import gather_json
 from ..storage import StorageError, open_store
 from ..workerenv import commit_agent, stop_file
-from .commit import SavePlan, commit_failure, commit_with_deadline, committed_token, marker
+from .commit import SavePlan, commit_failure, commit_with_deadline, committed_token, marker, open_run_store
 from .layout import MANIFEST, Manifest, due, parse_resume, run_id_for, step_dir
 from .restore import Restorer, config_json, first_line
 from .state import rng_state
 
-__all__ = ["Checkpointer", "SaveReport", "open_run_store"]
+__all__ = ["Checkpointer", "SaveReport"]
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,6 @@ class SaveReport:
 
     def line(self) -> str:
         return f"checkpoint step={self.step} blocked_s={self.blocked_s:.3f} upload_s={self.upload_s:.2f} bytes={self.bytes}"
-
-
-def open_run_store(uri: str, run_id: str, ck):
-    """Tier 2 of run ``run_id`` under ``uri`` (None without a URI)."""
-    if not uri:
-        return None
-    return open_store(uri, part_size=ck.part_size_mb << 20, concurrency=ck.upload_concurrency).child(run_id)
 
 
 class Checkpointer(Restorer):

@@ -21,7 +21,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..gather import gather_json
 from ..storage import StorageError
-from .commit import CLAIM, SavePlan, abandon_incomplete, commit_with_deadline, markers_missing, pending_steps, store_steps
+from .commit import (CLAIM, SavePlan, abandon_incomplete, commit_with_deadline, markers_missing, open_run_store,
+                     pending_steps, store_steps)
 from .layout import MANIFEST, Manifest, ManifestError, resume_order, step_dir
 from .state import restore_rng
 from .transfer import CorruptCheckpoint, ensure_member
@@ -160,8 +161,6 @@ class Restorer:
         for where, step in candidates:
             store = self.store if where == "store" else None
             if where == "explicit":
-                from .manager import open_run_store
-
                 store = open_run_store(self.resume.base, self.resume.run_id, self.ck)
             try:
                 manifest = self._manifest(where, step, store)

@@ -97,7 +97,7 @@ def test_the_wheel_holds_every_package_module_and_data_file(wheel):
     assert sorted(source_files() - names) == []
     assert "llm_runtime/models/data/bundled.txt" in names  # package_data
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "llm-runtime = llm_runtime.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "llm-runtime = llm_runtime.cli:entry" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_every_module_resolves_to_the_installed_copy_not_this_checkout(venv, tmp_path):

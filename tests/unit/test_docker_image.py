@@ -51,7 +51,7 @@ def test_the_entrypoint_is_the_runtimes_launcher(dockerfile):
     entry = [json.loads(args) for name, args in dockerfile if name == "ENTRYPOINT"]
     assert entry == [["llm-runtime", "launch"]]  # exec form: signals reach the launcher directly
     setup = (REPO / "setup.py").read_text()
-    assert '"llm-runtime=llm_runtime.cli:main"' in setup
+    assert '"llm-runtime=llm_runtime.cli:entry"' in setup
 
 
 def test_the_image_bakes_in_no_network_variables_and_carries_mpi_and_sshd(dockerfile):
@@ -86,7 +86,7 @@ def test_the_package_builds_and_installs_for_the_images_python(dockerfile, tmp_p
     names = zipfile.ZipFile(wheel).namelist()
     assert "llm_runtime/cli.py" in names and "llm_runtime/models/data/" in " ".join(names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "llm-runtime = llm_runtime.cli:main" in entry_points
+    assert "llm-runtime = llm_runtime.cli:entry" in entry_points
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, timeout=300, capture_output=True)

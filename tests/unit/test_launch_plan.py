@@ -118,7 +118,7 @@ def test_restarts_disable_the_shared_rendezvous_store(restarts, env):
 def test_the_second_sagemaker_host_runs_torchrun_with_exactly_this_command_line():
     plan = plan_launch(SM_NODE1, TARGET, max_restarts=2, python=PY)
     assert plan.argv == ("--nnodes", "2", "--node-rank", "1", "--master-addr", "algo-1", "--master-port", "7777",
-                         "--nproc-per-node", "8", "--max-restarts", "2", "--monitor-interval", "1",
+                         "--nproc-per-node", "8", "--max-restarts", "2", "--monitor-interval", "0.1",
                          "-m", "llm_runtime", "train", "--train.steps=5")
     # ... and torchrun's own parser reads it as meant.
     from torch.distributed.run import parse_args
