@@ -1,7 +1,9 @@
 """Fixtures for every test: a safe AWS environment, no leaked variables, no leaked groups."""
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 import threading
 
 import pytest
@@ -22,8 +24,11 @@ def safe_aws_environment(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    # DeepSpeed JIT-compiles a comm op on first use (~25 s): keep it cached across tests and runs.
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/llm_runtime/torch_extensions"))
+    # DeepSpeed JIT-compiles a comm op on first use (25-50 s): keep it cached across tests and runs,
+    # one cache per virtual environment (its include paths are in the build flags, so two checkouts
+    # sharing one cache would rebuild it each time the other ran).
+    venv = hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.path.expanduser(f"~/.cache/llm_runtime/torch_extensions/{venv}"))
     yield
 
 

@@ -43,9 +43,9 @@ LAYOUTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("single"), 1, [])[0]
+@pytest.fixture
+def reference(single_process_run):
+    return single_process_run[0]  # its metrics
 
 
 @pytest.mark.parametrize("name, nproc, extra, engine", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])

@@ -66,17 +66,9 @@ def train(out: Path, nproc: int, extra: list[str], *, export: bool = True,
     return metrics(out / "metrics.jsonl"), weights, log
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    result = train(tmp_path_factory.mktemp("single"), 1, [])
-    # The exported weights are the trained ones, not the initial ones (else the comparison is empty).
-    from llm_runtime.models import Llama, LlamaConfig
-
-    initial = Llama(LlamaConfig(dim=64, layers=4, heads=4, max_seq_len=32))
-    initial.init_weights(torch.Generator().manual_seed(1234))
-    moved = max((result[1][k] - v).abs().max().item() for k, v in initial.state_dict().items())
-    assert moved > 1e-3, f"exported weights moved only {moved:.1e} from their initial values"
-    return result
+@pytest.fixture
+def reference(single_process_run):
+    return single_process_run
 
 
 @pytest.mark.parametrize("name, nproc, extra, wrapping", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
