@@ -175,9 +175,15 @@ def run(rt: Runtime) -> dict[str, float]:
 
 def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, accumulation: int) -> dict[str, float]:
     config, train = rt.config, rt.config.train
-    model = Llama(model_config)
-    model.init_weights(torch.Generator().manual_seed(train.seed))  # identical on every rank
-    trainer = _deepspeed_trainer(rt, model) if config.parallel.backend == "deepspeed" else _TorchTrainer(rt, model)
+    seed = torch.Generator().manual_seed(train.seed)  # identical weights on every rank and layout
+    if config.parallel.backend == "deepspeed":
+        model = Llama(model_config)
+        model.init_weights(seed)
+        trainer = _deepspeed_trainer(rt, model)
+    else:
+        with torch.device("meta"):  # nothing allocated until each rank materialises its own shards
+            model = Llama(model_config)
+        trainer = _TorchTrainer(rt, model, model.init_fn(seed))
     log.info("model %.2fM parameters, global batch %d x %d tokens, layout %s, %d replicas x %d sequences",
              model.num_parameters() / 1e6, train.batch_size, train.seq_len, rt.dims.describe(), rt.dp_size,
              per_replica)
@@ -272,11 +278,11 @@ class _TorchTrainer:
     and each part's optimizer state is saved under the unsplit model's parameter names.
     """
 
-    def __init__(self, rt: Runtime, model: Llama):
+    def __init__(self, rt: Runtime, model: Llama, init_fn=None):
         train, sequence_parallel = rt.config.train, rt.config.parallel.sequence_parallel
         self.train = train
         self.model = rt.parallelize(model, tp_plan=llama_tp_plan(sequence_parallel),
-                                    root_tp_plan=llama_root_tp_plan(sequence_parallel))
+                                    root_tp_plan=llama_root_tp_plan(sequence_parallel), init_fn=init_fn)
         self.optimizers = [torch.optim.AdamW(list(part.parameters()), lr=train.lr, betas=(0.9, 0.95),
                                              weight_decay=train.weight_decay) for part in self.model.parts]
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + 1, train))

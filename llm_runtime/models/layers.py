@@ -30,8 +30,8 @@ class RotaryEmbedding(nn.Module):
     """Precomputed rotary cos/sin tables for positions ``0 .. max_seq_len-1``.
 
     The tables are non-persistent buffers: they are derived from the config,
-    so checkpoints need not carry them, and :meth:`reset` rebuilds them after
-    a model was materialised from the meta device.
+    so checkpoints need not carry them, and a model materialised from the meta
+    device gets them from :meth:`tables` (``Llama.init_fn``) or :meth:`reset_parameters`.
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
@@ -43,6 +43,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos and sin tables, computed on the CPU (also for a module on the meta device)."""
+        return self._tables(device=torch.device("cpu"))
+
     def _tables(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
         inverse_frequencies = 1.0 / (self.theta ** (exponents / self.head_dim))
@@ -50,8 +54,9 @@ class RotaryEmbedding(nn.Module):
         angles = torch.outer(positions, inverse_frequencies)  # [max_seq_len, head_dim/2]
         return angles.cos(), angles.sin()
 
-    def reset(self) -> None:
-        """Recompute the tables in place on the buffers' current device."""
+    def reset_parameters(self) -> None:
+        """Recompute the tables in place on the buffers' current device (they are not parameters,
+        but this is the hook a generic materialisation calls)."""
         if self.cos.is_meta:
             return
         cos, sin = self._tables(device=self.cos.device)

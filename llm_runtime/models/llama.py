@@ -291,38 +291,50 @@ class Llama(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Deterministic init: the same generator state gives bit-identical weights anywhere.
 
+        Every parameter and buffer not on the meta device is filled by :meth:`init_fn`; those
+        on meta are left for ``parallelize`` to materialise shard by shard with the same function.
+        """
+        fill = self.init_fn(generator)
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if not tensor.is_meta:
+                fill(name, tensor)
+
+    def init_fn(self, generator: torch.Generator | None = None):
+        """``init_fn(name, tensor)`` for ``parallelize``: fills one full parameter or buffer by name.
+
         One number is drawn from ``generator`` (a fresh one seeded with
-        :data:`DEFAULT_INIT_SEED` when ``None``); each weight is then drawn on
-        the CPU in float32 from its own generator seeded by that number and the
-        weight's name, and copied in.  So the result depends neither on the
-        device, the dtype nor the global RNG (every rank passing the same seed
-        gets the same model), nor on which other modules are present (a
-        pipeline stage that keeps the original names gets the same layers as
-        the full model).  Matrices get ``N(0, 0.02)``; the projections that
-        write into the residual stream (``wo``, ``w2``) are scaled by
-        ``1/sqrt(2*layers)`` so the residual does not grow with depth.
-        Parameters on the meta device are skipped (nothing to write yet).
+        :data:`DEFAULT_INIT_SEED` when ``None``); each weight is then drawn on the CPU in float32
+        from its own generator seeded by that number and its module's name. So the result depends
+        neither on the device, the dtype nor the global RNG (every rank passing the same seed gets
+        the same model), nor on which other modules are present or how the parameter is sharded
+        (a pipeline stage or an FSDP/TP shard takes its slice of the same full tensor).
+        Matrices get ``N(0, 0.02)``; the projections that write into the residual stream (``wo``,
+        ``w2``) are scaled by ``1/sqrt(2*layers)`` so the residual does not grow with depth; norms
+        start at one and the rotary tables are computed.
         """
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(DEFAULT_INIT_SEED)
         base_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device="cpu").item())
         residual_std = INIT_STD / math.sqrt(2 * self.config.layers)
-        for name, module in self.named_modules():
+
+        @torch.no_grad()
+        def fill(name: str, tensor: torch.Tensor) -> None:
+            module_name, _, leaf = name.rpartition(".")
+            module = self.get_submodule(module_name)
             if isinstance(module, RMSNorm):
-                if not module.weight.is_meta:
-                    module.reset_parameters()
+                tensor.fill_(1.0)
             elif isinstance(module, RotaryEmbedding):
-                module.reset()
+                cos, sin = module.tables()
+                tensor.copy_(cos if leaf == "cos" else sin)
             elif isinstance(module, (nn.Linear, nn.Embedding)):
-                weight = module.weight
-                if weight.is_meta:
-                    continue
-                is_residual_output = name.endswith(".wo") or name.endswith(".w2")
-                std = residual_std if is_residual_output else INIT_STD
-                values = torch.empty(weight.shape, dtype=torch.float32, device="cpu").normal_(
-                    0.0, std, generator=_named_generator(base_seed, name)
-                )
-                weight.copy_(values)
+                std = residual_std if module_name.endswith((".wo", ".w2")) else INIT_STD
+                values = torch.empty(tensor.shape, dtype=torch.float32, device="cpu").normal_(
+                    0.0, std, generator=_named_generator(base_seed, module_name))
+                tensor.copy_(values)
+            else:
+                raise ValueError(f"Llama.init_fn: no initialisation for {name!r}")
+
+        return fill
 
 
 def _named_generator(base_seed: int, name: str) -> torch.Generator:

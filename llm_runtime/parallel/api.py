@@ -19,6 +19,7 @@ from torch import nn
 from .batching import resolve_stages_per_rank
 from .dims import ParallelDims
 from .fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp, mixed_precision_policy
+from .materialize import InitFn, has_meta, materialize
 from .pipeline import build_schedule, build_stage_modules, split_layers, stage_indices
 from .tensor import apply_tensor_parallel
 
@@ -188,22 +189,31 @@ def parallelize(
     ac_every: int = 2,
     compile: bool = False,
     loss_fn: Callable = cross_entropy,
+    init_fn: InitFn | None = None,
 ) -> ParallelModel:
-    """Apply the PP split, then TP, activation checkpointing, compile and FSDP/DDP, in that order."""
+    """Apply the PP split, then TP, activation checkpointing, compile and FSDP/DDP, in that order.
+
+    A model on the meta device is laid out first and only then materialised: each rank allocates
+    just its own stages' shards, filled by ``init_fn(name, full_tensor)`` (see materialize.py).
+    """
     if dims.world_size > 1 and mesh is None:
         raise ValueError("parallelize needs the DeviceMesh of a multi-rank job (rt.mesh)")
-    apply_same_weights(model, dims, device)
+    meta = has_meta(model)
+    if meta:
+        log.info("parallelize: the model is on the meta device; each rank materialises only its own shards")
+    else:
+        apply_same_weights(model, dims, device)
     per_rank = resolve_stages_per_rank(stages_per_rank, pp_schedule) if dims.pp > 1 else 1
     num_stages, mine, parts = apply_pipeline_split(model, dims, rank, per_rank, split_points, layers_attr,
-                                                   first_only, last_only, device)
+                                                   first_only, last_only, None if meta else device)
     blocks_per_part = [_blocks(part, layers_attr) for part in parts]
     all_blocks = [block for blocks in blocks_per_part for block in blocks]
     apply_tp(parts, all_blocks, dims, mesh, tp_plan, root_tp_plan)
     apply_activation_checkpointing(all_blocks, activation_checkpoint, ac_every)
     if compile:
         apply_compile(all_blocks)
-    parts, data_parallel = apply_data_parallel(parts, blocks_per_part, dims, mesh, device, mixed_precision,
-                                               reduce_dtype)
+    parts, data_parallel = data_parallel_and_weights(parts, blocks_per_part, dims, mesh, device, mixed_precision,
+                                                     reduce_dtype, meta, init_fn)
     autocast_dtype = autocast_for(mixed_precision, device, data_parallel, num_stages)
     schedule, pp_group = apply_schedule(parts, mine, num_stages, dims, mesh, device, microbatches or num_stages,
                                         loss_fn, pp_schedule)
@@ -227,8 +237,9 @@ def apply_same_weights(model: nn.Module, dims: ParallelDims, device: torch.devic
 
 
 def apply_pipeline_split(model: nn.Module, dims: ParallelDims, rank: int, per_rank: int, split_points, layers_attr: str,
-                         first_only, last_only, device: torch.device) -> tuple[int, list[int], list[nn.Module]]:
-    """(stages in the pipeline, this rank's stage indices, its stage modules on ``device``)."""
+                         first_only, last_only, device: torch.device | None) -> tuple[int, list[int], list[nn.Module]]:
+    """(stages in the pipeline, this rank's stage indices, its stage modules on ``device``; left
+    where they are for None: on the meta device, to be materialised after the layout)."""
     if dims.pp == 1 and per_rank == 1:
         parts = [model]
         num_stages, mine = 1, [0]
@@ -238,8 +249,9 @@ def apply_pipeline_split(model: nn.Module, dims: ParallelDims, rank: int, per_ra
         mine = stage_indices(dims.coords(rank)["pp"], dims.pp, per_rank)
         parts = build_stage_modules(model, mine, ranges, layers_attr=layers_attr,
                                     first_only=first_only, last_only=last_only)
-    for part in parts:
-        part.to(device)
+    if device is not None:
+        for part in parts:
+            part.to(device)
     return num_stages, mine, parts
 
 
@@ -259,14 +271,34 @@ def apply_tp(parts, all_blocks, dims: ParallelDims, mesh, tp_plan, root_tp_plan)
              len(tp_plan), len(root_tp_plan or {}))
 
 
+def data_parallel_and_weights(parts, blocks_per_part, dims: ParallelDims, mesh, device: torch.device,
+                              mixed_precision: str, reduce_dtype: str, meta: bool,
+                              init_fn: InitFn | None) -> tuple[list[nn.Module], str]:
+    """FSDP2 / HSDP / DDP (apply_data_parallel), with a meta model materialised at the right point:
+    after FSDP2 (each rank allocates its shards only), before DDP (which wraps real tensors)."""
+    if meta and plain_replication(dims):
+        materialize(parts, device, init_fn)
+        meta = False
+    parts, data_parallel = apply_data_parallel(parts, blocks_per_part, dims, mesh, device, mixed_precision,
+                                               reduce_dtype)
+    if meta:
+        materialize(parts, device, init_fn)
+    return parts, data_parallel
+
+
+def plain_replication(dims: ParallelDims) -> bool:
+    """Data parallelism by replication alone (no shards, TP or PP): DDP's layout."""
+    return dims.dp_replicate > 1 and dims.dp_shard == 1 and dims.tp == 1 and dims.pp == 1
+
+
 def apply_data_parallel(parts, blocks_per_part, dims: ParallelDims, mesh, device: torch.device,
                         mixed_precision: str, reduce_dtype: str) -> tuple[list[nn.Module], str]:
     """(parts, ``none`` | ``ddp`` | ``fsdp``): DDP for plain replication, else FSDP2 / HSDP."""
     dp_axes = [axis for axis in ("dp_replicate", "dp_shard") if dims.sizes()[axis] > 1]
     if not dp_axes:
         return parts, "none"
-    if dims.dp_shard == 1 and dims.tp == 1 and dims.pp == 1:
-        # Plain replication: DDP's bucketed all-reduce is the cheapest way to keep copies equal.
+    if plain_replication(dims):
+        # DDP's bucketed all-reduce is the cheapest way to keep copies equal.
         from torch.nn.parallel import DistributedDataParallel
 
         return [DistributedDataParallel(parts[0], device_ids=[device.index] if device.type == "cuda" else None)], "ddp"

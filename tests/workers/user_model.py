@@ -2,12 +2,14 @@
 
 The model is not the bundled Llama: a stack of residual MLP blocks with its own tensor-parallel
 plan and its own first/last-stage modules. Every rank trains its parallel copy for 3 steps;
-rank 0 also trains a plain copy on the whole batch and writes both loss curves.
+rank 0 also trains a plain copy on the whole batch and writes both loss curves. With
+USER_MODEL_INIT=meta the parallel copy is built on the meta device and materialised by an init_fn.
 usage: user_model.py OUT_DIR
 """
 import json
 import os
 import sys
+import zlib
 
 import torch
 from torch import nn
@@ -45,14 +47,31 @@ def tp_plan():
     return {"up": ColwiseParallel(), "down": RowwiseParallel()}
 
 
+def init_fn(name, tensor):
+    """A layout-independent init: each parameter from a generator seeded by its name."""
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+
+
 def main():
     out = sys.argv[1]
     rt = llm_runtime.init()
     torch.manual_seed(100 + rt.rank)  # different on every rank: parallelize must broadcast rank 0's
-    model = Stack()
-    reference = Stack()
-    reference.load_state_dict(model.state_dict())
-    parallel = rt.parallelize(model, tp_plan=tp_plan(), first_only=("embed",), last_only=("head",))
+    if os.environ.get("USER_MODEL_INIT") == "meta":  # built on meta: each rank materialises its shards
+        with torch.device("meta"):
+            model = Stack()
+        reference = Stack()
+        with torch.no_grad():
+            for name, param in reference.named_parameters():
+                init_fn(name, param)
+        options = {"init_fn": init_fn}
+    else:
+        model = Stack()
+        reference = Stack()
+        reference.load_state_dict(model.state_dict())
+        options = {}
+    parallel = rt.parallelize(model, tp_plan=tp_plan(), first_only=("embed",), last_only=("head",), **options)
+    assert not any(p.is_meta for p in parallel.parameters())
     optimizer = torch.optim.SGD(parallel.parameters(), lr=0.1)
     ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
     data = torch.randint(0, 32, (8, 9), generator=torch.Generator().manual_seed(1))

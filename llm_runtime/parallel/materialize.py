@@ -1,0 +1,81 @@
+"""Models built on the meta device: only this rank's shards are ever allocated.
+
+``parallelize`` applies the layout (pipeline split, TP, FSDP2) to a model whose parameters are
+still on the meta device; :func:`materialize` then allocates each rank's shards and fills them.
+With an ``init_fn(name, tensor)`` each parameter (and each buffer still on meta) is drawn in full
+on the CPU, one at a time, and sliced to this rank's shard (DTensor's ``distribute_tensor`` with
+no source rank: every rank slices its own copy, no collective). The weights then depend neither on
+the layout nor on the number of ranks, and the peak extra memory is one full parameter. Without
+an ``init_fn``, each module's own ``reset_parameters()`` runs on its local shards: quick, but the
+values depend on the layout (and on each rank's RNG), which the log says.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["InitFn", "has_meta", "materialize"]
+
+log = logging.getLogger(__name__)
+
+InitFn = Callable[[str, torch.Tensor], None]
+"""Fills ``tensor`` (full shape, on the CPU) in place for the parameter or buffer ``name``
+(its name in the unsplit, unwrapped model)."""
+
+
+def has_meta(module: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``module`` is still on the meta device."""
+    return any(t.is_meta for t in _tensors(module))
+
+
+def _tensors(module: nn.Module) -> Iterable[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def materialize(parts: Sequence[nn.Module], device: torch.device, init_fn: InitFn | None) -> None:
+    """Allocate and fill this rank's parameters and buffers of every part (in place)."""
+    for part in parts:
+        real = {name: buffer.detach().clone() for name, buffer in part.named_buffers() if not buffer.is_meta}
+        meta_params = {name for name, param in part.named_parameters() if param.is_meta}
+        part.to_empty(device=device)
+        with torch.no_grad():
+            for name, buffer in part.named_buffers():
+                if name in real:  # a buffer built for real (rotary tables): keep its values
+                    buffer.copy_(real[name])
+                elif init_fn is not None:
+                    _fill(buffer, name, init_fn)
+            if init_fn is not None:
+                for name, param in part.named_parameters():
+                    if name in meta_params:
+                        _fill(param, name, init_fn)
+    if init_fn is None:
+        _reset_parameters(parts)
+
+
+def _fill(tensor: torch.Tensor, name: str, init_fn: InitFn) -> None:
+    """Draw ``name`` in full on the CPU and keep this rank's slice of it."""
+    full = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+    init_fn(name, full)
+    if hasattr(tensor, "device_mesh"):  # a DTensor (FSDP2 / TP): this rank's shard of the full tensor
+        from torch.distributed.tensor import distribute_tensor
+
+        local = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
+        tensor.to_local().copy_(local)
+    else:
+        tensor.copy_(full)
+
+
+def _reset_parameters(parts: Sequence[nn.Module]) -> None:
+    log.warning("parallelize: a meta-device model without init_fn is initialised by each module's "
+                "reset_parameters() on this rank's shards: its weights depend on the parallel layout "
+                "(pass init_fn(name, tensor) for weights that do not)")
+    for part in parts:
+        for module in part.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                with torch.no_grad():
+                    reset()
