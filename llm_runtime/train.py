@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 
 import torch
@@ -256,10 +255,8 @@ def _finish(rt: Runtime, trainer, loader, model_config, metrics: dict, start: in
     """After the last step: the final model, the data counters and the closing line."""
     train = rt.config.train
     rt.watchdog.beat(train.steps, "export")
-    if train.export_dir:
-        export_weights(trainer.model, train.export_dir)  # the config check refuses it for DeepSpeed
     if rt.paths.model_dir:
-        export_model(trainer, rt, rt.paths.model_dir, model_config)
+        export_model(trainer, rt, rt.paths.model_dir, model_config, shard_mb=train.model_shard_mb)
     stats = loader.stats()
     if stats:
         log.info("data requests=%d bytes=%d retries=%d (this rank's reads)", stats["requests"], stats["bytes"],
@@ -350,15 +347,6 @@ def _deepspeed_trainer(rt: Runtime, model: Llama) -> _DeepSpeedTrainer:
             optimizer, lambda s: lr_factor(s + 1, config.train)),
         loss_fn=cross_entropy, train_timeout_s=config.comm.train_timeout_s, init_seed=config.train.seed)
     return _DeepSpeedTrainer(engine)
-
-
-def export_weights(parallel_model, directory: str) -> None:
-    """Full (unsharded) weights, one torch file per pipeline stage, written by one rank per stage."""
-    state = parallel_model.full_state_dict()  # a collective: every rank takes part
-    coords = parallel_model.dims.coords(parallel_model.rank)
-    if parallel_model.dp_rank == 0 and coords["tp"] == 0:
-        os.makedirs(directory, exist_ok=True)
-        torch.save(state, os.path.join(directory, f"weights-pp{coords['pp']}.pt"))
 
 
 def main(config: Config) -> int:

@@ -1,65 +1,144 @@
-"""The final model as one consolidated ``model.safetensors`` (plus ``config.json``) in the model dir.
+"""The final model in Hugging Face format, streamed: ``from_pretrained(train.model_dir)`` loads it.
 
-Every rank takes part (gathering shards is a collective); rank 0 writes. Pipeline stages held
-by other ranks reach rank 0 as safetensors bytes over a gloo group (no pickles).
+What lands in the model dir: ``config.json``, ``generation_config.json``, the weights as
+``model-0000k-of-0000n.safetensors`` files of at most ``train.model_shard_mb`` each, and
+``model.safetensors.index.json`` naming the file of every tensor. The bundled Llama is written as
+a ``LlamaForCausalLM`` (names and rotary convention mapped, models/llama_hf.py).
+
+Streaming: the parameters are gathered one at a time (``DTensor.full_tensor``, a collective of
+the stage's ranks), and one rank per pipeline stage (data-parallel rank 0, tensor rank 0) keeps
+them until its current file is complete, writes it and lets it go. No rank holds more than one
+file's worth of full tensors; files never span two stages (each has one writer). DeepSpeed
+gathers the whole model on rank 0 (ZeRO-3's consolidated state dict), which then writes it the
+same way.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-from ..gather import gather_bytes
+from ..gather import gather_json
 
-__all__ = ["export_model"]
+__all__ = ["export_model", "file_names", "plan_files"]
 
 log = logging.getLogger(__name__)
 
+INDEX = "model.safetensors.index.json"
+Convert = Callable[[str, torch.Tensor], torch.Tensor]
+"""A full parameter (by its name in the trained model) as the exported tensor."""
 
-def export_model(trainer, rt, directory: str, model_config) -> Path | None:
-    """Write ``directory/model.safetensors``; returns its path on rank 0."""
-    from safetensors.torch import load as load_bytes
-    from safetensors.torch import save as save_bytes
+
+def plan_files(entries: Sequence[tuple[str, int, int]], max_bytes: int) -> list[list[str]]:
+    """Names per file, in order, from (name, bytes, stage) entries: a file closes before a tensor
+    that would take it past ``max_bytes`` (a bigger tensor gets a file of its own) and at every
+    change of stage (each file has one writer)."""
+    files: list[list[str]] = []
+    size, stage = 0, None
+    for name, nbytes, owner in entries:
+        if not files or owner != stage or (size + nbytes > max_bytes and size > 0):
+            files.append([])
+            size, stage = 0, owner
+        files[-1].append(name)
+        size += nbytes
+    return files
+
+
+def file_names(count: int) -> list[str]:
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def export_model(trainer, rt, directory: str, model_config, *, shard_mb: int = 5000) -> Path | None:
+    """Write the final model to ``directory`` (every rank takes part); returns the index's path on rank 0."""
+    from ..models.llama_hf import hf_config, hf_name, to_hf
+
+    out = Path(directory)
+    if rt.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    convert = lambda name, tensor: to_hf(name, tensor, model_config)[1]  # noqa: E731
+    engine = getattr(trainer, "engine", None)
+    if engine is not None:  # DeepSpeed
+        written = _export_deepspeed(engine, rt, out, hf_name, convert, shard_mb << 20)
+    else:
+        written = _export_parallel(trainer.model, out, hf_name, convert, shard_mb << 20)
+    if written is None or rt.rank != 0:
+        return None
+    weight_map, total, dtype = written
+    index = {"metadata": {"total_size": total, "producer": "llm_runtime"}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(out / INDEX, index)
+    _write_json(out / "config.json", hf_config(model_config, dtype))
+    _write_json(out / "generation_config.json", {"_from_model_config": True})
+    log.info("model: %d tensors, %.1f MB in %d file(s), Hugging Face format -> %s", len(weight_map), total / 1e6,
+             len(set(weight_map.values())), out)
+    return out / INDEX
+
+
+def _export_parallel(model, out: Path, name_of: Callable[[str], str], convert: Convert, max_bytes: int):
+    """rt.parallelize's model: stage by stage, parameter by parameter."""
+    writer = model.dp_rank == 0 and model.dims.coords(model.rank)["tp"] == 0
+    mine = [(name_of(name), param.numel() * param.element_size(), stage)
+            for stage, part in zip(model.stages, model.parts) for name, param in part.named_parameters()]
+    listed = gather_json(mine if writer else [], None) if dist.is_initialized() else [mine]
+    entries = sorted((tuple(e) for rank in listed for e in rank), key=lambda e: e[2])  # stable: stage order
+    files = plan_files(entries, max_bytes)
+    names = file_names(len(files))
+    where = {name: names[i] for i, file in enumerate(files) for name in file}
+    left = {target: len(file) for target, file in zip(names, files)}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    dtype = torch.float32
+    for part in model.parts:
+        for name, param in part.named_parameters():
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param  # the stage's collective
+            if not writer:
+                continue
+            dtype, exported = full.dtype, name_of(name)
+            target = where[exported]
+            pending.setdefault(target, {})[exported] = convert(name, full.detach().cpu()).contiguous()
+            left[target] -= 1
+            if not left[target]:
+                _write_file(out / target, pending.pop(target))
+    if dist.is_initialized():
+        dist.barrier()  # every stage's files are in place before rank 0 writes the index
+    return where, sum(e[1] for e in entries), dtype
+
+
+def _export_deepspeed(trainer_engine, rt, out: Path, name_of: Callable[[str], str], convert: Convert,
+                      max_bytes: int):
+    engine = trainer_engine.engine
+    if getattr(trainer_engine, "pipeline", False):
+        log.warning("train.model_dir: exporting a DeepSpeed pipeline model is not supported yet; skipped")
+        return None
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # a collective; the full model on rank 0
+    else:
+        state = engine.module.state_dict()
+    if rt.rank != 0:
+        return {}, 0, torch.float32
+    state = {k: v.detach().cpu() for k, v in (state or {}).items()}
+    files = plan_files([(name, t.numel() * t.element_size(), 0) for name, t in state.items()], max_bytes)
+    where = {}
+    for file, target in zip(files, file_names(len(files))):
+        _write_file(out / target, {name_of(name): convert(name, state[name]).contiguous() for name in file})
+        where.update(dict.fromkeys(map(name_of, file), target))
+    dtype = next(iter(state.values())).dtype if state else torch.float32
+    return where, sum(t.numel() * t.element_size() for t in state.values()), dtype
+
+
+def _write_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    engine = getattr(getattr(trainer, "engine", None), "engine", None)
-    if engine is not None:  # DeepSpeed
-        if getattr(trainer.engine, "pipeline", False):
-            log.warning("train.model_dir: exporting a DeepSpeed pipeline model is not supported yet; skipped")
-            return None
-        if engine.zero_optimization_stage() == 3:
-            state = engine._zero3_consolidated_16bit_state_dict()  # a collective; the full model on rank 0
-        else:
-            state = engine.module.state_dict()
-        state = {k: v.detach().cpu().contiguous() for k, v in (state or {}).items()} if rt.rank == 0 else {}
-    else:
-        model = trainer.model
-        full = model.full_state_dict()  # a collective: every rank takes part
-        coords = model.dims.coords(model.rank)
-        owner = model.dp_rank == 0 and coords["tp"] == 0  # one rank per pipeline stage
-        group = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
-        if group is None:
-            state = full
-        else:
-            payload = save_bytes({k: v.contiguous() for k, v in full.items()}) if owner else b""
-            parts = [part for part in gather_bytes(payload, group, dst=0) if part]
-            dist.destroy_process_group(group)
-            state = {}
-            for part in parts:
-                state.update(load_bytes(part))
-    if rt.rank != 0:
-        return None
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "producer": "llm_runtime"})
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.chmod(tmp, 0o644)
-    os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(model_config), indent=1, sort_keys=True) + "\n")
-    log.info("model: %d tensors, %.1f MB -> %s", len(state),
-             sum(t.numel() * t.element_size() for t in state.values()) / 1e6, out / "model.safetensors")
-    return out / "model.safetensors"
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..gather import gather_json
-from ..storage import StorageError, open_store
+from ..storage import open_store
 from ..workerenv import commit_agent, stop_file
 from .commit import SavePlan, commit_failure, commit_with_deadline, committed_token, marker, open_run_store
 from .layout import MANIFEST, Manifest, due, parse_resume, run_id_for, step_dir
-from .restore import Restorer, config_json, first_line
+from .restore import Restorer, config_json
 from .state import rng_state
 
 __all__ = ["Checkpointer", "SaveReport"]

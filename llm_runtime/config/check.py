@@ -69,9 +69,6 @@ def _parallel_rules(config: Config) -> None:
     if parallel.pp > 1 and config.train.micro_batch_size:
         raise ConfigError(f"{_named(config, 'train.micro_batch_size')} applies without pipelining; with "
                           "parallel.pp > 1 set parallel.microbatches (the pipeline's micro-batches) instead")
-    if parallel.backend == "deepspeed" and config.train.export_dir:
-        raise ConfigError(f"{_named(config, 'train.export_dir')} is not supported with parallel.backend=deepspeed; "
-                          "the final model goes to train.model_dir")
 
 
 #: Cross-key rules, one function per section (or pair of sections).

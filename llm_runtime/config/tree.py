@@ -36,14 +36,14 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     log_every: Annotated[int, ge(1)] = 5
     """Steps between metrics lines (see metrics.py for the line's fields)."""
-    export_dir: str = ""
-    """When set, the final full weights are written there (one torch file per pipeline rank; fsdp backend)."""
     output_dir: str = ""
     """Failure records and reports; empty = SageMaker's output dir (SM_OUTPUT_DIR, /opt/ml/output) on
     SageMaker, else none (the record is only logged)."""
     model_dir: str = ""
-    """Where the final consolidated model.safetensors goes; empty = SageMaker's model dir
-    (SM_MODEL_DIR, /opt/ml/model) on SageMaker, else none."""
+    """Where the final model goes, in Hugging Face format (config.json, sharded safetensors and their
+    index); empty = SageMaker's model dir (SM_MODEL_DIR, /opt/ml/model) on SageMaker, else none."""
+    model_shard_mb: Annotated[int, ge(1)] = 5000
+    """Largest safetensors file of the final model, in MB (a bigger tensor gets a file of its own)."""
 
 
 @dataclass

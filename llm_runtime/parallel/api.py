@@ -69,6 +69,8 @@ class ParallelModel:
     """``none``, ``ddp`` or ``fsdp``."""
     autocast_dtype: torch.dtype | None = None
     """bf16 autocast for layouts FSDP's mixed-precision policy does not cover (DDP, TP only)."""
+    stages: list[int] = field(default_factory=lambda: [0])
+    """The pipeline stage index of each part."""
     _pp_group: object = field(default=None, repr=False)
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -156,16 +158,6 @@ class ParallelModel:
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Unsharded weights of this rank's stages (names as in the unsplit model), on CPU."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state: dict[str, torch.Tensor] = {}
-        for part in self.parts:
-            full = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
-            state.update({name: tensor.detach().cpu() for name, tensor in full.items()})
-        return state
-
 
 def parallelize(
     model: nn.Module,
@@ -222,7 +214,7 @@ def parallelize(
     return ParallelModel(parts=parts, dims=dims, rank=rank, mesh=mesh, schedule=schedule,
                          has_first_stage=0 in mine, has_last_stage=(num_stages - 1) in mine,
                          loss_fn=loss_fn, data_parallel=data_parallel, autocast_dtype=autocast_dtype,
-                         _pp_group=pp_group)
+                         stages=list(mine), _pp_group=pp_group)
 
 
 def apply_same_weights(model: nn.Module, dims: ParallelDims, device: torch.device) -> None:

@@ -12,8 +12,13 @@ def single_process_run(tmp_path_factory):
     # The exported weights are the trained ones, not the initial ones (else the comparison is empty).
     from llm_runtime.models import Llama, LlamaConfig
 
-    initial = Llama(LlamaConfig(dim=64, layers=4, heads=4, max_seq_len=32))
+    from tests.exported import as_bundled
+
+    config = LlamaConfig(dim=64, layers=4, heads=4, max_seq_len=32)
+    initial = Llama(config)
     initial.init_weights(torch.Generator().manual_seed(1234))
-    moved = max((result[1][k] - v).abs().max().item() for k, v in initial.state_dict().items())
+    trained = as_bundled(result[1], config)
+    assert trained.keys() == initial.state_dict().keys()
+    moved = max((trained[k] - v).abs().max().item() for k, v in initial.state_dict().items())
     assert moved > 1e-3, f"exported weights moved only {moved:.1e} from their initial values"
     return result

@@ -70,13 +70,6 @@ def objects_of_step(s3, step, prefix="ck/"):
     return sorted(o["Key"] for o in listed if f"/step-{step:09d}/" in o["Key"])
 
 
-def weights(directory):
-    out = {}
-    for path in sorted(directory.glob("weights-pp*.pt")):
-        out.update(torch.load(path, weights_only=True))
-    return out
-
-
 def assert_same_tail(full, resumed, first_step):
     tail = [m for m in full if m["step"] >= first_step]
     assert [m["step"] for m in resumed] == [m["step"] for m in tail]
@@ -209,26 +202,33 @@ def test_retention_keeps_the_newest_checkpoints_locally_and_in_s3(tmp_path, s3):
     (["--parallel.pp=2"], 4),                                              # two stages, two replicas
     (["--parallel.backend=deepspeed", "--parallel.zero_stage=3"], 2),
 ])
-def test_the_final_model_is_one_safetensors_file_that_loads_into_the_unsplit_model(tmp_path, layout, nproc):
+def test_the_final_model_loads_with_from_pretrained_and_gives_the_runtimes_logits(tmp_path, layout, nproc):
+    """train.model_dir in Hugging Face format: sharded safetensors (a 1 MB limit: several files), the
+    index, config.json; AutoModelForCausalLM loads every tensor (nothing missing or unexpected), and
+    its logits equal the bundled model's with the same weights."""
     import json
 
-    from safetensors.torch import load_file
-
+    transformers = pytest.importorskip("transformers")
     from llm_runtime.models import Llama, LlamaConfig
+    from tests.exported import as_bundled, exported
 
-    export = [] if "deepspeed" in layout[0] else [f"--train.export_dir={tmp_path / 'w'}"]
-    train(tmp_path, "run", *layout, *export, f"--train.model_dir={tmp_path / 'model'}", nproc=nproc, steps=3)
-    state = load_file(tmp_path / "model" / "model.safetensors")
-    config = LlamaConfig(**json.loads((tmp_path / "model" / "config.json").read_text()))
-    model = Llama(config)
-    model.load_state_dict(state, strict=True)  # every parameter, canonical names, nothing extra
-    if export:
-        reference = weights(tmp_path / "w")
-        assert all(torch.equal(state[k], reference[k]) for k in reference)
-    else:
-        initial = Llama(config)
-        initial.init_weights(torch.Generator().manual_seed(1234))
-        assert not torch.equal(state["output.weight"], initial.output.weight.detach())  # trained, not initial
+    train(tmp_path, "run", *layout, f"--train.model_dir={tmp_path / 'model'}", "--train.model_shard_mb=1",
+          nproc=nproc, steps=3)
+    model_dir = tmp_path / "model"
+    assert len(list(model_dir.glob("model-*-of-*.safetensors"))) >= 2
+    assert json.loads((model_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert (model_dir / "generation_config.json").is_file()
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    config = LlamaConfig(dim=64, layers=2, heads=4, max_seq_len=32)
+    ours = Llama(config)
+    ours.load_state_dict(as_bundled(exported(model_dir), config), strict=True)
+    initial = Llama(config)
+    initial.init_weights(torch.Generator().manual_seed(1234))
+    assert not torch.equal(ours.output.weight, initial.output.weight)  # trained, not initial
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(hf.eval()(tokens).logits, ours(tokens), atol=1e-5, rtol=0)
 
 
 def _start(tmp_path, name, *args, steps=100000, **env):

@@ -136,7 +136,7 @@ def test_a_two_process_job_with_checkpoints_runs_and_resumes_from_the_installed_
     manifests = sorted(p.relative_to(uri).as_posix() for p in uri.rglob("manifest.json"))
     assert [m.split("/")[-2] for m in manifests] == ["step-000000002", "step-000000004"], manifests
     assert all(list((uri / m).parent.rglob("*.tar")) for m in manifests), manifests  # each step's node object
-    assert (tmp_path / "first" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "first" / "model" / "model.safetensors.index.json").is_file()
 
     steps, out = train("resumed", 6)
     assert "resumed from checkpoint step 4" in out

@@ -321,7 +321,6 @@ def test_a_config_built_in_a_program_is_checked_by_the_same_rules(section, key, 
     ([("parallel.pp", "2"), ("parallel.stages_per_rank", "2")],
      "parallel.stages_per_rank=2 (from command line --parallel.stages_per_rank) needs parallel.pp_schedule=interleaved"),
     ([("parallel.pp", "2"), ("train.micro_batch_size", "2")], "train.micro_batch_size=2 (from command line"),
-    ([("parallel.backend", "deepspeed"), ("train.export_dir", "/x")], "train.export_dir='/x'"),
 ])
 def test_cross_key_rules_name_every_key_involved(cli, needle):
     with pytest.raises(ConfigError) as err:

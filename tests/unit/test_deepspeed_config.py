@@ -418,11 +418,6 @@ def test_check_rejects_seq_len_longer_than_the_text_with_deepspeed(deepspeed_ins
         train_mod.check_job(ds_cli(train__seq_len=10_000_000), 4)
 
 
-def test_check_rejects_export_dir_with_deepspeed_before_training(deepspeed_installed):
-    with pytest.raises(ConfigError, match="export_dir"):
-        train_mod.check_job(ds_cli(train__export_dir="/tmp/out"), 4)
-
-
 def test_check_rejects_a_missing_deepspeed_json_before_workers_start(deepspeed_installed, tmp_path):
     with pytest.raises(ConfigError, match="deepspeed.config"):
         train_mod.check_job(ds_cli(deepspeed__config=tmp_path / "missing.json"), 4)
