@@ -81,8 +81,9 @@ def export_model(trainer, rt, directory: str, model_config, *, shard_mb: int = 5
 def _export_parallel(model, out: Path, name_of: Callable[[str], str], convert: Convert, max_bytes: int):
     """rt.parallelize's model: stage by stage, parameter by parameter."""
     writer = model.dp_rank == 0 and model.dims.coords(model.rank)["tp"] == 0
+    parts = [_unwrapped(part) for part in model.parts]
     mine = [(name_of(name), param.numel() * param.element_size(), stage)
-            for stage, part in zip(model.stages, model.parts) for name, param in part.named_parameters()]
+            for stage, part in zip(model.stages, parts) for name, param in part.named_parameters()]
     listed = gather_json(mine if writer else [], None) if dist.is_initialized() else [mine]
     entries = sorted((tuple(e) for rank in listed for e in rank), key=lambda e: e[2])  # stable: stage order
     files = plan_files(entries, max_bytes)
@@ -91,7 +92,7 @@ def _export_parallel(model, out: Path, name_of: Callable[[str], str], convert: C
     left = {target: len(file) for target, file in zip(names, files)}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     dtype = torch.float32
-    for part in model.parts:
+    for part in parts:
         for name, param in part.named_parameters():
             full = param.full_tensor() if hasattr(param, "full_tensor") else param  # the stage's collective
             if not writer:
@@ -105,6 +106,13 @@ def _export_parallel(model, out: Path, name_of: Callable[[str], str], convert: C
     if dist.is_initialized():
         dist.barrier()  # every stage's files are in place before rank 0 writes the index
     return where, sum(e[1] for e in entries), dtype
+
+
+def _unwrapped(part: torch.nn.Module) -> torch.nn.Module:
+    """DDP's wrapper prefixes every name with ``module.``; the model's own names are under it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return part.module if isinstance(part, DistributedDataParallel) else part
 
 
 def _export_deepspeed(trainer_engine, rt, out: Path, name_of: Callable[[str], str], convert: Convert,
