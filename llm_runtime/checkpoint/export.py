@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -54,44 +56,55 @@ def file_names(count: int) -> list[str]:
 
 
 def export_model(trainer, rt, directory: str, model_config, *, shard_mb: int = 5000) -> Path | None:
-    """Write the final model to ``directory`` (every rank takes part); returns the index's path on rank 0."""
+    """Write the final model to ``directory`` on rank 0's host (every rank takes part); returns the
+    index's path on rank 0. A failure on any rank raises on every rank, after every collective ran."""
     from ..models.llama_hf import hf_config, hf_name, to_hf
 
     out = Path(directory)
-    if rt.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     convert = lambda name, tensor: to_hf(name, tensor, model_config)[1]  # noqa: E731
-    engine = getattr(trainer, "engine", None)
-    if engine is not None:  # DeepSpeed
-        written = _export_deepspeed(engine, rt, out, hf_name, convert, shard_mb << 20)
-    else:
-        written = _export_parallel(trainer.model, out, hf_name, convert, shard_mb << 20)
+    group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_world_size() > 1 else None
+    try:
+        engine = getattr(trainer, "engine", None)
+        if engine is not None:  # DeepSpeed
+            written = _export_deepspeed(engine, rt, out, hf_name, convert, shard_mb << 20)
+        else:
+            written = _export_parallel(trainer.model, rt.rank, out, hf_name, convert, shard_mb << 20, group)
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
     if written is None or rt.rank != 0:
         return None
     weight_map, total, dtype = written
-    index = {"metadata": {"total_size": total, "producer": "llm_runtime"}, "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(out / INDEX, index)
     _write_json(out / "config.json", hf_config(model_config, dtype))
     _write_json(out / "generation_config.json", {"_from_model_config": True})
+    _remove_stale(out, set(weight_map.values()))
+    index = {"metadata": {"total_size": total, "producer": "llm_runtime"}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(out / INDEX, index)  # last: the index names a complete set of files
     log.info("model: %d tensors, %.1f MB in %d file(s), Hugging Face format -> %s", len(weight_map), total / 1e6,
              len(set(weight_map.values())), out)
     return out / INDEX
 
 
-def _export_parallel(model, out: Path, name_of: Callable[[str], str], convert: Convert, max_bytes: int):
-    """rt.parallelize's model: stage by stage, parameter by parameter."""
+def _export_parallel(model, rank: int, out: Path, name_of: Callable[[str], str], convert: Convert, max_bytes: int,
+                     group):
+    """rt.parallelize's model: stage by stage, parameter by parameter. Each stage's writer writes its
+    files (rank 0 into ``out``, the others into a private directory, sent to rank 0 one file at a
+    time afterwards: the model lands whole on rank 0's host, as SageMaker uploads it)."""
     writer = model.dp_rank == 0 and model.dims.coords(model.rank)["tp"] == 0
     parts = [_unwrapped(part) for part in model.parts]
     mine = [(name_of(name), param.numel() * param.element_size(), stage)
             for stage, part in zip(model.stages, parts) for name, param in part.named_parameters()]
-    listed = gather_json(mine if writer else [], None) if dist.is_initialized() else [mine]
-    entries = sorted((tuple(e) for rank in listed for e in rank), key=lambda e: e[2])  # stable: stage order
-    files = plan_files(entries, max_bytes)
+    listed = gather_json(mine if writer else [], group) if group is not None else [mine]
+    entries = sorted(((*e, owner) for owner, rank_entries in enumerate(listed) for e in rank_entries),
+                     key=lambda e: e[2])  # stable: stage order, each stage in its writer's order
+    files = plan_files([e[:3] for e in entries], max_bytes)
     names = file_names(len(files))
     where = {name: names[i] for i, file in enumerate(files) for name in file}
+    writer_of = {where[e[0]]: e[3] for e in entries}
+    local = out if rank == 0 else Path(tempfile.mkdtemp(prefix="llm-runtime-export-")) if writer else None
     left = {target: len(file) for target, file in zip(names, files)}
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    dtype = torch.float32
+    dtype, error = torch.float32, ""
     for part in parts:
         for name, param in part.named_parameters():
             full = param.full_tensor() if hasattr(param, "full_tensor") else param  # the stage's collective
@@ -102,10 +115,50 @@ def _export_parallel(model, out: Path, name_of: Callable[[str], str], convert: C
             pending.setdefault(target, {})[exported] = convert(name, full.detach().cpu()).contiguous()
             left[target] -= 1
             if not left[target]:
-                _write_file(out / target, pending.pop(target))
-    if dist.is_initialized():
-        dist.barrier()  # every stage's files are in place before rank 0 writes the index
+                tensors = pending.pop(target)
+                error = error or _try(_write_file, local / target, tensors)
+    for target in names if group is not None else ():
+        if writer_of[target] != 0:
+            error = _ship(local / target if local else None, writer_of[target], rank, out, group) or error
+    if local is not None and local != out:
+        shutil.rmtree(local, ignore_errors=True)
+    failures = gather_json(error, group) if group is not None else [error]
+    bad = [(r, text) for r, text in enumerate(failures) if text]
+    if bad:
+        raise RuntimeError("the final export to train.model_dir failed: "
+                           + "; ".join(f"rank {r}: {text}" for r, text in bad))
     return where, sum(e[1] for e in entries), dtype
+
+
+def _try(action, *args) -> str:
+    """'' or what went wrong: a writer keeps joining the stage's collectives after a failure."""
+    try:
+        action(*args)
+    except (OSError, RuntimeError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return ""
+
+
+def _ship(path: Path | None, sender: int, rank: int, out: Path, group) -> str:
+    """One file from its writer to rank 0 (point to point, its bytes once in memory on each side)."""
+    if rank == sender:
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            dist.send(torch.tensor([-1], dtype=torch.int64), dst=0, group=group)
+            return f"{type(err).__name__}: {err}"
+        dist.send(torch.tensor([len(data)], dtype=torch.int64), dst=0, group=group)
+        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=0, group=group)
+        return ""
+    if rank != 0:
+        return ""
+    size = torch.zeros(1, dtype=torch.int64)
+    dist.recv(size, src=sender, group=group)
+    if size.item() < 0:
+        return ""  # the sender reports its own failure
+    data = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(data, src=sender, group=group)
+    return _try(_write_bytes, out / path.name if path else out, data.numpy().tobytes())
 
 
 def _unwrapped(part: torch.nn.Module) -> torch.nn.Module:
@@ -137,9 +190,26 @@ def _export_deepspeed(trainer_engine, rt, out: Path, name_of: Callable[[str], st
     return where, sum(t.numel() * t.element_size() for t in state.values()), dtype
 
 
+def _remove_stale(out: Path, current: set[str]) -> None:
+    """Weight files of an earlier export in the same directory (``from_pretrained`` would prefer a
+    single ``model.safetensors`` over the index)."""
+    for path in [out / "model.safetensors", *out.glob("model-*-of-*.safetensors")]:
+        if path.name not in current and path.exists():
+            path.unlink()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def _write_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.chmod(tmp, 0o644)
@@ -147,6 +217,7 @@ def _write_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(value, indent=2) + "\n")
     os.replace(tmp, path)

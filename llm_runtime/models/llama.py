@@ -328,9 +328,11 @@ class Llama(nn.Module):
                 tensor.copy_(cos if leaf == "cos" else sin)
             elif isinstance(module, (nn.Linear, nn.Embedding)):
                 std = residual_std if module_name.endswith((".wo", ".w2")) else INIT_STD
-                values = torch.empty(tensor.shape, dtype=torch.float32, device="cpu").normal_(
-                    0.0, std, generator=_named_generator(base_seed, module_name))
-                tensor.copy_(values)
+                generator = _named_generator(base_seed, module_name)
+                if tensor.dtype == torch.float32 and tensor.device.type == "cpu":
+                    tensor.normal_(0.0, std, generator=generator)  # drawn in place: no second copy
+                else:
+                    tensor.copy_(torch.empty(tensor.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
             else:
                 raise ValueError(f"Llama.init_fn: no initialisation for {name!r}")
 

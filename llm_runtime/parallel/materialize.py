@@ -5,7 +5,9 @@ still on the meta device; :func:`materialize` then allocates each rank's shards 
 With an ``init_fn(name, tensor)`` each parameter (and each buffer still on meta) is drawn in full
 on the CPU, one at a time, and sliced to this rank's shard (DTensor's ``distribute_tensor`` with
 no source rank: every rank slices its own copy, no collective). The weights then depend neither on
-the layout nor on the number of ranks, and the peak extra memory is one full parameter. Without
+the layout nor on the number of ranks, and the peak extra memory is about one full parameter per
+rank (its slice is a view). Every rank draws every parameter of its stages in full: CPU time grows
+with the stage's size, not the shard's. Without
 an ``init_fn``, each module's own ``reset_parameters()`` runs on its local shards: quick, but the
 values depend on the layout (and on each rank's RNG), which the log says.
 """
@@ -37,23 +39,39 @@ def _tensors(module: nn.Module) -> Iterable[torch.Tensor]:
 
 
 def materialize(parts: Sequence[nn.Module], device: torch.device, init_fn: InitFn | None) -> None:
-    """Allocate and fill this rank's parameters and buffers of every part (in place)."""
+    """Allocate and fill this rank's parameters and buffers of every part (in place). Tensors that
+    were already real (a partly meta model, buffers computed at construction) keep their values."""
     for part in parts:
-        real = {name: buffer.detach().clone() for name, buffer in part.named_buffers() if not buffer.is_meta}
-        meta_params = {name for name, param in part.named_parameters() if param.is_meta}
+        _refuse_tied(part)
+        real = {name: _local(tensor).detach().clone() for name, tensor in _named_tensors(part) if not tensor.is_meta}
         part.to_empty(device=device)
         with torch.no_grad():
-            for name, buffer in part.named_buffers():
-                if name in real:  # a buffer built for real (rotary tables): keep its values
-                    buffer.copy_(real[name])
+            for name, tensor in _named_tensors(part):
+                if name in real:
+                    _local(tensor).copy_(real[name])
                 elif init_fn is not None:
-                    _fill(buffer, name, init_fn)
-            if init_fn is not None:
-                for name, param in part.named_parameters():
-                    if name in meta_params:
-                        _fill(param, name, init_fn)
+                    _fill(tensor, name, init_fn)
     if init_fn is None:
         _reset_parameters(parts)
+
+
+def _named_tensors(module: nn.Module):
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _refuse_tied(module: nn.Module) -> None:
+    """``to_empty`` gives each module a parameter of its own, which would untie shared weights."""
+    seen: dict[int, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen and param.is_meta:
+            raise ValueError(f"parallelize: {name!r} and {seen[id(param)]!r} are one (tied) parameter of a "
+                             "meta-device model, which materialising would untie; build this model eagerly")
+        seen.setdefault(id(param), name)
 
 
 def _fill(tensor: torch.Tensor, name: str, init_fn: InitFn) -> None:

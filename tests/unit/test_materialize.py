@@ -79,3 +79,18 @@ def test_llama_init_fn_refuses_a_name_it_does_not_know():
     fill = Llama(CONFIG).init_fn(seeded(1))
     with pytest.raises(ValueError, match="no initialisation for 'layers.0.attention'"):
         fill("layers.0.attention", torch.empty(2))
+
+
+def test_a_real_parameter_of_a_partly_meta_model_keeps_its_values():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2, device="meta"))
+    before = model[0].weight.detach().clone()
+    materialize([model], torch.device("cpu"), lambda name, tensor: tensor.fill_(3.0))
+    assert torch.equal(model[0].weight, before) and torch.equal(model[1].weight, torch.full((2, 2), 3.0))
+
+
+def test_tied_parameters_of_a_meta_model_are_refused_naming_both():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8, bias=False))
+    model[1].weight = model[0].weight
+    with pytest.raises(ValueError, match="'1.weight' and '0.weight' are one \\(tied\\) parameter"):
+        materialize([model], torch.device("cpu"), lambda name, tensor: tensor.zero_())
