@@ -212,17 +212,29 @@ class S3Store(Store):
 
 
 def _count_requests(client, stats: RequestStats) -> None:
-    """Count every HTTP request botocore sends (retries included) and every API call it makes:
-    retries = requests - calls (resumed bodies add their own)."""
+    """Count every HTTP request botocore sends, retries included; a retry is a request whose
+    ``amz-sdk-request`` header says attempt 2 or later (resumed bodies add their own).
+
+    Counting from the request alone keeps a snapshot taken mid-call consistent: counting calls
+    separately read retries = -1 while a call had begun and its first request was not yet sent.
+    """
     def sent(request, **_):
         stats.request(request.method)
-        stats.add(retries=1)
-
-    def called(**_):
-        stats.add(retries=-1)
+        if _attempt(request.headers.get("amz-sdk-request")) > 1:
+            stats.add(retries=1)
 
     client.meta.events.register("before-send.s3", sent)
-    client.meta.events.register("before-call.s3", called)
+
+
+def _attempt(header) -> int:
+    """The attempt number in botocore's ``amz-sdk-request: attempt=2; max=5`` header (1 if absent)."""
+    if isinstance(header, bytes):
+        header = header.decode("ascii", "replace")
+    for part in (header or "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == "attempt" and value.isdigit():
+            return int(value)
+    return 1
 
 
 class _Counted:

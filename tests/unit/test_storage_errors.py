@@ -75,3 +75,11 @@ def test_the_retry_policy_retries_bodies_a_bounded_number_of_times_and_nothing_e
         return "ok"
 
     assert retrying(3)(recovers) == "ok"
+
+
+@pytest.mark.parametrize("header, attempt", [
+    (None, 1), ("", 1), ("attempt=1; max=5", 1), ("attempt=3; max=5", 3), (b"attempt=2; max=5", 2),
+    ("ttl=20261201T000000Z; attempt=4; max=8", 4), ("attempt=x", 1)])
+def test_a_request_counts_as_a_retry_from_its_attempt_header(header, attempt):
+    from llm_runtime.storage.s3 import _attempt
+    assert _attempt(header) == attempt
