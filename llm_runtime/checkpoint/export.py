@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -62,7 +63,9 @@ def export_model(trainer, rt, directory: str, model_config, *, shard_mb: int = 5
 
     out = Path(directory)
     convert = lambda name, tensor: to_hf(name, tensor, model_config)[1]  # noqa: E731
-    group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_world_size() > 1 else None
+    group = None
+    if dist.is_initialized() and dist.get_world_size() > 1:  # gloo: the files travel through host memory
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=rt.config.comm.train_timeout_s))
     try:
         engine = getattr(trainer, "engine", None)
         if engine is not None:  # DeepSpeed
@@ -116,10 +119,11 @@ def _export_parallel(model, rank: int, out: Path, name_of: Callable[[str], str],
             left[target] -= 1
             if not left[target]:
                 tensors = pending.pop(target)
-                error = error or _try(_write_file, local / target, tensors)
+                error = error or _try(_write_safetensors, local / target, tensors)
     for target in names if group is not None else ():
         if writer_of[target] != 0:
-            error = _ship(local / target if local else None, writer_of[target], rank, out, group) or error
+            source = local / target if rank == writer_of[target] else None
+            error = _ship(source, out / target, writer_of[target], rank, group) or error
     if local is not None and local != out:
         shutil.rmtree(local, ignore_errors=True)
     failures = gather_json(error, group) if group is not None else [error]
@@ -139,11 +143,12 @@ def _try(action, *args) -> str:
     return ""
 
 
-def _ship(path: Path | None, sender: int, rank: int, out: Path, group) -> str:
-    """One file from its writer to rank 0 (point to point, its bytes once in memory on each side)."""
+def _ship(source: Path | None, target: Path, sender: int, rank: int, group) -> str:
+    """One file from its writer (``source``) to rank 0 (``target``): point to point, its bytes once
+    in memory on each side."""
     if rank == sender:
         try:
-            data = path.read_bytes()
+            data = source.read_bytes()
         except OSError as err:
             dist.send(torch.tensor([-1], dtype=torch.int64), dst=0, group=group)
             return f"{type(err).__name__}: {err}"
@@ -158,7 +163,7 @@ def _ship(path: Path | None, sender: int, rank: int, out: Path, group) -> str:
         return ""  # the sender reports its own failure
     data = torch.empty(int(size.item()), dtype=torch.uint8)
     dist.recv(data, src=sender, group=group)
-    return _try(_write_bytes, out / path.name if path else out, data.numpy().tobytes())
+    return _try(_atomic, target, lambda tmp: tmp.write_bytes(data.numpy().tobytes()))
 
 
 def _unwrapped(part: torch.nn.Module) -> torch.nn.Module:
@@ -184,7 +189,7 @@ def _export_deepspeed(trainer_engine, rt, out: Path, name_of: Callable[[str], st
     files = plan_files([(name, t.numel() * t.element_size(), 0) for name, t in state.items()], max_bytes)
     where = {}
     for file, target in zip(files, file_names(len(files))):
-        _write_file(out / target, {name_of(name): convert(name, state[name]).contiguous() for name in file})
+        _write_safetensors(out / target, {name_of(name): convert(name, state[name]).contiguous() for name in file})
         where.update(dict.fromkeys(map(name_of, file), target))
     dtype = next(iter(state.values())).dtype if state else torch.float32
     return where, sum(t.numel() * t.element_size() for t in state.values()), dtype
@@ -198,26 +203,20 @@ def _remove_stale(out: Path, current: set[str]) -> None:
             path.unlink()
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def _atomic(path: Path, fill: Callable[[Path], object]) -> None:
+    """``fill(tmp)`` beside ``path``, then renamed over it: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
+    fill(tmp)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
-def _write_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def _write_json(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))
