@@ -143,9 +143,20 @@ class Runtime:
         For tensor parallelism pass ``tp_plan`` ({module path in a block: ParallelStyle});
         for pipelining the model needs a ``layers`` list and a forward that skips modules
         set to None (``first_only`` / ``last_only`` name them). See parallel/api.py.
+        A Hugging Face causal LM (Llama, Mistral, Qwen2) needs none of that: it is wrapped in
+        models/hf.py's HFCausalLM, with the family's TP plan and, on the meta device, its init.
         """
+        from .models.hf import HFCausalLM, check_hf_layout, is_hf_causal_lm
         from .parallel.api import parallelize
+        from .parallel.materialize import has_meta
 
+        if is_hf_causal_lm(model):  # a transformers causal LM: its own modules, plan and init
+            model = HFCausalLM(model)
+            check_hf_layout(model.config.to_dict(), tp=self.dims.tp, pp=self.dims.pp, seq_len=0,
+                            where=type(model.config).__name__)
+            seeded = torch.Generator().manual_seed(self.config.train.seed)
+            options = {**model.parallel_options(), **({"init_fn": model.init_fn(seeded)} if has_meta(model) else {}),
+                       **options}
         parallel = self.config.parallel
         defaults = dict(pp_schedule=parallel.pp_schedule, microbatches=parallel.microbatches,
                         stages_per_rank=parallel.stages_per_rank,

@@ -30,21 +30,17 @@ InitFn = Callable[[str, torch.Tensor], None]
 
 def has_meta(module: nn.Module) -> bool:
     """Whether any parameter or buffer of ``module`` is still on the meta device."""
-    return any(t.is_meta for t in _tensors(module))
-
-
-def _tensors(module: nn.Module) -> Iterable[torch.Tensor]:
-    yield from module.parameters()
-    yield from module.buffers()
+    return any(t.is_meta for _, t in _named_tensors(module))
 
 
 def materialize(parts: Sequence[nn.Module], device: torch.device, init_fn: InitFn | None) -> None:
     """Allocate and fill this rank's parameters and buffers of every part (in place). Tensors that
     were already real (a partly meta model, buffers computed at construction) keep their values."""
     for part in parts:
-        _refuse_tied(part)
+        ties = _ties(part)
         real = {name: _local(tensor).detach().clone() for name, tensor in _named_tensors(part) if not tensor.is_meta}
         part.to_empty(device=device)
+        _retie(part, ties)
         with torch.no_grad():
             for name, tensor in _named_tensors(part):
                 if name in real:
@@ -64,14 +60,25 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _refuse_tied(module: nn.Module) -> None:
-    """``to_empty`` gives each module a parameter of its own, which would untie shared weights."""
+def _ties(module: nn.Module) -> list[tuple[str, str]]:
+    """(alias, first name) of each parameter reachable under two names (tied embeddings)."""
     seen: dict[int, str] = {}
+    ties = []
     for name, param in module.named_parameters(remove_duplicate=False):
-        if id(param) in seen and param.is_meta:
-            raise ValueError(f"parallelize: {name!r} and {seen[id(param)]!r} are one (tied) parameter of a "
-                             "meta-device model, which materialising would untie; build this model eagerly")
+        if id(param) in seen:
+            ties.append((name, seen[id(param)]))
         seen.setdefault(id(param), name)
+    return ties
+
+
+def _retie(module: nn.Module, ties: list[tuple[str, str]]) -> None:
+    """``to_empty`` gives each module a parameter of its own (plain tensors are replaced, DTensors
+    swapped in place): point each alias at its first name's parameter again."""
+    for alias, name in ties:
+        owner, _, leaf = alias.rpartition(".")
+        param = module.get_parameter(name)
+        if module.get_parameter(alias) is not param:
+            setattr(module.get_submodule(owner), leaf, param)
 
 
 def _fill(tensor: torch.Tensor, name: str, init_fn: InitFn) -> None:

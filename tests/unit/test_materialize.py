@@ -88,9 +88,11 @@ def test_a_real_parameter_of_a_partly_meta_model_keeps_its_values():
     assert torch.equal(model[0].weight, before) and torch.equal(model[1].weight, torch.full((2, 2), 3.0))
 
 
-def test_tied_parameters_of_a_meta_model_are_refused_naming_both():
+def test_tied_parameters_of_a_meta_model_stay_one_parameter_after_materialising():
     with torch.device("meta"):
         model = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8, bias=False))
     model[1].weight = model[0].weight
-    with pytest.raises(ValueError, match="'1.weight' and '0.weight' are one \\(tied\\) parameter"):
-        materialize([model], torch.device("cpu"), lambda name, tensor: tensor.zero_())
+    filled = []
+    materialize([model], torch.device("cpu"), lambda name, tensor: (filled.append(name), tensor.fill_(2.0)))
+    assert model[1].weight is model[0].weight and filled == ["0.weight"]
+    assert torch.equal(model[1].weight, torch.full((8, 4), 2.0))

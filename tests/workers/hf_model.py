@@ -1,0 +1,86 @@
+"""rt.parallelize on Hugging Face causal LMs (tiny random configs built here, nothing downloaded).
+
+For each family in one job: Llama built eagerly with different weights on every rank
+(parallelize starts all from rank 0's), Mistral and a tied-embedding Qwen2 on the meta device
+(the family's seeded init). Each trains 3 steps; rank 0 also trains a plain copy through HF's own
+forward (``.logits``) on the whole batch and writes both loss curves, or the error parallelize
+raised (a tied model under pipeline parallelism is refused).
+usage: hf_model.py OUT_DIR
+"""
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+import llm_runtime
+from llm_runtime.models.hf import HFCausalLM
+
+SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+FAMILIES = {
+    "llama": (LlamaForCausalLM, LlamaConfig(**SIZES), "eager"),
+    "mistral": (MistralForCausalLM, MistralConfig(**SIZES, sliding_window=32), "meta"),
+    "qwen2-tied": (Qwen2ForCausalLM, Qwen2Config(**SIZES, tie_word_embeddings=True), "meta"),
+}
+
+
+def build(cls, config, init, rank, seed):
+    reference = cls(config)
+    if init == "meta":
+        with torch.device("meta"):
+            model = cls(config)
+        fill = HFCausalLM(reference).init_fn(torch.Generator().manual_seed(seed))  # train.seed's draw
+        with torch.no_grad():
+            for name, param in HFCausalLM(reference).named_parameters():
+                fill(name, param)
+        return model, reference
+    torch.manual_seed(100 + rank)  # different on every rank: parallelize must broadcast rank 0's
+    model = cls(config)
+    if rank == 0:
+        reference.load_state_dict(model.state_dict())
+    return model, reference
+
+
+def train(rt, cls, config, init):
+    model, reference = build(cls, config, init, rt.rank, rt.config.train.seed)
+    try:
+        parallel = rt.parallelize(model)
+    except ValueError as err:
+        return {"error": str(err)}
+    assert not any(p.is_meta for p in parallel.parameters())
+    optimizer = torch.optim.SGD(parallel.parameters(), lr=0.5)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    data = torch.randint(0, 64, (8, 9), generator=torch.Generator().manual_seed(1))
+    per_replica = 8 // rt.dp_size
+    mine = data[rt.dp_rank * per_replica:(rt.dp_rank + 1) * per_replica]
+    losses, ref_losses = [], []
+    for _ in range(3):
+        local = parallel.train_step(mine[:, :-1], mine[:, 1:])
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(parallel.global_loss(local))
+        logits = reference(data[:, :-1]).logits
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten())
+        loss.backward()
+        ref_optimizer.step()
+        ref_optimizer.zero_grad()
+        ref_losses.append(loss.item())
+    return {"parallel": losses, "reference": ref_losses}
+
+
+def main():
+    out = sys.argv[1]
+    rt = llm_runtime.init()
+    results = {name: train(rt, *spec) for name, spec in FAMILIES.items()}
+    if rt.rank == 0:
+        with open(os.path.join(out, "losses.json"), "w") as sink:
+            json.dump(results, sink)
+    rt.shutdown()
+
+
+if __name__ == "__main__":
+    main()
