@@ -149,7 +149,7 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hype
         per_node = nproc or info.nproc_per_node
         faults = _check_faults(warn=False)
         check_job(config, per_node * max(1, info.num_nodes), nproc_per_node=per_node, num_nodes=info.num_nodes,
-                  report=True, paths=job_paths(config, info.kind, os.environ))
+                  report=True, paths=job_paths(config, info.kind, os.environ), stage_model=True)
         if faults:
             log.warning("LLM_RUNTIME_FAULT=%s is set: faults will be injected", os.environ["LLM_RUNTIME_FAULT"])
     else:

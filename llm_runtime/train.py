@@ -14,14 +14,15 @@ import time
 import torch
 
 from .config import LAYOUT_KEYS, Config, ConfigError, ParallelConfig, TrainConfig, set_by, validate
-from .models import ByteTokenizer, Llama, LlamaConfig, bundled_text
+from .models import Llama, LlamaConfig, bundled_text
 from .parallel.batching import batching, stages_per_rank
 from .parallel.dims import ParallelDims, dims_for
 from .parallel.pipeline import parse_split_points, split_layers
 from .parallel.tensor import check_tensor_parallel, llama_root_tp_plan, llama_tp_plan
-from .checkpoint.export import export_model
+from .checkpoint.export import bundled_spec, export_model
 from .data.build import DataPlan, build_loader, global_batch_starts
 from .faults import inject
+from .hf_job import check_hf_model, data_vocab
 from .metrics import memory_gb, metrics_for_run
 from .paths import JobPaths
 from .runtime import Runtime, run_worker
@@ -49,12 +50,13 @@ def lr_factor(step: int, train: TrainConfig) -> float:
 
 
 def check_job(config: Config, world_size: int, *, nproc_per_node: int | None = None, num_nodes: int = 1,
-              report: bool = False, data: bool = True,
-              paths: JobPaths | None = None) -> tuple[LlamaConfig, ParallelDims, DataPlan | None]:
+              report: bool = False, data: bool = True, paths: JobPaths | None = None,
+              stage_model: bool = False) -> tuple[LlamaConfig, ParallelDims, DataPlan | None]:
     """Every config error the built-in trainer would hit on this world, as ConfigError, before any worker
     starts: the config's own check (config/check.py), then the layout, the batch split, the data and
     the model. ``report`` (the launcher, once per job) also logs which data the job reads and what a
-    user DeepSpeed JSON overrides; ``data`` reads the data's index too (its channels from ``paths``).
+    user DeepSpeed JSON overrides; ``data`` reads the data's index too (its channels from ``paths``);
+    ``stage_model`` (each node's launcher) copies an s3:// model.hf_path to node-local disk.
     The model's vocabulary follows the data's tokenizer."""
     validate(config)
     try:
@@ -68,11 +70,16 @@ def check_job(config: Config, world_size: int, *, nproc_per_node: int | None = N
     plan = _check_data(config, dims, paths) if data else None
     if data:
         _check_checkpoint_store(config)
+    if config.model.hf_path:
+        spec = check_hf_model(config, dims, plan, paths, stage_model=stage_model)
+        if report:
+            log.info("model: %s from %s", spec.source.config.get("model_type"), config.model.hf_path)
+        return spec, dims, plan
     if config.parallel.backend != "deepspeed":
-        model_config = _check_model(config, dims, _vocab(plan))
+        model_config = _check_model(config, dims, data_vocab(plan))
     if report and plan is not None:  # only once everything passed: an error stays the one line printed
         log.info("data: %s", plan.describe())
-    return dataclasses.replace(model_config, vocab_size=_vocab(plan)), dims, plan
+    return dataclasses.replace(model_config, vocab_size=data_vocab(plan)), dims, plan
 
 
 def _check_model(config: Config, dims: ParallelDims, vocab_size: int) -> LlamaConfig:
@@ -103,10 +110,6 @@ def _check_checkpoint_store(config: Config) -> None:
             open_store(config.checkpoint.uri).probe()
         except StorageError as err:
             raise ConfigError(f"checkpoint.uri: {err}") from None
-
-
-def _vocab(plan: DataPlan | None) -> int:
-    return plan.index.vocab_size if plan is not None and plan.index is not None else ByteTokenizer.vocab_size
 
 
 def _check_data(config: Config, dims: ParallelDims, paths: JobPaths | None) -> DataPlan:
@@ -175,7 +178,9 @@ def run(rt: Runtime) -> dict[str, float]:
 def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, accumulation: int) -> dict[str, float]:
     config, train = rt.config, rt.config.train
     seed = torch.Generator().manual_seed(train.seed)  # identical weights on every rank and layout
-    if config.parallel.backend == "deepspeed":
+    if config.model.hf_path:
+        model, trainer = _hf_trainer(rt, model_config, seed)
+    elif config.parallel.backend == "deepspeed":
         model = Llama(model_config)
         model.init_weights(seed)
         trainer = _deepspeed_trainer(rt, model)
@@ -187,7 +192,7 @@ def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, acc
              model.num_parameters() / 1e6, train.batch_size, train.seq_len, rt.dims.describe(), rt.dp_size,
              per_replica)
 
-    checkpointer = _checkpointer(rt)
+    checkpointer = _checkpointer(rt, getattr(getattr(model_config, "source", None), "fingerprint", ""))
     try:
         return _loop(rt, trainer, loader, accumulation, checkpointer, model_config)
     finally:
@@ -197,7 +202,25 @@ def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, acc
         rt.watchdog.pause()
 
 
-def _checkpointer(rt: Runtime):
+def _hf_trainer(rt: Runtime, spec, seed: torch.Generator):
+    """model.hf_path's model on the meta device, each rank's shards read from the weights (only its
+    own block of each tensor where the layout allows) or drawn by the family's init."""
+    from .models.hf import HFCausalLM, rope_summary
+    from .models.hf_source import HFWeights
+
+    model = spec.build()
+    weights = HFWeights(spec.source, HFCausalLM.hf_name) if spec.source.files else None
+    try:
+        trainer = _TorchTrainer(rt, model, weights or model.init_fn(seed), options=model.parallel_options())
+    finally:
+        if weights is not None:
+            weights.close()
+    log.info("model: %s, %s weights, rotary %s", type(model.config).__name__,
+             "pretrained" if weights is not None else "random", rope_summary(model.config))
+    return model, trainer
+
+
+def _checkpointer(rt: Runtime, model_fingerprint: str = ""):
     """Checkpoints are on when any checkpoint.uri / local_dir / cadence / sagemaker_sync is set."""
     ck = rt.config.checkpoint
     if not (ck.uri or ck.local_dir or ck.every_steps or ck.every_minutes or ck.sagemaker_sync):
@@ -207,7 +230,7 @@ def _checkpointer(rt: Runtime):
     return Checkpointer(rt.config, rank=rt.rank, world_size=rt.world_size, local_rank=rt.local_rank,
                         node_rank=rt.cluster.node_rank, num_nodes=max(1, rt.cluster.num_nodes),
                         backend=rt.config.parallel.backend, local_dir=rt.paths.checkpoint_dir,
-                        on_stall=rt.watchdog.fail)
+                        on_stall=rt.watchdog.fail, model_fingerprint=model_fingerprint)
 
 
 def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_config) -> dict[str, float]:
@@ -256,7 +279,8 @@ def _finish(rt: Runtime, trainer, loader, model_config, metrics: dict, start: in
     train = rt.config.train
     rt.watchdog.beat(train.steps, "export")
     if rt.paths.model_dir:
-        export_model(trainer, rt, rt.paths.model_dir, model_config, shard_mb=train.model_shard_mb)
+        spec = model_config.export_spec() if hasattr(model_config, "export_spec") else bundled_spec(model_config)
+        export_model(trainer, rt, rt.paths.model_dir, spec, shard_mb=train.model_shard_mb)
     stats = loader.stats()
     if stats:
         log.info("data requests=%d bytes=%d retries=%d (this rank's reads)", stats["requests"], stats["bytes"],
@@ -275,11 +299,12 @@ class _TorchTrainer:
     and each part's optimizer state is saved under the unsplit model's parameter names.
     """
 
-    def __init__(self, rt: Runtime, model: Llama, init_fn=None):
+    def __init__(self, rt: Runtime, model, init_fn=None, options: dict | None = None):
         train, sequence_parallel = rt.config.train, rt.config.parallel.sequence_parallel
         self.train = train
-        self.model = rt.parallelize(model, tp_plan=llama_tp_plan(sequence_parallel),
-                                    root_tp_plan=llama_root_tp_plan(sequence_parallel), init_fn=init_fn)
+        if options is None:  # the bundled Llama's plans
+            options = dict(tp_plan=llama_tp_plan(sequence_parallel), root_tp_plan=llama_root_tp_plan(sequence_parallel))
+        self.model = rt.parallelize(model, init_fn=init_fn, **options)
         self.optimizers = [torch.optim.AdamW(list(part.parameters()), lr=train.lr, betas=(0.9, 0.95),
                                              weight_decay=train.weight_decay) for part in self.model.parts]
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + 1, train))

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,13 +29,36 @@ import torch.distributed as dist
 
 from ..gather import gather_json
 
-__all__ = ["export_model", "file_names", "plan_files"]
+__all__ = ["ExportSpec", "bundled_spec", "export_model", "file_names", "plan_files"]
 
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 Convert = Callable[[str, torch.Tensor], torch.Tensor]
 """A full parameter (by its name in the trained model) as the exported tensor."""
+
+
+@dataclass
+class ExportSpec:
+    """What the exported directory calls the model's tensors and what it writes beside them."""
+
+    name_of: Callable[[str], str]
+    """A parameter's name in the trained model -> its name in the checkpoint."""
+    convert: Convert
+    config_json: Callable[[torch.dtype], dict]
+    """config.json, given the exported weights' dtype."""
+    dtype: torch.dtype | None = None
+    """The exported dtype (None: the parameters' own)."""
+    extra_files: Sequence[Path] = field(default_factory=list)
+    """Copied beside the weights (the tokenizer's files)."""
+
+
+def bundled_spec(model_config) -> ExportSpec:
+    """The bundled Llama as a ``LlamaForCausalLM`` checkpoint (names and rotary rows mapped)."""
+    from ..models.llama_hf import hf_config, hf_name, to_hf
+
+    return ExportSpec(name_of=hf_name, convert=lambda name, tensor: to_hf(name, tensor, model_config)[1],
+                      config_json=lambda dtype: hf_config(model_config, dtype))
 
 
 def plan_files(entries: Sequence[tuple[str, int, int]], max_bytes: int) -> list[list[str]]:
@@ -56,30 +80,29 @@ def file_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def export_model(trainer, rt, directory: str, model_config, *, shard_mb: int = 5000) -> Path | None:
+def export_model(trainer, rt, directory: str, spec: ExportSpec, *, shard_mb: int = 5000) -> Path | None:
     """Write the final model to ``directory`` on rank 0's host (every rank takes part); returns the
     index's path on rank 0. A failure on any rank raises on every rank, after every collective ran."""
-    from ..models.llama_hf import hf_config, hf_name, to_hf
-
     out = Path(directory)
-    convert = lambda name, tensor: to_hf(name, tensor, model_config)[1]  # noqa: E731
     group = None
     if dist.is_initialized() and dist.get_world_size() > 1:  # gloo: the files travel through host memory
         group = dist.new_group(backend="gloo", timeout=timedelta(seconds=rt.config.comm.train_timeout_s))
     try:
         engine = getattr(trainer, "engine", None)
         if engine is not None:  # DeepSpeed
-            written = _export_deepspeed(engine, rt, out, hf_name, convert, shard_mb << 20)
+            written = _export_deepspeed(engine, rt, out, spec, shard_mb << 20)
         else:
-            written = _export_parallel(trainer.model, rt.rank, out, hf_name, convert, shard_mb << 20, group)
+            written = _export_parallel(trainer.model, rt.rank, out, spec, shard_mb << 20, group)
     finally:
         if group is not None:
             dist.destroy_process_group(group)
     if written is None or rt.rank != 0:
         return None
     weight_map, total, dtype = written
-    _write_json(out / "config.json", hf_config(model_config, dtype))
+    _write_json(out / "config.json", spec.config_json(spec.dtype or dtype))
     _write_json(out / "generation_config.json", {"_from_model_config": True})
+    for path in spec.extra_files:
+        _atomic(out / path.name, lambda tmp, path=path: shutil.copyfile(path, tmp))
     _remove_stale(out, set(weight_map.values()))
     index = {"metadata": {"total_size": total, "producer": "llm_runtime"}, "weight_map": dict(sorted(weight_map.items()))}
     _write_json(out / INDEX, index)  # last: the index names a complete set of files
@@ -88,14 +111,18 @@ def export_model(trainer, rt, directory: str, model_config, *, shard_mb: int = 5
     return out / INDEX
 
 
-def _export_parallel(model, rank: int, out: Path, name_of: Callable[[str], str], convert: Convert, max_bytes: int,
-                     group):
+def _nbytes(tensor: torch.Tensor, spec: ExportSpec) -> int:
+    return tensor.numel() * (spec.dtype.itemsize if spec.dtype is not None else tensor.element_size())
+
+
+def _export_parallel(model, rank: int, out: Path, spec: ExportSpec, max_bytes: int, group):
     """rt.parallelize's model: stage by stage, parameter by parameter. Each stage's writer writes its
     files (rank 0 into ``out``, the others into a private directory, sent to rank 0 one file at a
     time afterwards: the model lands whole on rank 0's host, as SageMaker uploads it)."""
     writer = model.dp_rank == 0 and model.dims.coords(model.rank)["tp"] == 0
     parts = [_unwrapped(part) for part in model.parts]
-    mine = [(name_of(name), param.numel() * param.element_size(), stage)
+    name_of, convert = spec.name_of, spec.convert
+    mine = [(name_of(name), _nbytes(param, spec), stage)
             for stage, part in zip(model.stages, parts) for name, param in part.named_parameters()]
     listed = gather_json(mine if writer else [], group) if group is not None else [mine]
     entries = sorted(((*e, owner) for owner, rank_entries in enumerate(listed) for e in rank_entries),
@@ -173,9 +200,8 @@ def _unwrapped(part: torch.nn.Module) -> torch.nn.Module:
     return part.module if isinstance(part, DistributedDataParallel) else part
 
 
-def _export_deepspeed(trainer_engine, rt, out: Path, name_of: Callable[[str], str], convert: Convert,
-                      max_bytes: int):
-    engine = trainer_engine.engine
+def _export_deepspeed(trainer_engine, rt, out: Path, spec: ExportSpec, max_bytes: int):
+    engine, name_of, convert = trainer_engine.engine, spec.name_of, spec.convert
     if getattr(trainer_engine, "pipeline", False):
         log.warning("train.model_dir: exporting a DeepSpeed pipeline model is not supported yet; skipped")
         return None
@@ -186,13 +212,13 @@ def _export_deepspeed(trainer_engine, rt, out: Path, name_of: Callable[[str], st
     if rt.rank != 0:
         return {}, 0, torch.float32
     state = {k: v.detach().cpu() for k, v in (state or {}).items()}
-    files = plan_files([(name, t.numel() * t.element_size(), 0) for name, t in state.items()], max_bytes)
+    files = plan_files([(name, _nbytes(t, spec), 0) for name, t in state.items()], max_bytes)
     where = {}
     for file, target in zip(files, file_names(len(files))):
         _write_safetensors(out / target, {name_of(name): convert(name, state[name]).contiguous() for name in file})
         where.update(dict.fromkeys(map(name_of, file), target))
     dtype = next(iter(state.values())).dtype if state else torch.float32
-    return where, sum(t.numel() * t.element_size() for t in state.values()), dtype
+    return where, sum(_nbytes(t, spec) for t in state.values()), dtype
 
 
 def _remove_stale(out: Path, current: set[str]) -> None:

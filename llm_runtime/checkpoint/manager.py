@@ -51,8 +51,10 @@ class SaveReport:
 
 class Checkpointer(Restorer):
     def __init__(self, config, *, rank: int, world_size: int, local_rank: int, node_rank: int, num_nodes: int,
-                 backend: str, local_dir: str, on_stall=None):
+                 backend: str, local_dir: str, on_stall=None, model_fingerprint: str = ""):
         ck = config.checkpoint
+        self.model_fingerprint = model_fingerprint
+        """A hash of model.hf_path's config.json, recorded with the config and checked on resume."""
         self.on_stall = on_stall
         """Called with (reason, phase=, stalled_s=, timeout_s=) when the commit passes its deadline; it
         ends the process (the watchdog's failure record and exit code), where a raise would wait for
@@ -98,7 +100,7 @@ class Checkpointer(Restorer):
                         num_nodes=self.num_nodes, node_rank=self.node_rank,
                         ranks=[r for r, n in enumerate(self.nodes) if n == self.node_rank], backend=self.backend,
                         prefix_spread=self.ck.prefix_spread, keep=self.ck.keep, abandon_later=self.abandon_later,
-                        extra={"config": config_json(self.config)})
+                        extra={"config": config_json(self.config, self.model_fingerprint)})
 
     def save(self, step: int, state, loader) -> SaveReport:
         """Stage this rank's state for ``step`` and return; the write and commit continue in the background."""

@@ -194,9 +194,10 @@ class Restorer:
                                     f"DeepSpeed checkpoints load on the same number of ranks (this run has "
                                     f"{self.world_size}); resharding needs the fsdp backend (DCP)")
         saved = (manifest.extra.get("config") or {}).get("model")
-        if saved is not None and saved != config_json(self.config)["model"]:
+        ours = config_json(self.config, self.model_fingerprint)["model"]
+        if saved is not None and saved != ours:
             raise CorruptCheckpoint(f"step {manifest.step} holds another model ({saved}); this run's is "
-                                    f"{config_json(self.config)['model']} (set checkpoint.run_id per model)")
+                                    f"{ours} (set checkpoint.run_id per model)")
 
     def _load(self, manifest: Manifest, state, loader, store) -> dict:
         """Fetch and verify this rank's files, agree, then load: no rank enters a collective alone."""
@@ -244,10 +245,15 @@ def first_line(err: BaseException) -> str:
     return (text.splitlines() or [type(err).__name__])[0][:500]
 
 
-def config_json(config) -> dict:
+def config_json(config, model_fingerprint: str = "") -> dict:
+    """The job's config as a manifest records it (secrets redacted); ``model_fingerprint`` (a hash of
+    model.hf_path's config.json) joins the model section, which a resume must match."""
     from ..config import to_dict
     from ..secrets import is_secret
 
     body = to_dict(config)
-    return {section: {k: ("<redacted>" if is_secret(k) else v) for k, v in values.items()}
-            for section, values in body.items()}
+    out = {section: {k: ("<redacted>" if is_secret(k) else v) for k, v in values.items()}
+           for section, values in body.items()}
+    if model_fingerprint:
+        out["model"]["hf_config_sha256"] = model_fingerprint
+    return out

@@ -26,7 +26,8 @@ class TrainConfig:
     micro_batch_size: Annotated[int, ge(0)] = 0
     """Sequences per replica per forward pass; 0 = the whole per-replica share (no accumulation)."""
     seq_len: Annotated[int, ge(1)] = 128
-    lr: Annotated[float, gt(0)] = 3e-3
+    lr: Annotated[float, ge(0)] = 3e-3
+    """Peak learning rate; 0 trains nothing (a dry run whose exported model equals its input)."""
     warmup_steps: Annotated[int, ge(0)] = 5
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     """``constant`` or ``cosine`` (decays to ``min_lr_ratio * lr`` at the last step)."""
@@ -49,8 +50,14 @@ class TrainConfig:
 @dataclass
 class ModelConfig:
     dim: Annotated[int, ge(1)] = 128
+    """The bundled Llama's width (ignored with hf_path)."""
     layers: Annotated[int, ge(1)] = 4
     heads: Annotated[int, ge(1)] = 4
+    hf_path: str = ""
+    """A Hugging Face model directory to train instead of the bundled Llama: a path, channel:NAME or
+    s3://bucket/prefix (copied to node-local disk once per node). Its config.json (llama, mistral,
+    qwen2), its safetensors weights when present (else the family's random init) and its
+    tokenizer.json (which must be the data's); needs ``llm-runtime[hf]``."""
 
 
 @dataclass

@@ -186,3 +186,55 @@ def rope_summary(config) -> str:
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     return f"{kind} (theta {getattr(config, 'rope_theta', None) or scaling.get('rope_theta')})"
 
+
+
+class HFModelSpec:
+    """``model.hf_path``'s model: its directory (hf_source.HFSource), built on demand."""
+
+    def __init__(self, source):
+        self.source = source
+        self.vocab_size = int(source.config.get("vocab_size", 0))
+
+    def hf_config(self):
+        try:
+            from transformers import AutoConfig
+        except ImportError:
+            raise ImportError(INSTALL_HINT) from None
+        return AutoConfig.from_pretrained(str(self.source.directory), local_files_only=True)
+
+    def build(self) -> HFCausalLM:
+        """The model on the meta device, fp32 (the weights' own dtype returns at export)."""
+        from transformers import AutoModelForCausalLM
+
+        config = self.hf_config()
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        return HFCausalLM(model)
+
+    def shapes(self) -> tuple[dict[str, tuple[int, ...]], frozenset]:
+        """(HF name -> shape of every parameter, the names a tied model may omit)."""
+        model = self.build()
+        shapes = {HFCausalLM.hf_name(n): tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+        return shapes, frozenset({"lm_head.weight"}) if model.tied else frozenset()
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """``6*N + 12*layers*hidden*seq_len`` (N without the embedding lookup), as the bundled model."""
+        config = self.source.config
+        model = self.build()
+        non_embedding = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed_tokens."))
+        if model.tied:
+            non_embedding += model.lm_head.weight.numel()
+        return 6 * non_embedding + 12 * config["num_hidden_layers"] * config["hidden_size"] * seq_len
+
+    def export_spec(self):
+        """How train.model_dir gets this model: HF's names, the input's dtype, its tokenizer files."""
+        from ..checkpoint.export import ExportSpec
+        from .hf_source import TOKENIZER_FILES
+
+        dtype = self.source.dtype
+        names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+        config = {k: v for k, v in self.source.config.items() if k != "torch_dtype"}
+        return ExportSpec(name_of=HFCausalLM.hf_name, convert=lambda name, tensor: tensor.to(dtype), dtype=dtype,
+                          config_json=lambda _: {**config, "dtype": names.get(dtype, "float32")},
+                          extra_files=[self.source.directory / n for n in TOKENIZER_FILES
+                                       if (self.source.directory / n).is_file()])

@@ -14,7 +14,7 @@ values depend on the layout (and on each rank's RNG), which the log says.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -82,9 +82,12 @@ def _retie(module: nn.Module, ties: list[tuple[str, str]]) -> None:
 
 
 def _fill(tensor: torch.Tensor, name: str, init_fn: InitFn) -> None:
-    """Draw ``name`` in full on the CPU and keep this rank's slice of it."""
+    """Draw ``name`` in full on the CPU and keep this rank's slice of it (or, for an init_fn with
+    ``fill_local``, read only this rank's block: see _fill_block)."""
     full = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
     init_fn(name, full)
+    if hasattr(tensor, "device_mesh") and _fill_block(tensor, name, init_fn):
+        return
     if hasattr(tensor, "device_mesh"):  # a DTensor (FSDP2 / TP): this rank's shard of the full tensor
         from torch.distributed.tensor import distribute_tensor
 
@@ -92,6 +95,24 @@ def _fill(tensor: torch.Tensor, name: str, init_fn: InitFn) -> None:
         tensor.to_local().copy_(local)
     else:
         tensor.copy_(full)
+
+
+def _fill_block(tensor, name: str, init_fn: InitFn) -> bool:
+    """An init_fn that reads stored weights (``fill_local(name, local, offsets)``) fills just this
+    rank's block, when the shard is one contiguous block of the full tensor (Shard / Replicate on
+    every mesh axis; FSDP over TP's strided shards are not, and take the full path)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    fill_local = getattr(init_fn, "fill_local", None)
+    if fill_local is None or any(type(p) not in (Shard, Replicate) for p in tensor.placements):
+        return False
+    local = tensor.to_local()
+    shape, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    if tuple(shape) != tuple(local.shape):
+        return False
+    fill_local(name, local, tuple(offsets))
+    return True
 
 
 def _reset_parameters(parts: Sequence[nn.Module]) -> None:

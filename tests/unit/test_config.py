@@ -285,7 +285,8 @@ RANGE_CASES = [
     ("parallel.zero_stage", "4", "from -1 to 3"),
     ("comm.train_timeout_s", "0", "> 0"),
     ("health.straggler_factor", "1", "> 1"),
-    ("train.lr", "nan", "a finite number > 0"),
+    ("train.lr", "nan", "a finite number >= 0"),
+    ("train.lr", "-0.1", "a finite number >= 0"),
     ("comm.init_timeout_s", "inf", "a finite number > 0"),
 ]
 

@@ -1,0 +1,208 @@
+"""``model.hf_path``: a Hugging Face model directory as the job's model, weights and tokenizer.
+
+The directory holds ``config.json``, optionally weights (``model.safetensors``, or sharded
+``*.safetensors`` named by ``model.safetensors.index.json``) and optionally ``tokenizer.json``.
+It may be a local or shared path, ``channel:NAME`` (a SageMaker input channel) or
+``s3://bucket/prefix``, which the launcher copies to node-local disk once per node before any
+worker starts (:func:`stage`); the workers read that copy.
+
+Reading weights never loads a file whole: :meth:`HFWeights.init_fn` fills one parameter at a time
+from a memory-mapped safetensors file, and for a DTensor shard only the rows and columns the
+rank holds (``get_slice``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["HFSource", "HFSourceError", "HFWeights", "local_dir", "read_source", "stage"]
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFSourceError(ValueError):
+    """A model directory that cannot be used; the message names the file or key."""
+
+
+@dataclass
+class HFSource:
+    """What a model directory holds (read by :func:`read_source`)."""
+
+    directory: Path
+    config: dict
+    files: dict[str, str] = field(default_factory=dict)
+    """Tensor name -> weights file (empty: no weights, random init)."""
+    tokenizer: Path | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of config.json's content (canonical JSON): a checkpoint of another model is refused."""
+        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (the first tensor's), else config.json's ``dtype`` / ``torch_dtype``."""
+        if self.files:
+            name = next(iter(self.files))
+            with _open(self.directory / self.files[name]) as handle:
+                return _slice_dtype(handle, name)
+        return _DTYPES.get(self.config.get("dtype") or self.config.get("torch_dtype") or "", torch.float32)
+
+
+def _slice_dtype(handle, name: str) -> torch.dtype:
+    text = handle.get_slice(name).get_dtype()
+    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(text, torch.float32)
+
+
+def local_dir(value: str, paths) -> Path:
+    """Where the directory is on this host: the path, the channel's directory, or the staged copy
+    (``<root>/llm-runtime/hf-model/<hash of the URI>``: /opt/ml's volume on SageMaker)."""
+    if value.startswith("channel:"):
+        return Path(paths.channel_dir(value[len("channel:"):]))
+    if value.startswith("s3://"):
+        digest = hashlib.sha256(value.rstrip("/").encode()).hexdigest()[:16]
+        return Path(paths.root if paths is not None else tempfile.gettempdir()) / "llm-runtime" / "hf-model" / digest
+    return Path(value)
+
+
+def stage(value: str, target: Path) -> None:
+    """Copy ``s3://bucket/prefix`` to ``target`` (files already there with the object's size are
+    kept: a restarted job does not fetch a 100 GB model again). config.json lands last."""
+    from ..storage import StorageError, open_store
+
+    store = open_store(value)
+    try:
+        objects = [(name, size) for name, size in store.list("") if "/" not in name]
+    except StorageError as err:
+        raise HFSourceError(f"model.hf_path={value}: {err}") from None
+    if not any(name == "config.json" for name, _ in objects):
+        raise HFSourceError(f"model.hf_path={value}: no config.json under that prefix")
+    target.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for name, size in sorted(objects, key=lambda item: item[0] == "config.json"):
+        path = target / name
+        if path.exists() and path.stat().st_size == size and name != "config.json":
+            continue
+        tmp = path.with_name(f".{name}.part")
+        try:
+            store.download(name, tmp)
+        except StorageError as err:
+            raise HFSourceError(f"model.hf_path={value}: {err}") from None
+        os.replace(tmp, path)
+        total += size
+    log.info("model.hf_path: %s staged to %s (%.1f MB fetched)", value, target, total / 1e6)
+
+
+def read_source(directory: Path, where: str) -> HFSource:
+    """config.json, the weights' file map and the tokenizer of a model directory."""
+    config_path = directory / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise HFSourceError(f"{where}: no config.json in {directory}") from None
+    except (OSError, ValueError) as err:
+        raise HFSourceError(f"{where}: {config_path} is not readable JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise HFSourceError(f"{where}: {config_path} is not a JSON object")
+    tokenizer = directory / "tokenizer.json"
+    return HFSource(directory=directory, config=config, files=_weight_files(directory, where),
+                    tokenizer=tokenizer if tokenizer.is_file() else None)
+
+
+def _weight_files(directory: Path, where: str) -> dict[str, str]:
+    index = directory / INDEX
+    if index.is_file():
+        try:
+            files = dict(json.loads(index.read_text())["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise HFSourceError(f"{where}: {index} has no readable weight_map ({err})") from None
+        for name in sorted(set(files.values())):
+            if not (directory / name).is_file():
+                raise HFSourceError(f"{where}: {index} names {name}, which is not in {directory}")
+        return files
+    single = directory / SINGLE
+    if single.is_file():
+        with _open(single) as handle:
+            return dict.fromkeys(handle.keys(), SINGLE)
+    return {}
+
+
+def _open(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as err:  # noqa: BLE001 - safetensors' own header errors
+        raise HFSourceError(f"{path}: not a safetensors file ({err})") from None
+
+
+def check_shapes(source: HFSource, expected: Mapping[str, tuple[int, ...]], where: str,
+                 optional: frozenset = frozenset()) -> None:
+    """Every expected tensor is in the weights with its shape (``optional`` ones may be absent:
+    a tied head); nothing unexpected is there. One line naming the tensor and both shapes."""
+    missing = sorted(set(expected) - set(source.files) - optional)
+    if missing:
+        raise HFSourceError(f"{where}: the weights lack {len(missing)} tensor(s) the config needs, "
+                            f"e.g. {missing[0]!r}")
+    unexpected = sorted(set(source.files) - set(expected))
+    if unexpected:
+        raise HFSourceError(f"{where}: the weights hold {len(unexpected)} tensor(s) the config has no place for, "
+                            f"e.g. {unexpected[0]!r} in {source.files[unexpected[0]]}")
+    by_file: dict[str, list[str]] = {}
+    for name in expected:
+        if name in source.files:
+            by_file.setdefault(source.files[name], []).append(name)
+    for file, names in by_file.items():
+        with _open(source.directory / file) as handle:
+            for name in names:
+                shape = tuple(handle.get_slice(name).get_shape())
+                if shape != tuple(expected[name]):
+                    raise HFSourceError(f"{where}: {name} in {file} has shape {list(shape)}, the config needs "
+                                        f"{list(expected[name])}")
+
+
+class HFWeights:
+    """Fills parameters from a model directory's safetensors, by HF name (``name_of`` maps the
+    module's names). Files stay memory-mapped and open for the fill, closed by :meth:`close`."""
+
+    def __init__(self, source: HFSource, name_of):
+        self.source, self.name_of = source, name_of
+        self._handles: dict[str, object] = {}
+
+    def _slice(self, name: str):
+        hf = self.name_of(name)
+        file = self.source.files.get(hf)
+        if file is None:
+            raise HFSourceError(f"{self.source.directory}: no tensor {hf!r} in the weights")
+        if file not in self._handles:
+            self._handles[file] = _open(self.source.directory / file).__enter__()
+        return self._handles[file].get_slice(hf)
+
+    @torch.no_grad()
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        """``init_fn`` (full tensor)."""
+        tensor.copy_(self._slice(name)[:])
+
+    @torch.no_grad()
+    def fill_local(self, name: str, local: torch.Tensor, offsets: tuple[int, ...]) -> None:
+        """This rank's block of ``name``: ``local.shape`` elements from ``offsets`` (no full copy)."""
+        index = tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))
+        local.copy_(self._slice(name)[index])
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()

@@ -1,0 +1,158 @@
+"""llm-runtime train --model.hf_path: Hugging Face directories in, Hugging Face directories out.
+
+Tiny random configs saved locally with save_pretrained (bf16, sharded into several files);
+nothing is downloaded. The S3 case reads from moto over HTTP on 127.0.0.1.
+"""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from tests.procs import BIN, REPO, clean_env, metrics, run
+
+transformers = pytest.importorskip("transformers")
+
+SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64)
+FAMILIES = {"llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+            "mistral": ("MistralForCausalLM", "MistralConfig", {"sliding_window": 32}),
+            "qwen2-tied": ("Qwen2ForCausalLM", "Qwen2Config", {"tie_word_embeddings": True})}
+TINY = ["--train.seq_len=32", "--train.batch_size=8", "--train.log_every=1", "--train.warmup_steps=0",
+        "--parallel.mixed_precision=fp32", "--watchdog.first_timeout_s=150", "--watchdog.step_timeout_s=90"]
+
+
+def hf_dir(path, family, *, vocab=260, seed=0):
+    """A saved random model of ``family`` in bf16, split into several safetensors files."""
+    model_cls, config_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(vocab_size=vocab, **SIZES, **extra)
+    model = getattr(transformers, model_cls)(config).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="40KB")
+    assert len(list(path.glob("model-*.safetensors"))) > 2
+    return path
+
+
+def tensors(directory):
+    from safetensors.torch import load_file
+
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def train(tmp_path, name, *args, nproc=2, steps=2, timeout=240, check=True, **env):
+    argv = [str(BIN / "llm-runtime"), "train", "--nproc-per-node", str(nproc), *TINY, f"--train.steps={steps}",
+            f"--metrics.jsonl={tmp_path / name}.jsonl", *args]
+    proc = run(argv, timeout=timeout, check=check, env=clean_env(**env))
+    (tmp_path / f"{name}.out").write_text(proc.stdout + proc.stderr)
+    return proc
+
+
+def prepared_with_tokenizer(tmp_path):
+    """Shards of the bundled text tokenized by a small BPE tokenizer.json (its vocab under 300)."""
+    from tests.datasets import write_bpe_tokenizer
+
+    text = (REPO / "llm_runtime/models/data/bundled.txt").read_text()
+    (tmp_path / "corpus.txt").write_text(text)
+    tokenizer = write_bpe_tokenizer(tmp_path / "tokenizer.json", vocab_size=280, texts=text.splitlines())
+    run([str(BIN / "llm-runtime"), "prepare-data", "--input", str(tmp_path / "corpus.txt"), "--output",
+         str(tmp_path / "shards"), "--seq-len", "32", "--shard-size", "64KB", "--tokenizer", str(tokenizer)],
+        timeout=120)
+    return tokenizer, tmp_path / "shards"
+
+
+@pytest.mark.parametrize("family, layout, nproc, source", [
+    ("mistral", ["--parallel.dp_shard=2"], 2, "dir"),
+    ("qwen2-tied", ["--parallel.dp_shard=2", "--parallel.tp=2"], 4, "dir+tokenizer"),
+    ("llama", ["--parallel.pp=2"], 2, "s3"),
+], ids=["fsdp2-mistral", "fsdp2xtp2-qwen2-tied", "pp2-llama-from-s3"])
+def test_an_hf_directory_trained_at_lr_0_exports_exactly_its_weights_in_their_dtype(tmp_path, request, family, layout,
+                                                                                     nproc, source):
+    src = hf_dir(tmp_path / "src", family, vocab=300 if source == "dir+tokenizer" else 260)
+    args = [f"--model.hf_path={src}"]
+    if source == "dir+tokenizer":
+        tokenizer, shards = prepared_with_tokenizer(tmp_path)
+        shutil.copy(tokenizer, src / "tokenizer.json")
+        args += [f"--data.uri={shards}"]
+    if source == "s3":
+        s3 = request.getfixturevalue("s3")
+        for path in src.iterdir():
+            s3.client.upload_file(str(path), s3.bucket, f"models/tiny/{path.name}")
+        args = [f"--model.hf_path={s3.url('models/tiny')}"]
+    env = {"SAGEMAKER_BASE_DIR": str(tmp_path / "opt-ml")}  # where an s3:// model is staged
+    out = tmp_path / "model"
+    proc = train(tmp_path, "roundtrip", *args, *layout, "--train.lr=0", f"--train.model_dir={out}",
+                 "--train.model_shard_mb=1", nproc=nproc, **env)
+    log = proc.stdout + proc.stderr
+    assert "pretrained weights" in log
+    want, got = tensors(src), tensors(out)
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], tensor), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
+    assert config["dtype"] == "bfloat16"
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.dtype == torch.bfloat16
+    if source == "dir+tokenizer":
+        assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    if source == "s3":
+        staged = list((tmp_path / "opt-ml" / "llm-runtime" / "hf-model").iterdir())
+        assert len(staged) == 1 and (staged[0] / "config.json").is_file()
+
+
+def test_fsdp_x_tp_training_of_a_tied_qwen2_matches_one_process_loss_and_final_weights(tmp_path):
+    src = hf_dir(tmp_path / "src", "qwen2-tied")
+    common = [f"--model.hf_path={src}", "--train.lr=0.01", "--train.model_shard_mb=1"]
+    train(tmp_path, "one", *common, f"--train.model_dir={tmp_path / 'one'}", nproc=1, steps=5)
+    train(tmp_path, "four", *common, "--parallel.dp_shard=2", "--parallel.tp=2", f"--train.model_dir={tmp_path / 'four'}",
+          nproc=4, steps=5)
+    one, four = metrics(tmp_path / "one.jsonl"), metrics(tmp_path / "four.jsonl")
+    assert [m["step"] for m in four] == [1, 2, 3, 4, 5]
+    for a, b in zip(one, four):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (one, four)
+    assert four[-1]["loss"] < four[0]["loss"]
+    want, got = tensors(tmp_path / "one"), tensors(tmp_path / "four")
+    assert sorted(want) == sorted(got) and "lm_head.weight" not in got  # tied: one tensor
+    start = tensors(src)
+    for name in want:
+        assert torch.allclose(got[name].float(), want[name].float(), atol=1e-2, rtol=0), name  # bf16 rounding
+    assert any(not torch.equal(want[n], start[n]) for n in want)  # trained
+
+
+def _broken(tmp_path, case):
+    src = hf_dir(tmp_path / "src", "llama")
+    config = json.loads((src / "config.json").read_text())
+    if case == "architecture":
+        (src / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    elif case == "shapes":
+        (src / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    elif case == "tokenizer":
+        from tests.datasets import write_bpe_tokenizer
+
+        write_bpe_tokenizer(src / "tokenizer.json", vocab_size=258)
+    return src
+
+
+@pytest.mark.parametrize("case, extra, nproc, message", [
+    ("architecture", [], 1, "model_type='gpt2' is not supported; supported: llama (LlamaForCausalLM), mistral"),
+    ("shapes", [], 1, "model.layers.0.mlp.gate_proj.weight in model-00001-of-00003.safetensors"),
+    ("heads", ["--parallel.tp=4"], 4, "parallel.tp=4 must divide model.hf_path="),
+    ("tokenizer", [], 1, "is not the tokenizer the data was prepared with (byte"),
+])
+def test_a_model_directory_the_job_cannot_use_exits_2_in_one_line_before_any_worker(tmp_path, case, extra, nproc,
+                                                                                   message):
+    src = _broken(tmp_path, case)
+    proc = train(tmp_path, "bad", f"--model.hf_path={src}", *extra, nproc=nproc, check=False, timeout=120)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 2, log
+    assert message in log, log
+    assert "workers via" not in log and "Traceback" not in log
+    if case == "shapes":
+        assert "has shape [64, 32], the config needs [96, 32]" in log
+    if case == "heads":
+        assert "num_key_value_heads (2)" in log
