@@ -217,6 +217,9 @@ def _hf_trainer(rt: Runtime, spec, seed: torch.Generator):
             weights.close()
     log.info("model: %s, %s weights, rotary %s", type(model.config).__name__,
              "pretrained" if weights is not None else "random", rope_summary(model.config))
+    if weights is not None:
+        log.info("weights: %d tensor(s) read as this rank's block only, %d read whole", weights.reads["block"],
+                 weights.reads["whole"])
     return model, trainer
 
 

@@ -181,6 +181,8 @@ class HFWeights:
     def __init__(self, source: HFSource, name_of):
         self.source, self.name_of = source, name_of
         self._handles: dict[str, object] = {}
+        self.reads = {"block": 0, "whole": 0}
+        """Tensors read as this rank's block only, and read whole (then sliced or copied)."""
 
     def _slice(self, name: str):
         hf = self.name_of(name)
@@ -195,12 +197,14 @@ class HFWeights:
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
         """``init_fn`` (full tensor)."""
         tensor.copy_(self._slice(name)[:])
+        self.reads["whole"] += 1
 
     @torch.no_grad()
     def fill_local(self, name: str, local: torch.Tensor, offsets: tuple[int, ...]) -> None:
         """This rank's block of ``name``: ``local.shape`` elements from ``offsets`` (no full copy)."""
         index = tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))
         local.copy_(self._slice(name)[index])
+        self.reads["block"] += 1
 
     def close(self) -> None:
         for handle in self._handles.values():

@@ -84,10 +84,10 @@ def _retie(module: nn.Module, ties: list[tuple[str, str]]) -> None:
 def _fill(tensor: torch.Tensor, name: str, init_fn: InitFn) -> None:
     """Draw ``name`` in full on the CPU and keep this rank's slice of it (or, for an init_fn with
     ``fill_local``, read only this rank's block: see _fill_block)."""
-    full = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
-    init_fn(name, full)
     if hasattr(tensor, "device_mesh") and _fill_block(tensor, name, init_fn):
         return
+    full = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+    init_fn(name, full)
     if hasattr(tensor, "device_mesh"):  # a DTensor (FSDP2 / TP): this rank's shard of the full tensor
         from torch.distributed.tensor import distribute_tensor
 

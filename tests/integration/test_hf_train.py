@@ -88,6 +88,8 @@ def test_an_hf_directory_trained_at_lr_0_exports_exactly_its_weights_in_their_dt
                  "--train.model_shard_mb=1", nproc=nproc, **env)
     log = proc.stdout + proc.stderr
     assert "pretrained weights" in log
+    if layout == ["--parallel.dp_shard=2"]:  # FSDP's row shards: each rank reads only its rows
+        assert "weights: 39 tensor(s) read as this rank's block only, 0 read whole" in log, log
     want, got = tensors(src), tensors(out)
     assert sorted(got) == sorted(want)
     for name, tensor in want.items():
