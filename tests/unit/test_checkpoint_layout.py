@@ -116,3 +116,24 @@ def test_resume_tries_newest_first_and_can_stop_at_a_step():
     assert resume_order([3, 9, 6]) == [9, 6, 3]
     assert resume_order([3, 9, 6], not_after=6) == [6, 3]
     assert step_dir(42) == "step-000000042"
+
+
+@pytest.mark.parametrize("saved_fingerprint, ours, refused", [
+    ("", "", False), ("aaaa", "aaaa", False), ("aaaa", "bbbb", True), ("", "bbbb", True)])
+def test_a_checkpoint_of_another_hf_config_is_refused_on_resume(saved_fingerprint, ours, refused):
+    from types import SimpleNamespace
+
+    from llm_runtime.checkpoint.restore import Restorer, config_json
+    from llm_runtime.checkpoint.transfer import CorruptCheckpoint
+    from llm_runtime.config import Config
+
+    config = Config()
+    config.model.hf_path = "/models/tiny"
+    manifest = Manifest(run_id="r", step=3, world_size=2, num_nodes=1, backend="fsdp",
+                        extra={"config": config_json(config, saved_fingerprint)})
+    restorer = SimpleNamespace(backend="fsdp", world_size=2, config=config, model_fingerprint=ours)
+    if refused:
+        with pytest.raises(CorruptCheckpoint, match="step 3 holds another model"):
+            Restorer._check_compatible(restorer, manifest)
+    else:
+        Restorer._check_compatible(restorer, manifest)
