@@ -42,7 +42,7 @@ def main() -> None:
     from llm_runtime.models import LlamaConfig
 
     config = LlamaConfig(dim=args.dim, layers=args.layers, heads=args.heads)
-    model_gb = config._count_parameters() * 4 / (1 << 30)
+    model_gb = config.num_parameters() * 4 / (1 << 30)
     eager = setup_memory(args, "eager")
     meta = setup_memory(args, "meta")
     worst = max(meta, key=lambda row: row["peak_over_gb"] - 1.25 * row["shard_gb"])
@@ -55,7 +55,7 @@ def main() -> None:
         result_line("setup_peak_rss_gb_meta_vs_eager", worst["peak_over_gb"], worst_eager["peak_over_gb"], "<1"),
     ]
     details = [f"bundled Llama dim={args.dim} layers={args.layers} heads={args.heads}: "
-               f"{config._count_parameters() / 1e6:.0f}M parameters, {model_gb:.2f} GB fp32; FSDP2 over "
+               f"{config.num_parameters() / 1e6:.0f}M parameters, {model_gb:.2f} GB fp32; FSDP2 over "
                f"{args.nproc} CPU ranks (gloo), setup = build + rt.parallelize",
                "meta (llm-runtime train's way): peak over baseline per rank "
                + ", ".join(f"{row['peak_over_gb']:.3f}" for row in meta) + " GB; shard "

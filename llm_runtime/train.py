@@ -181,15 +181,13 @@ def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, acc
     if config.model.hf_path:
         model, trainer = _hf_trainer(rt, model_config, seed)
     elif config.parallel.backend == "deepspeed":
-        model = Llama(model_config)
-        model.init_weights(seed)
-        trainer = _deepspeed_trainer(rt, model)
+        model, trainer = _deepspeed_trainer(rt, lambda: Llama(model_config), lambda m: m.init_fn(seed), model_config)
     else:
         with torch.device("meta"):  # nothing allocated until each rank materialises its own shards
             model = Llama(model_config)
         trainer = _TorchTrainer(rt, model, model.init_fn(seed))
     log.info("model %.2fM parameters, global batch %d x %d tokens, layout %s, %d replicas x %d sequences",
-             model.num_parameters() / 1e6, train.batch_size, train.seq_len, rt.dims.describe(), rt.dp_size,
+             model_config.num_parameters() / 1e6, train.batch_size, train.seq_len, rt.dims.describe(), rt.dp_size,
              per_replica)
 
     checkpointer = _checkpointer(rt, getattr(getattr(model_config, "source", None), "fingerprint", ""))
@@ -360,7 +358,8 @@ def deepspeed_batching(config: Config, dp: int, pp: int) -> tuple[int, int]:
     return split.micro_batch, split.count
 
 
-def _deepspeed_trainer(rt: Runtime, model: Llama) -> _DeepSpeedTrainer:
+def _deepspeed_trainer(rt: Runtime, build, init_fn, model_config):
+    """(the model as built on this rank, the trainer): DeepSpeedModel's arguments from the config."""
     from .parallel.api import cross_entropy
     from .parallel.deepspeed_config import deepspeed_layout
     from .parallel.deepspeed_engine import DeepSpeedModel
@@ -369,12 +368,13 @@ def _deepspeed_trainer(rt: Runtime, model: Llama) -> _DeepSpeedTrainer:
     layout = deepspeed_layout(config.parallel, rt.world_size)
     micro, accumulation = deepspeed_batching(config, layout.dp, layout.pp)
     engine = DeepSpeedModel(
-        model, config, layout, rank=rt.rank, local_rank=rt.local_rank, device=rt.device, micro_batch=micro,
-        accumulation=accumulation,
+        build, init_fn, config, layout, rank=rt.rank, local_rank=rt.local_rank, device=rt.device,
+        micro_batch=micro, accumulation=accumulation,
         scheduler_factory=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s + 1, config.train)),
-        loss_fn=cross_entropy, train_timeout_s=config.comm.train_timeout_s, init_seed=config.train.seed)
-    return _DeepSpeedTrainer(engine)
+        loss_fn=cross_entropy, train_timeout_s=config.comm.train_timeout_s, init_seed=config.train.seed,
+        model_config=model_config)
+    return engine.engine.module, _DeepSpeedTrainer(engine)
 
 
 def main(config: Config) -> int:

@@ -14,6 +14,7 @@ same way.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -90,7 +91,7 @@ def export_model(trainer, rt, directory: str, spec: ExportSpec, *, shard_mb: int
     try:
         engine = getattr(trainer, "engine", None)
         if engine is not None:  # DeepSpeed
-            written = _export_deepspeed(engine, rt, out, spec, shard_mb << 20)
+            written = _export_deepspeed(engine, rt, out, spec, shard_mb << 20, group)
         else:
             written = _export_parallel(trainer.model, rt.rank, out, spec, shard_mb << 20, group)
     finally:
@@ -111,19 +112,47 @@ def export_model(trainer, rt, directory: str, spec: ExportSpec, *, shard_mb: int
     return out / INDEX
 
 
-def _nbytes(tensor: torch.Tensor, spec: ExportSpec) -> int:
-    return tensor.numel() * (spec.dtype.itemsize if spec.dtype is not None else tensor.element_size())
+def _nbytes(param: torch.Tensor, spec: ExportSpec) -> int:
+    numel = getattr(param, "ds_numel", None) or param.numel()  # a ZeRO-3 partition knows its full size
+    return numel * (spec.dtype.itemsize if spec.dtype is not None else param.element_size())
+
+
+@dataclass
+class _Held:
+    """What this rank holds of the model, for export."""
+
+    parts: list[torch.nn.Module]
+    stages: list[int]
+    """Each part's pipeline stage."""
+    writer: bool
+    """Whether this rank writes its stages' files (one rank per stage)."""
+    whole: Callable = contextlib.nullcontext
+    """``with whole(param) as full``: the full parameter (a collective over its shards, on every rank)."""
+    rename: Callable[[str], str] = lambda name: name
+    """A part's parameter name -> the trained model's name (what ``spec`` maps)."""
+
+
+@contextlib.contextmanager
+def _dtensor_whole(param):
+    yield param.full_tensor() if hasattr(param, "full_tensor") else param
 
 
 def _export_parallel(model, rank: int, out: Path, spec: ExportSpec, max_bytes: int, group):
-    """rt.parallelize's model: stage by stage, parameter by parameter. Each stage's writer writes its
-    files (rank 0 into ``out``, the others into a private directory, sent to rank 0 one file at a
-    time afterwards: the model lands whole on rank 0's host, as SageMaker uploads it)."""
+    """rt.parallelize's model: the data-parallel rank 0, tensor-parallel rank 0 of each stage writes it."""
     writer = model.dp_rank == 0 and model.dims.coords(model.rank)["tp"] == 0
-    parts = [_unwrapped(part) for part in model.parts]
-    name_of, convert = spec.name_of, spec.convert
+    held = _Held([_unwrapped(part) for part in model.parts], list(model.stages), writer, _dtensor_whole)
+    return _export_held(held, rank, out, spec, max_bytes, group)
+
+
+def _export_held(held: _Held, rank: int, out: Path, spec: ExportSpec, max_bytes: int, group):
+    """Stage by stage, parameter by parameter. Each stage's writer writes its files (rank 0 into
+    ``out``, the others into a private directory, sent to rank 0 one file at a time afterwards: the
+    model lands whole on rank 0's host, as SageMaker uploads it); no rank holds more than one file's
+    tensors at a time."""
+    writer, parts = held.writer, held.parts
+    name_of = lambda name: spec.name_of(held.rename(name))  # noqa: E731
     mine = [(name_of(name), _nbytes(param, spec), stage)
-            for stage, part in zip(model.stages, parts) for name, param in part.named_parameters()]
+            for stage, part in zip(held.stages, parts) for name, param in part.named_parameters()]
     listed = gather_json(mine if writer else [], group) if group is not None else [mine]
     entries = sorted(((*e, owner) for owner, rank_entries in enumerate(listed) for e in rank_entries),
                      key=lambda e: e[2])  # stable: stage order, each stage in its writer's order
@@ -137,12 +166,13 @@ def _export_parallel(model, rank: int, out: Path, spec: ExportSpec, max_bytes: i
     dtype, error = torch.float32, ""
     for part in parts:
         for name, param in part.named_parameters():
-            full = param.full_tensor() if hasattr(param, "full_tensor") else param  # the stage's collective
-            if not writer:
-                continue
-            dtype, exported = full.dtype, name_of(name)
-            target = where[exported]
-            pending.setdefault(target, {})[exported] = convert(name, full.detach().cpu()).contiguous()
+            with held.whole(param) as full:  # the stage's collective: every rank of it takes part
+                if not writer:
+                    continue
+                dtype, exported = full.dtype, name_of(name)
+                target = where[exported]
+                tensor = spec.convert(held.rename(name), full.detach().cpu()).contiguous()
+                pending.setdefault(target, {})[exported] = tensor.clone() if tensor.data_ptr() == full.data_ptr() else tensor
             left[target] -= 1
             if not left[target]:
                 tensors = pending.pop(target)
@@ -200,25 +230,36 @@ def _unwrapped(part: torch.nn.Module) -> torch.nn.Module:
     return part.module if isinstance(part, DistributedDataParallel) else part
 
 
-def _export_deepspeed(trainer_engine, rt, out: Path, spec: ExportSpec, max_bytes: int):
-    engine, name_of, convert = trainer_engine.engine, spec.name_of, spec.convert
+def _export_deepspeed(trainer_engine, rt, out: Path, spec: ExportSpec, max_bytes: int, group):
+    """DeepSpeed's engines: ZeRO-3 gathers one parameter at a time (rank 0 writes); the pipeline
+    engine's data-parallel rank 0 of each stage writes its layers, named as the bundled Llama's."""
+    engine = trainer_engine.engine
     if getattr(trainer_engine, "pipeline", False):
-        log.warning("train.model_dir: exporting a DeepSpeed pipeline model is not supported yet; skipped")
-        return None
-    if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # a collective; the full model on rank 0
+        layers = len(engine.module._layer_specs) - 2  # embedding, blocks, head
+        held = _Held([engine.module], [engine.stage_id], engine.grid.get_data_parallel_rank() == 0,
+                     rename=lambda name: _pipeline_name(name, layers))
+    elif engine.zero_optimization_stage() == 3:
+        held = _Held([engine.module], [0], rt.rank == 0, _zero3_whole)
     else:
-        state = engine.module.state_dict()
-    if rt.rank != 0:
-        return {}, 0, torch.float32
-    state = {k: v.detach().cpu() for k, v in (state or {}).items()}
-    files = plan_files([(name, _nbytes(t, spec), 0) for name, t in state.items()], max_bytes)
-    where = {}
-    for file, target in zip(files, file_names(len(files))):
-        _write_safetensors(out / target, {name_of(name): convert(name, state[name]).contiguous() for name in file})
-        where.update(dict.fromkeys(map(name_of, file), target))
-    dtype = next(iter(state.values())).dtype if state else torch.float32
-    return where, sum(_nbytes(t, spec) for t in state.values()), dtype
+        held = _Held([engine.module], [0], rt.rank == 0)
+    return _export_held(held, rt.rank, out, spec, max_bytes, group)
+
+
+@contextlib.contextmanager
+def _zero3_whole(param):
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):
+        yield param.data
+
+
+def _pipeline_name(name: str, layers: int) -> str:
+    """A PipelineModule parameter (``<layer index>.<name in that layer>``, layer 0 the embedding,
+    1..L the blocks, L+1 the head) -> its bundled-Llama name."""
+    index, _, rest = name.partition(".")
+    if 1 <= int(index) <= layers:
+        return f"layers.{int(index) - 1}.{rest.removeprefix('block.')}"
+    return rest
 
 
 def _remove_stale(out: Path, current: set[str]) -> None:

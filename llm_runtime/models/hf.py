@@ -217,6 +217,9 @@ class HFModelSpec:
         shapes = {HFCausalLM.hf_name(n): tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
         return shapes, frozenset({"lm_head.weight"}) if model.tied else frozenset()
 
+    def num_parameters(self) -> int:
+        return self.build().num_parameters()
+
     def flops_per_token(self, seq_len: int) -> int:
         """``6*N + 12*layers*hidden*seq_len`` (N without the embedding lookup), as the bundled model."""
         config = self.source.config

@@ -123,7 +123,7 @@ class LlamaConfig:
             )
         return self
 
-    def _count_parameters(self, exclude_embeddings: bool = False) -> int:
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count from the shapes alone, matching :meth:`Llama.num_parameters`."""
         kv_dim = self.num_kv_heads * self.head_dim
         attention = 2 * self.dim * self.dim + 2 * self.dim * kv_dim
@@ -146,7 +146,7 @@ class LlamaConfig:
         """
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
             raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-        non_embedding = self._count_parameters(exclude_embeddings=True)
+        non_embedding = self.num_parameters(exclude_embeddings=True)
         return 6 * non_embedding + 12 * self.layers * self.dim * seq_len
 
 

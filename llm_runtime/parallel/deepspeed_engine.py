@@ -18,7 +18,7 @@ from .deepspeed_config import DeepSpeedLayout, deepspeed_config, read_user_confi
 from ..runtime import set_group_timeouts
 from .fsdp import apply_activation_checkpointing
 
-__all__ = ["DeepSpeedModel", "import_deepspeed", "llama_pipeline_specs", "mics_available"]
+__all__ = ["DeepSpeedModel", "build_model", "import_deepspeed", "llama_pipeline_specs", "mics_available"]
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "parallel.backend=deepspeed needs DeepSpeed: pip install 'llm-runtime[deepspeed]'"
@@ -109,12 +109,45 @@ def llama_pipeline_specs(config, seed: int, checkpoint: str = "none", every: int
             LayerSpec(_Head, config, seed)]
 
 
+def build_model(deepspeed, build: Callable[[], nn.Module], init_fn, ds_config: dict, rank: int) -> nn.Module:
+    """The model for a non-pipeline engine, its weights filled by ``init_fn(model)`` per parameter.
+
+    ZeRO-3: built under ``zero.Init``, so no rank ever holds the whole model; each parameter is
+    then gathered in turn, filled on rank 0 and re-partitioned from it (one full parameter at a
+    time). Otherwise every rank builds the whole model and fills it (the stages below need it)."""
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    if stage != 3:
+        model = build()
+        fill = init_fn(model)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                fill(name, param.data)
+        return model
+    # No dtype=: DeepSpeed 0.19 then takes bf16 on a CPU accelerator whatever is passed (an operator
+    # precedence slip in Init._set_dtype); from the config it is the engine's own (bf16 or fp32).
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = build()
+    fill = init_fn(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if rank == 0:
+                    fill(name, param.data)
+    log.info("DeepSpeed ZeRO-3: the model was built partitioned (zero.Init) and filled one parameter at a time")
+    return model
+
+
 class DeepSpeedModel:
     """A DeepSpeed engine (ZeRO 0-3, hpZ, or the pipeline engine) behind the trainer's step API."""
 
-    def __init__(self, model: nn.Module, config, layout: DeepSpeedLayout, *, rank: int, local_rank: int,
-                 device: torch.device, micro_batch: int, accumulation: int, scheduler_factory: Callable,
-                 loss_fn: Callable, train_timeout_s: float, init_seed: int = 0):
+    def __init__(self, build: Callable[[], nn.Module], init_fn, config, layout: DeepSpeedLayout, *, rank: int,
+                 local_rank: int, device: torch.device, micro_batch: int, accumulation: int,
+                 scheduler_factory: Callable, loss_fn: Callable, train_timeout_s: float, init_seed: int = 0,
+                 model_config=None):
+        """``build()`` makes the model (under ``deepspeed.zero.Init`` for ZeRO-3: each rank holds only
+        its partition from the start) and ``init_fn(model)`` -> ``fill(name, full_tensor)`` fills each
+        parameter, one at a time. The pipeline engine builds the bundled Llama's stages from
+        ``model_config`` instead."""
         deepspeed = import_deepspeed(device.type)
         os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed reads it even in a world of one
         # Adopt the runtime's process group (PipelineModule needs deepspeed.comm before initialize).
@@ -136,10 +169,11 @@ class DeepSpeedModel:
         if self.pipeline:
             from deepspeed.pipe import PipelineModule
 
-            specs = llama_pipeline_specs(model.config, init_seed, parallel.activation_checkpoint, parallel.ac_every)
+            specs = llama_pipeline_specs(model_config, init_seed, parallel.activation_checkpoint, parallel.ac_every)
             model = PipelineModule(layers=specs, num_stages=layout.pp, loss_fn=loss_fn,
                                    partition_method=config.deepspeed.partition_method)
         else:
+            model = build_model(deepspeed, build, init_fn, ds_config, rank)
             apply_activation_checkpointing(list(model.layers), parallel.activation_checkpoint, parallel.ac_every)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, config=ds_config, model_parameters=[p for p in model.parameters() if p.requires_grad],

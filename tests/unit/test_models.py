@@ -187,8 +187,8 @@ def test_num_parameters_matches_config_and_excludes_embeddings():
     total = sum(parameter.numel() for parameter in model.parameters())
     assert model.num_parameters() == total
     assert model.num_parameters(exclude_embeddings=True) == total - 256 * 32
-    assert config._count_parameters() == total
-    assert config._count_parameters(exclude_embeddings=True) == total - 256 * 32
+    assert config.num_parameters() == total
+    assert config.num_parameters(exclude_embeddings=True) == total - 256 * 32
 
 
 def test_flops_per_token_positive_and_grows_with_seq_len():
