@@ -28,9 +28,9 @@ def check_hf_model(config: Config, dims: ParallelDims, plan: DataPlan | None, pa
 
     value = config.model.hf_path
     where = f"model.hf_path={value}"
-    if config.parallel.backend == "deepspeed":
-        raise ConfigError(f"{where}: parallel.backend=deepspeed does not take Hugging Face models yet; "
-                          "use parallel.backend=fsdp")
+    if config.parallel.backend == "deepspeed" and dims.pp > 1:
+        raise ConfigError(f"{where}: DeepSpeed's pipeline engine runs only the bundled model; for a Hugging Face "
+                          "model use parallel.pp=1 with DeepSpeed, or parallel.backend=fsdp with parallel.pp")
     if importlib.util.find_spec("transformers") is None:
         raise ConfigError(f"{where}: {INSTALL_HINT}")
     try:

@@ -206,10 +206,14 @@ def _hf_trainer(rt: Runtime, spec, seed: torch.Generator):
     from .models.hf import HFCausalLM, rope_summary
     from .models.hf_source import HFWeights
 
-    model = spec.build()
     weights = HFWeights(spec.source, HFCausalLM.hf_name) if spec.source.files else None
     try:
-        trainer = _TorchTrainer(rt, model, weights or model.init_fn(seed), options=model.parallel_options())
+        if rt.config.parallel.backend == "deepspeed":
+            model, trainer = _deepspeed_trainer(rt, lambda: spec.build(meta=False),
+                                                lambda m: weights or m.init_fn(seed), spec)
+        else:
+            model = spec.build()
+            trainer = _TorchTrainer(rt, model, weights or model.init_fn(seed), options=model.parallel_options())
     finally:
         if weights is not None:
             weights.close()

@@ -12,6 +12,7 @@ checks here are pure functions of the config dict.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 
@@ -202,12 +203,13 @@ class HFModelSpec:
             raise ImportError(INSTALL_HINT) from None
         return AutoConfig.from_pretrained(str(self.source.directory), local_files_only=True)
 
-    def build(self) -> HFCausalLM:
-        """The model on the meta device, fp32 (the weights' own dtype returns at export)."""
+    def build(self, meta: bool = True) -> HFCausalLM:
+        """The model in fp32 (the weights' own dtype returns at export), on the meta device or, for
+        DeepSpeed (which takes no meta parameters; under zero.Init, partitioned), allocated."""
         from transformers import AutoModelForCausalLM
 
         config = self.hf_config()
-        with torch.device("meta"):
+        with torch.device("meta") if meta else contextlib.nullcontext():
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         return HFCausalLM(model)
 
