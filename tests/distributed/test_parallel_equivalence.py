@@ -25,7 +25,6 @@ COMMON = ["--model.dim=64", "--model.layers=4", "--model.heads=4", "--train.seq_
 LAYOUTS = [
     # (name, processes, flags, what the log must say about the data-parallel wrapping)
     ("ddp", 2, ["--parallel.dp_replicate=2"], "ddp data parallel"),
-    ("fsdp2", 2, [], "FSDP2 over dp_shard (2,)"),
     ("fsdp2-accumulation-and-activation-checkpointing", 2,
      ["--train.micro_batch_size=2", "--parallel.activation_checkpoint=full"], "FSDP2 over dp_shard (2,)"),
     ("fsdp2-compiled-blocks-every-2nd-checkpointed", 2,
@@ -39,7 +38,6 @@ LAYOUTS = [
     ("tp2-sequence-parallel", 2, ["--parallel.tp=2"], "none data parallel"),
     ("tp2-without-sequence-parallel", 2, ["--parallel.tp=2", "--parallel.sequence_parallel=false"],
      "none data parallel"),
-    ("pp2-gpipe", 2, ["--parallel.pp=2", "--parallel.pp_schedule=gpipe"], "none data parallel"),
     ("pp2-1f1b", 2, ["--parallel.pp=2", "--parallel.pp_schedule=1f1b", "--parallel.microbatches=4"],
      "none data parallel"),
     ("pp2-interleaved-1f1b", 2, ["--parallel.pp=2", "--parallel.pp_schedule=interleaved"], "none data parallel"),
