@@ -60,13 +60,18 @@ def _check_tokenizer(spec, plan: DataPlan | None, where: str) -> None:
     data_tokenizer = plan.index.tokenizer if plan is not None and plan.index is not None else "byte"
     if spec.source.tokenizer is not None:
         ours = load_tokenizer(str(spec.source.tokenizer)).name
-        if ours != data_tokenizer:
+        if _content(ours) != _content(data_tokenizer):
             raise ConfigError(f"{where}: its tokenizer.json ({ours}) is not the tokenizer the data was prepared "
                               f"with ({data_tokenizer}, the data's index.json); prepare the data with "
                               f"--tokenizer {spec.source.tokenizer}")
     if spec.vocab_size < data_vocab(plan):
         raise ConfigError(f"{where}: config.json vocab_size={spec.vocab_size} does not cover the data's "
                           f"{data_vocab(plan)} token ids (tokenizer {data_tokenizer})")
+
+
+def _content(tokenizer_name: str) -> str:
+    """A tokenizer's identity: its file's hash (``NAME@sha256:HASH``), not the file's name."""
+    return tokenizer_name.partition("@")[2] or tokenizer_name
 
 
 def data_vocab(plan: DataPlan | None) -> int:

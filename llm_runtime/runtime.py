@@ -146,7 +146,7 @@ class Runtime:
         A Hugging Face causal LM (Llama, Mistral, Qwen2) needs none of that: it is wrapped in
         models/hf.py's HFCausalLM, with the family's TP plan and, on the meta device, its init.
         """
-        from .models.hf import HFCausalLM, check_hf_layout, is_hf_causal_lm
+        from .models.hf import HFCausalLM, check_hf_layout, is_hf_causal_lm, warn_sliding_window
         from .parallel.api import parallelize
         from .parallel.materialize import has_meta
 
@@ -154,6 +154,7 @@ class Runtime:
             model = HFCausalLM(model)
             check_hf_layout(model.config.to_dict(), tp=self.dims.tp, pp=self.dims.pp, seq_len=0,
                             where=type(model.config).__name__)
+            warn_sliding_window(model.config.to_dict(), type(model.config).__name__)
             seeded = torch.Generator().manual_seed(self.config.train.seed)
             options = {**model.parallel_options(), **({"init_fn": model.init_fn(seeded)} if has_meta(model) else {}),
                        **options}

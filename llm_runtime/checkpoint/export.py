@@ -101,7 +101,8 @@ def export_model(trainer, rt, directory: str, spec: ExportSpec, *, shard_mb: int
         return None
     weight_map, total, dtype = written
     _write_json(out / "config.json", spec.config_json(spec.dtype or dtype))
-    _write_json(out / "generation_config.json", {"_from_model_config": True})
+    if not any(path.name == "generation_config.json" for path in spec.extra_files):
+        _write_json(out / "generation_config.json", {"_from_model_config": True})
     for path in spec.extra_files:
         _atomic(out / path.name, lambda tmp, path=path: shutil.copyfile(path, tmp))
     _remove_stale(out, set(weight_map.values()))
@@ -130,6 +131,8 @@ class _Held:
     """``with whole(param) as full``: the full parameter (a collective over its shards, on every rank)."""
     rename: Callable[[str], str] = lambda name: name
     """A part's parameter name -> the trained model's name (what ``spec`` maps)."""
+    dtype: torch.dtype = torch.float32
+    """The parameters' dtype, as the writer saw them."""
 
 
 @contextlib.contextmanager
@@ -161,18 +164,38 @@ def _export_held(held: _Held, rank: int, out: Path, spec: ExportSpec, max_bytes:
     where = {name: names[i] for i, file in enumerate(files) for name in file}
     writer_of = {where[e[0]]: e[3] for e in entries}
     local = out if rank == 0 else Path(tempfile.mkdtemp(prefix="llm-runtime-export-")) if writer else None
+    try:
+        error = _write_held(held, rank, out, local, spec, where, writer_of, files, names, group)
+    finally:
+        if local is not None and local != out:
+            shutil.rmtree(local, ignore_errors=True)
+    failures = gather_json(error, group) if group is not None else [error]
+    bad = [(r, text) for r, text in enumerate(failures) if text]
+    if bad:
+        raise RuntimeError("the final export to train.model_dir failed: "
+                           + "; ".join(f"rank {r}: {text}" for r, text in bad))
+    return where, sum(e[1] for e in entries), held.dtype
+
+
+def _write_held(held: _Held, rank: int, out: Path, local: Path | None, spec: ExportSpec, where, writer_of, files,
+                names, group) -> str:
+    """Every parameter through ``held.whole`` (all ranks), written by the writers file by file, then
+    each file shipped to rank 0; '' or this rank's first failure."""
+    name_of = lambda name: spec.name_of(held.rename(name))  # noqa: E731
+    writer = held.writer
     left = {target: len(file) for target, file in zip(names, files)}
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    dtype, error = torch.float32, ""
-    for part in parts:
+    error = ""
+    for part in held.parts:
         for name, param in part.named_parameters():
             with held.whole(param) as full:  # the stage's collective: every rank of it takes part
                 if not writer:
                     continue
-                dtype, exported = full.dtype, name_of(name)
+                held.dtype, exported = full.dtype, name_of(name)
                 target = where[exported]
                 tensor = spec.convert(held.rename(name), full.detach().cpu()).contiguous()
-                pending.setdefault(target, {})[exported] = tensor.clone() if tensor.data_ptr() == full.data_ptr() else tensor
+                shared = tensor.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
+                pending.setdefault(target, {})[exported] = tensor.clone() if shared else tensor  # outlives `whole`
             left[target] -= 1
             if not left[target]:
                 tensors = pending.pop(target)
@@ -181,14 +204,7 @@ def _export_held(held: _Held, rank: int, out: Path, spec: ExportSpec, max_bytes:
         if writer_of[target] != 0:
             source = local / target if rank == writer_of[target] else None
             error = _ship(source, out / target, writer_of[target], rank, group) or error
-    if local is not None and local != out:
-        shutil.rmtree(local, ignore_errors=True)
-    failures = gather_json(error, group) if group is not None else [error]
-    bad = [(r, text) for r, text in enumerate(failures) if text]
-    if bad:
-        raise RuntimeError("the final export to train.model_dir failed: "
-                           + "; ".join(f"rank {r}: {text}" for r, text in bad))
-    return where, sum(e[1] for e in entries), dtype
+    return error
 
 
 def _try(action, *args) -> str:

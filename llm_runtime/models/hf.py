@@ -13,6 +13,7 @@ checks here are pure functions of the config dict.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Mapping
 
@@ -35,6 +36,14 @@ the head, stay replicated: the head and embeddings are sharded by FSDP, not TP).
 
 _CAUSAL_WITHOUT_MASK = ("sdpa", "flash_attention_2", "flash_attention_3")
 """Attention implementations that are causal when given no mask (HF's own unpadded training path)."""
+
+
+def _fp32() -> dict:
+    """from_config's dtype argument: ``dtype`` from transformers 4.56 on, ``torch_dtype`` before."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
 
 
 def is_hf_causal_lm(model: nn.Module) -> bool:
@@ -67,6 +76,14 @@ def check_hf_layout(config: Mapping, *, tp: int, pp: int, seq_len: int, where: s
     positions = config.get("max_position_embeddings")
     if positions and seq_len > positions and not (config.get("rope_scaling") or {}):
         raise ValueError(f"{where}: train.seq_len={seq_len} exceeds max_position_embeddings={positions}")
+
+
+def warn_sliding_window(config: Mapping, where: str) -> None:
+    """rt.parallelize does not know the sequence length: say that a window is not applied."""
+    window = _sliding_window(config)
+    if window:
+        log.warning("%s: sliding_window=%d is not applied (attention here is full causal): keep sequences at most "
+                    "%d tokens long", where, window, window)
 
 
 def _sliding_window(config: Mapping) -> int:
@@ -126,7 +143,8 @@ class HFCausalLM(nn.Module):
         return name if name.startswith("lm_head.") else f"model.{name}"
 
     def parallel_options(self) -> dict:
-        """parallelize's keyword arguments for this model (TP plan, pipeline modules)."""
+        """parallelize's keyword arguments for this model (TP plan, pipeline modules). TP splits the
+        blocks only (no sequence parallelism: parallel.sequence_parallel does not apply)."""
         options = dict(layers_attr="layers", first_only=("embed_tokens",), last_only=("norm", "lm_head"),
                        root_tp_plan={})
         try:
@@ -210,22 +228,27 @@ class HFModelSpec:
 
         config = self.hf_config()
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", **_fp32())
         return HFCausalLM(model)
+
+    @functools.cached_property
+    def _layout(self) -> HFCausalLM:
+        """One meta model for the shape, count and FLOP questions."""
+        return self.build()
 
     def shapes(self) -> tuple[dict[str, tuple[int, ...]], frozenset]:
         """(HF name -> shape of every parameter, the names a tied model may omit)."""
-        model = self.build()
+        model = self._layout
         shapes = {HFCausalLM.hf_name(n): tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
         return shapes, frozenset({"lm_head.weight"}) if model.tied else frozenset()
 
     def num_parameters(self) -> int:
-        return self.build().num_parameters()
+        return self._layout.num_parameters()
 
     def flops_per_token(self, seq_len: int) -> int:
         """``6*N + 12*layers*hidden*seq_len`` (N without the embedding lookup), as the bundled model."""
         config = self.source.config
-        model = self.build()
+        model = self._layout
         non_embedding = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed_tokens."))
         if model.tied:
             non_embedding += model.lm_head.weight.numel()
@@ -235,11 +258,11 @@ class HFModelSpec:
         """How train.model_dir gets this model: HF's names, the input's dtype, its tokenizer files."""
         from ..checkpoint.export import ExportSpec
         from .hf_source import TOKENIZER_FILES
+        from .llama_hf import DTYPE_NAMES
 
-        dtype = self.source.dtype
-        names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-        config = {k: v for k, v in self.source.config.items() if k != "torch_dtype"}
-        return ExportSpec(name_of=HFCausalLM.hf_name, convert=lambda name, tensor: tensor.to(dtype), dtype=dtype,
-                          config_json=lambda _: {**config, "dtype": names.get(dtype, "float32")},
-                          extra_files=[self.source.directory / n for n in TOKENIZER_FILES
-                                       if (self.source.directory / n).is_file()])
+        dtype, directory = self.source.dtype, self.source.directory
+        name = DTYPE_NAMES[dtype]
+        return ExportSpec(name_of=HFCausalLM.hf_name, convert=lambda _, tensor: tensor.to(dtype), dtype=dtype,
+                          config_json=lambda _: {**self.source.config, "dtype": name, "torch_dtype": name},
+                          extra_files=[directory / n for n in ("generation_config.json", *TOKENIZER_FILES)
+                                       if (directory / n).is_file()])

@@ -29,8 +29,13 @@ log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+"""Copied beside the exported weights when the input has them (with generation_config.json)."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+IGNORED = (".rotary_emb.inv_freq",)
+"""Tensors some older conversions still hold and HF's own loader ignores (computed, not learned)."""
 
 
 class HFSourceError(ValueError):
@@ -64,17 +69,21 @@ class HFSource:
 
 def _slice_dtype(handle, name: str) -> torch.dtype:
     text = handle.get_slice(name).get_dtype()
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(text, torch.float32)
+    if text not in _SAFETENSORS_DTYPES:
+        raise HFSourceError(f"{name}: dtype {text} is not supported (float32, bfloat16, float16)")
+    return _SAFETENSORS_DTYPES[text]
 
 
 def local_dir(value: str, paths) -> Path:
     """Where the directory is on this host: the path, the channel's directory, or the staged copy
-    (``<root>/llm-runtime/hf-model/<hash of the URI>``: /opt/ml's volume on SageMaker)."""
+    (``<root>/llm-runtime/hf-model/<hash of the URI>``: /opt/ml's volume on SageMaker, the temp
+    directory where that root is not writable)."""
     if value.startswith("channel:"):
         return Path(paths.channel_dir(value[len("channel:"):]))
     if value.startswith("s3://"):
         digest = hashlib.sha256(value.rstrip("/").encode()).hexdigest()[:16]
-        return Path(paths.root if paths is not None else tempfile.gettempdir()) / "llm-runtime" / "hf-model" / digest
+        root = paths.root if paths is not None and os.access(paths.root, os.W_OK) else tempfile.gettempdir()
+        return Path(root) / "llm-runtime" / "hf-model" / digest
     return Path(value)
 
 
@@ -90,20 +99,29 @@ def stage(value: str, target: Path) -> None:
         raise HFSourceError(f"model.hf_path={value}: {err}") from None
     if not any(name == "config.json" for name, _ in objects):
         raise HFSourceError(f"model.hf_path={value}: no config.json under that prefix")
-    target.mkdir(parents=True, exist_ok=True)
     total = 0
-    for name, size in sorted(objects, key=lambda item: item[0] == "config.json"):
-        path = target / name
-        if path.exists() and path.stat().st_size == size and name != "config.json":
-            continue
-        tmp = path.with_name(f".{name}.part")
-        try:
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, size in sorted(objects, key=lambda item: item[0] == "config.json"):
+            path = target / name
+            if path.exists() and path.stat().st_size == size and name != "config.json":
+                continue
+            tmp = path.with_name(f".{name}.part")
             store.download(name, tmp)
-        except StorageError as err:
-            raise HFSourceError(f"model.hf_path={value}: {err}") from None
-        os.replace(tmp, path)
-        total += size
+            os.replace(tmp, path)
+            total += size
+    except StorageError as err:
+        _remove_parts(target)
+        raise HFSourceError(f"model.hf_path={value}: {err}") from None
+    except OSError as err:
+        _remove_parts(target)
+        raise HFSourceError(f"model.hf_path={value}: staging to {target} failed: {err}") from None
     log.info("model.hf_path: %s staged to %s (%.1f MB fetched)", value, target, total / 1e6)
+
+
+def _remove_parts(target: Path) -> None:
+    for part in target.glob(".*.part") if target.is_dir() else ():
+        part.unlink(missing_ok=True)
 
 
 def read_source(directory: Path, where: str) -> HFSource:
@@ -157,7 +175,7 @@ def check_shapes(source: HFSource, expected: Mapping[str, tuple[int, ...]], wher
     if missing:
         raise HFSourceError(f"{where}: the weights lack {len(missing)} tensor(s) the config needs, "
                             f"e.g. {missing[0]!r}")
-    unexpected = sorted(set(source.files) - set(expected))
+    unexpected = sorted(name for name in set(source.files) - set(expected) if not name.endswith(IGNORED))
     if unexpected:
         raise HFSourceError(f"{where}: the weights hold {len(unexpected)} tensor(s) the config has no place for, "
                             f"e.g. {unexpected[0]!r} in {source.files[unexpected[0]]}")

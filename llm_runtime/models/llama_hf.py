@@ -23,7 +23,7 @@ _BLOCK = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj"
 _TOP_BACK = {v: k for k, v in _TOP.items()}
 _BLOCK_BACK = {v: k for k, v in _BLOCK.items()}
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def hf_config(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict:
@@ -36,7 +36,8 @@ def hf_config(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict:
         "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-        "initializer_range": 0.02, "dtype": _DTYPE_NAMES.get(dtype, "float32"),
+        "initializer_range": 0.02, "dtype": DTYPE_NAMES.get(dtype, "float32"),
+        "torch_dtype": DTYPE_NAMES.get(dtype, "float32"),  # the key transformers before 4.56 reads
     }
 
 

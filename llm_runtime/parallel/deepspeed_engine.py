@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .deepspeed_config import DeepSpeedLayout, deepspeed_config, read_user_config, resolve_user_config
+from ..gather import gather_json
 from ..runtime import set_group_timeouts
 from .fsdp import apply_activation_checkpointing
 
@@ -125,14 +126,21 @@ def build_model(deepspeed, build: Callable[[], nn.Module], init_fn, ds_config: d
         return model
     # No dtype=: DeepSpeed 0.19 then takes bf16 on a CPU accelerator whatever is passed (an operator
     # precedence slip in Init._set_dtype); from the config it is the engine's own (bf16 or fp32).
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    mics = (ds_config.get("zero_optimization") or {}).get("mics_shard_size", -1) > 0
+    with (deepspeed.zero.MiCS_Init if mics else deepspeed.zero.Init)(config_dict_or_path=ds_config):
         model = build()
-    fill = init_fn(model)
+    fill, error = init_fn(model), None
     with torch.no_grad():
         for name, param in model.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                if rank == 0:
-                    fill(name, param.data)
+                if rank == 0 and error is None:
+                    try:
+                        fill(name, param.data)
+                    except Exception as err:  # noqa: BLE001 - raised on every rank below, after every gather
+                        error = f"{name}: {type(err).__name__}: {err}"
+    failed = gather_json(error or "", None)[0] if dist.is_initialized() and dist.get_world_size() > 1 else error
+    if failed:
+        raise RuntimeError(f"filling the ZeRO-3 model on rank 0 failed at {failed}")
     log.info("DeepSpeed ZeRO-3: the model was built partitioned (zero.Init) and filled one parameter at a time")
     return model
 

@@ -204,8 +204,7 @@ def test_retention_keeps_the_newest_checkpoints_locally_and_in_s3(tmp_path, s3):
 
 @pytest.mark.parametrize("layout,nproc", [
     (["--parallel.pp=2"], 4),                                              # two stages, two replicas
-    (["--parallel.backend=deepspeed", "--parallel.zero_stage=3"], 2),
-])
+])  # DeepSpeed's exports (ZeRO-3, pipeline, ZeRO-0) equal this same format: test_deepspeed_equivalence.py
 def test_the_final_model_loads_with_from_pretrained_and_gives_the_runtimes_logits(tmp_path, layout, nproc):
     """train.model_dir in Hugging Face format: safetensors files (at least one per pipeline stage: each
     stage's writer writes its own), the index, config.json; AutoModelForCausalLM loads every tensor

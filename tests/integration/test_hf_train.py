@@ -83,7 +83,8 @@ def test_an_hf_directory_trained_at_lr_0_exports_exactly_its_weights_in_their_dt
         for path in src.iterdir():
             s3.client.upload_file(str(path), s3.bucket, f"models/tiny/{path.name}")
         args = [f"--model.hf_path={s3.url('models/tiny')}"]
-    env = {"SAGEMAKER_BASE_DIR": str(tmp_path / "opt-ml")}  # where an s3:// model is staged
+    (tmp_path / "opt-ml").mkdir()
+    env = {"SAGEMAKER_BASE_DIR": str(tmp_path / "opt-ml")}  # where an s3:// model is staged (/opt/ml's volume)
     out = tmp_path / "model"
     proc = train(tmp_path, "roundtrip", *args, *layout, "--train.lr=0", f"--train.model_dir={out}",
                  "--train.model_shard_mb=1", nproc=nproc, **env)

@@ -31,13 +31,18 @@ def test_the_wrapped_model_gives_hfs_logits_even_when_built_with_eager_attention
     assert names == set(dict(model.named_parameters()))
 
 
-def test_a_pipeline_stage_without_embedding_or_head_passes_hidden_states_through():
-    model = hf("llama")
-    tokens = torch.randint(0, 64, (2, 8))
+def test_two_pipeline_stages_of_the_wrapped_model_compose_to_hfs_logits():
+    from llm_runtime.parallel.pipeline import build_stage_modules, split_layers
+
+    model = hf("mistral")
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(4))
     wrapped = HFCausalLM(model)
-    hidden = wrapped.embed_tokens(tokens)
-    wrapped.embed_tokens, wrapped.lm_head, wrapped.norm = None, None, None
-    assert wrapped(hidden).shape == (2, 8, 32)
+    options = wrapped.parallel_options()
+    first, last = build_stage_modules(wrapped, [0, 1], split_layers(2, 2), layers_attr="layers",
+                                      first_only=options["first_only"], last_only=options["last_only"])
+    hidden = first(tokens)
+    assert first.lm_head is None and last.embed_tokens is None and hidden.shape == (2, 8, 32)
+    assert torch.allclose(last(hidden), model(tokens).logits, atol=1e-6)
 
 
 def test_the_tp_plan_comes_from_the_familys_base_model_tp_plan():

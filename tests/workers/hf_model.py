@@ -2,9 +2,9 @@
 
 For each family in one job: Llama built eagerly with different weights on every rank
 (parallelize starts all from rank 0's), Mistral and a tied-embedding Qwen2 on the meta device
-(the family's seeded init). Each trains 3 steps; rank 0 also trains a plain copy through HF's own
-forward (``.logits``) on the whole batch and writes both loss curves, or the error parallelize
-raised (a tied model under pipeline parallelism is refused).
+(the family's seeded init). Each trains 5 steps; rank 0 also trains a plain copy through HF's own
+forward (``.logits``) on the whole batch and writes both loss curves and the largest difference of
+the trained weights from the copy's, or the error parallelize raised (a tied model under pipeline parallelism is refused).
 usage: hf_model.py OUT_DIR
 """
 import json
@@ -12,6 +12,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
@@ -19,6 +20,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 import llm_runtime
 from llm_runtime.models.hf import HFCausalLM
 
+STEPS = 5
 SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
 FAMILIES = {
@@ -42,6 +44,9 @@ def build(cls, config, init, rank, seed):
     model = cls(config)
     if rank == 0:
         reference.load_state_dict(model.state_dict())
+    with torch.no_grad():  # every rank's reference is rank 0's model (each checks the stages it holds)
+        for param in reference.parameters():
+            dist.broadcast(param, src=0)
     return model, reference
 
 
@@ -57,8 +62,9 @@ def train(rt, cls, config, init):
     data = torch.randint(0, 64, (8, 9), generator=torch.Generator().manual_seed(1))
     per_replica = 8 // rt.dp_size
     mine = data[rt.dp_rank * per_replica:(rt.dp_rank + 1) * per_replica]
+    start = {name: p.detach().clone() for name, p in HFCausalLM(reference).named_parameters()}
     losses, ref_losses = [], []
-    for _ in range(3):
+    for _ in range(STEPS):
         local = parallel.train_step(mine[:, :-1], mine[:, 1:])
         optimizer.step()
         optimizer.zero_grad()
@@ -69,7 +75,22 @@ def train(rt, cls, config, init):
         ref_optimizer.step()
         ref_optimizer.zero_grad()
         ref_losses.append(loss.item())
-    return {"parallel": losses, "reference": ref_losses}
+    moved = max((p.detach() - start[name]).abs().max().item() for name, p in HFCausalLM(reference).named_parameters())
+    return {"parallel": losses, "reference": ref_losses, "weights_max_diff": weights_max_diff(parallel, reference),
+            "weights_moved": moved}
+
+
+def weights_max_diff(parallel, reference) -> float:
+    """Largest difference of any trained parameter from the reference's (over every rank's stages)."""
+    wanted = dict(HFCausalLM(reference).named_parameters())
+    worst = torch.zeros(())
+    for part in parallel.parts:
+        for name, param in part.named_parameters():
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param  # a collective of its mesh
+            worst = torch.maximum(worst, (full.detach() - wanted[name].detach()).abs().max())
+    if dist.is_initialized():
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return worst.item()
 
 
 def main():
