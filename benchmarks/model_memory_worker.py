@@ -1,7 +1,8 @@
 """Worker for model_memory.py: one rank's host memory while rt.parallelize sets the model up.
 
-usage (under llm-runtime launch): model_memory_worker.py eager|meta DIM LAYERS HEADS
-Prints one line per rank: MEMORY {"rank", "baseline_gb", "peak_over_gb", "shard_gb"}. The baseline
+usage (under llm-runtime launch): model_memory_worker.py eager|meta DIM LAYERS HEADS [step]
+Prints one line per rank: MEMORY {"rank", "baseline_gb", "peak_over_gb", "shard_gb"}; with ``step``
+also one AdamW training step (gradients and optimizer state allocated), then STEPPED {"rank"}. The baseline
 is this process's RSS after imports and the process group; the peak is VmHWM after resetting it
 there (Linux /proc/self/clear_refs), so it covers the whole setup: build, layout, materialisation.
 """
@@ -47,6 +48,12 @@ def main() -> None:
     shard = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in parallel.parameters()) * 4
     print("MEMORY " + json.dumps({"rank": rt.rank, "baseline_gb": baseline, "peak_over_gb": peak - baseline,
                                   "shard_gb": shard / (1 << 30)}), flush=True)
+    if sys.argv[5:6] == ["step"]:
+        optimizer = torch.optim.AdamW(list(parallel.parameters()), lr=1e-4)
+        tokens = torch.randint(0, config.vocab_size, (1, 65), generator=torch.Generator().manual_seed(rt.rank))
+        parallel.train_step(tokens[:, :-1], tokens[:, 1:])
+        optimizer.step()
+        print("STEPPED " + json.dumps({"rank": rt.rank}), flush=True)
     rt.shutdown()
 
 

@@ -37,7 +37,19 @@ def import_deepspeed(device_type: str):
         import deepspeed
     except ImportError as err:
         raise ImportError(f"{INSTALL_HINT} ({err})") from None
+    if wanted == "cpu":
+        _skip_shared_memory_all_reduce(deepspeed)
     return deepspeed
+
+
+def _skip_shared_memory_all_reduce(deepspeed) -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce when its comm starts (about
+    50 s on 2 cores, once per environment). Only ``inference_all_reduce`` uses it, and falls back to
+    the process group's all-reduce without it; training never calls it. Marked incompatible, it is
+    not built."""
+    ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(ops, dict):
+        ops["deepspeed_shm_comm"] = False
 
 
 def mics_available() -> bool:
