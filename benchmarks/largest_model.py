@@ -26,19 +26,36 @@ BIN = Path(sys.executable).parent
 WORKER = str(Path(__file__).with_name("model_memory_worker.py"))
 
 
-def group_rss_gb(pgid: int) -> float:
-    """Resident memory of every process in the process group (the launcher and its workers)."""
-    total = 0
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, resident bytes) of every process."""
+    out = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                out[int(entry.name)] = (int(fields[1]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE"))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def tree(root: int) -> tuple[list[int], float]:
+    """(pids, resident GB) of ``root`` and all its descendants: torchrun starts each worker in a
+    session of its own, so the process group alone would miss them."""
+    table = _processes()
+    pids, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, (parent, _) in table.items() if parent in frontier]
+        pids += frontier
+    return pids, sum(table[pid][1] for pid in pids if pid in table) / (1 << 30)
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:  # field 5 of stat: the process group
-                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: rss in pages
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / (1 << 30)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def attempt(args, mode: str, layers: int, budget_gb: float) -> tuple[bool, float, float, str]:
@@ -49,13 +66,14 @@ def attempt(args, mode: str, layers: int, budget_gb: float) -> tuple[bool, float
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     reason = ""
     while proc.poll() is None:
-        peak = max(peak, group_rss_gb(proc.pid))
+        pids, rss = tree(proc.pid)
+        peak = max(peak, rss)
         if peak > budget_gb:
             reason = f"passed the {budget_gb:.1f} GB budget"
         elif time.monotonic() - start > args.timeout:
             reason = f"ran past {args.timeout} s"
         if reason:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill(pids)
             break
         time.sleep(0.2)
     out, _ = proc.communicate()
@@ -93,7 +111,7 @@ def main() -> None:
     budget = args.budget_gb or 0.92 * total_gb
     notes = [f"bundled Llama dim={args.dim} heads={args.heads}, layers tried in order {args.layers}; FSDP2 over "
              f"{args.nproc} CPU ranks (gloo); one AdamW step of one 64-token sequence per rank; budget {budget:.1f} "
-             f"GB of {total_gb:.1f} GB host memory (the launcher's process group, polled every 0.2 s)"]
+             f"GB of {total_gb:.1f} GB host memory (the launcher and its workers, polled every 0.2 s)"]
     eager = largest(args, "eager", budget, notes)
     meta = largest(args, "meta", budget, notes)
     if not eager:
