@@ -60,9 +60,7 @@ class SavePlan:
     extra: dict = field(default_factory=dict)
 
     def write(self, directory: Path) -> None:
-        tmp = directory / f"{PLAN}.tmp"
-        tmp.write_text(json.dumps(asdict(self)))
-        os.replace(tmp, directory / PLAN)
+        write_atomic(directory / PLAN, json.dumps(asdict(self)))
 
     @classmethod
     def read(cls, directory: Path) -> "SavePlan | None":
@@ -86,6 +84,13 @@ def committed_token(directory: Path) -> str | None:
         return Manifest.parse((directory / MANIFEST).read_text(), str(directory)).extra.get("token", "")
     except (OSError, ManifestError):
         return None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``text`` beside ``path``, then renamed over it: a reader polling for ``path`` sees all or nothing."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def commit_failure(directory: Path) -> BaseException | None:
@@ -118,8 +123,8 @@ def abandon_incomplete(node_dir: Path, why: str) -> list[int]:
         plan = SavePlan.read(directory)
         missing = markers_missing(directory, plan)
         if missing:
-            (directory / FAILED).write_text(f"error\nabandoned: ranks {missing} {why} before their local write "
-                                            "finished\n")
+            write_atomic(directory / FAILED, f"error\nabandoned: ranks {missing} {why} before their local write "
+                                             "finished\n")
             abandoned.append(plan.step)
     return abandoned
 
@@ -184,9 +189,7 @@ def commit(directory: Path, plan: SavePlan, store, local_store, *, timeout_s: fl
             _after_commit(store, manifest, plan)
     else:
         manifest = _wait_for_manifest(store, plan, deadline, stopping)
-    tmp = directory / f"{MANIFEST}.tmp"
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, directory / MANIFEST)
+    write_atomic(directory / MANIFEST, manifest.to_json())
     _tidy(local_store, plan)
     if plan.node_rank == 0:
         requests = (store.stats.requests - before) if store is not None else 0
@@ -210,7 +213,9 @@ def commit_with_deadline(directory: Path, plan: SavePlan, store, local_store, ti
     except BaseException as err:
         cancelled.set()
         text = str(err).splitlines()[0][:500] if str(err) else type(err).__name__
-        (directory / FAILED).write_text(f"{'timeout' if isinstance(err, TimeoutError) else 'error'}\n{text}\n")
+        # Atomic: the node's workers poll for this file, and one that read it half-written took the
+        # empty record for a storage error (exit 1) instead of the deadline's TimeoutError (exit 86).
+        write_atomic(directory / FAILED, f"{'timeout' if isinstance(err, TimeoutError) else 'error'}\n{text}\n")
         raise
 
 
