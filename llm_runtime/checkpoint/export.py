@@ -134,6 +134,10 @@ class _Held:
     dtype: torch.dtype = torch.float32
     """The parameters' dtype, as the writer saw them."""
 
+    def exported(self, spec: ExportSpec, name: str) -> str:
+        """A part's parameter name as the exported checkpoint spells it."""
+        return spec.name_of(self.rename(name))
+
 
 @contextlib.contextmanager
 def _dtensor_whole(param):
@@ -152,18 +156,16 @@ def _export_held(held: _Held, rank: int, out: Path, spec: ExportSpec, max_bytes:
     ``out``, the others into a private directory, sent to rank 0 one file at a time afterwards: the
     model lands whole on rank 0's host, as SageMaker uploads it); no rank holds more than one file's
     tensors at a time."""
-    writer, parts = held.writer, held.parts
-    name_of = lambda name: spec.name_of(held.rename(name))  # noqa: E731
-    mine = [(name_of(name), _nbytes(param, spec), stage)
-            for stage, part in zip(held.stages, parts) for name, param in part.named_parameters()]
-    listed = gather_json(mine if writer else [], group) if group is not None else [mine]
+    mine = [(held.exported(spec, name), _nbytes(param, spec), stage)
+            for stage, part in zip(held.stages, held.parts) for name, param in part.named_parameters()]
+    listed = gather_json(mine if held.writer else [], group) if group is not None else [mine]
     entries = sorted(((*e, owner) for owner, rank_entries in enumerate(listed) for e in rank_entries),
                      key=lambda e: e[2])  # stable: stage order, each stage in its writer's order
     files = plan_files([e[:3] for e in entries], max_bytes)
     names = file_names(len(files))
     where = {name: names[i] for i, file in enumerate(files) for name in file}
     writer_of = {where[e[0]]: e[3] for e in entries}
-    local = out if rank == 0 else Path(tempfile.mkdtemp(prefix="llm-runtime-export-")) if writer else None
+    local = out if rank == 0 else Path(tempfile.mkdtemp(prefix="llm-runtime-export-")) if held.writer else None
     try:
         error = _write_held(held, rank, out, local, spec, where, writer_of, files, names, group)
     finally:
@@ -181,17 +183,15 @@ def _write_held(held: _Held, rank: int, out: Path, local: Path | None, spec: Exp
                 names, group) -> str:
     """Every parameter through ``held.whole`` (all ranks), written by the writers file by file, then
     each file shipped to rank 0; '' or this rank's first failure."""
-    name_of = lambda name: spec.name_of(held.rename(name))  # noqa: E731
-    writer = held.writer
     left = {target: len(file) for target, file in zip(names, files)}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     error = ""
     for part in held.parts:
         for name, param in part.named_parameters():
             with held.whole(param) as full:  # the stage's collective: every rank of it takes part
-                if not writer:
+                if not held.writer:
                     continue
-                held.dtype, exported = full.dtype, name_of(name)
+                held.dtype, exported = full.dtype, held.exported(spec, name)
                 target = where[exported]
                 tensor = spec.convert(held.rename(name), full.detach().cpu()).contiguous()
                 shared = tensor.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()

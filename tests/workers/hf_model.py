@@ -13,12 +13,12 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
 import llm_runtime
 from llm_runtime.models.hf import HFCausalLM
+from side_by_side import side_by_side  # beside this script (its directory is on sys.path)
 
 STEPS = 5
 SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -57,24 +57,9 @@ def train(rt, cls, config, init):
     except ValueError as err:
         return {"error": str(err)}
     assert not any(p.is_meta for p in parallel.parameters())
-    optimizer = torch.optim.SGD(parallel.parameters(), lr=0.5)
-    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
-    data = torch.randint(0, 64, (8, 9), generator=torch.Generator().manual_seed(1))
-    per_replica = 8 // rt.dp_size
-    mine = data[rt.dp_rank * per_replica:(rt.dp_rank + 1) * per_replica]
     start = {name: p.detach().clone() for name, p in HFCausalLM(reference).named_parameters()}
-    losses, ref_losses = [], []
-    for _ in range(STEPS):
-        local = parallel.train_step(mine[:, :-1], mine[:, 1:])
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(parallel.global_loss(local))
-        logits = reference(data[:, :-1]).logits
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten())
-        loss.backward()
-        ref_optimizer.step()
-        ref_optimizer.zero_grad()
-        ref_losses.append(loss.item())
+    losses, ref_losses = side_by_side(rt, parallel, reference, vocab=64, steps=STEPS, lr=0.5,
+                                      logits=lambda out: out.logits)
     moved = max((p.detach() - start[name]).abs().max().item() for name, p in HFCausalLM(reference).named_parameters())
     return {"parallel": losses, "reference": ref_losses, "weights_max_diff": weights_max_diff(parallel, reference),
             "weights_moved": moved}

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import llm_runtime
+from side_by_side import side_by_side  # beside this script (its directory is on sys.path)
 
 
 class Block(nn.Module):
@@ -72,22 +73,7 @@ def main():
         options = {}
     parallel = rt.parallelize(model, tp_plan=tp_plan(), first_only=("embed",), last_only=("head",), **options)
     assert not any(p.is_meta for p in parallel.parameters())
-    optimizer = torch.optim.SGD(parallel.parameters(), lr=0.1)
-    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    data = torch.randint(0, 32, (8, 9), generator=torch.Generator().manual_seed(1))
-    per_replica = 8 // rt.dp_size
-    mine = data[rt.dp_rank * per_replica:(rt.dp_rank + 1) * per_replica]
-    losses, ref_losses = [], []
-    for _ in range(3):
-        local = parallel.train_step(mine[:, :-1], mine[:, 1:])
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(parallel.global_loss(local))
-        loss = nn.functional.cross_entropy(reference(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten())
-        loss.backward()
-        ref_optimizer.step()
-        ref_optimizer.zero_grad()
-        ref_losses.append(loss.item())
+    losses, ref_losses = side_by_side(rt, parallel, reference, vocab=32, steps=3, lr=0.1)
     if rt.rank == 0:
         with open(os.path.join(out, "losses.json"), "w") as sink:
             json.dump({"parallel": losses, "reference": ref_losses, "layout": rt.dims.describe()}, sink)
