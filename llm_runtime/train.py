@@ -337,8 +337,8 @@ class _TorchTrainer:
 
 
 class _DeepSpeedTrainer:
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, convert_timeout_s: float):
+        self.engine, self.convert_timeout_s = engine, convert_timeout_s
 
     def step(self, inputs, targets, accumulation: int) -> tuple[torch.Tensor, float]:
         return self.engine.train_step(inputs, targets)  # the engine has its own micro-batching
@@ -352,7 +352,7 @@ class _DeepSpeedTrainer:
     def checkpoint_state(self):
         from .checkpoint.state import DeepSpeedState
 
-        return DeepSpeedState(self.engine.engine)
+        return DeepSpeedState(self.engine.engine, self.convert_timeout_s)
 
 
 def deepspeed_batching(config: Config, dp: int, pp: int) -> tuple[int, int]:
@@ -378,7 +378,7 @@ def _deepspeed_trainer(rt: Runtime, build, init_fn, model_config):
             optimizer, lambda s: lr_factor(s + 1, config.train)),
         loss_fn=cross_entropy, train_timeout_s=config.comm.train_timeout_s, init_seed=config.train.seed,
         model_config=model_config)
-    return engine.engine.module, _DeepSpeedTrainer(engine)
+    return engine.engine.module, _DeepSpeedTrainer(engine, config.checkpoint.upload_timeout_s)
 
 
 def main(config: Config) -> int:

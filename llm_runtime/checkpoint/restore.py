@@ -26,6 +26,7 @@ from .commit import (CLAIM, SavePlan, abandon_incomplete, commit_with_deadline, 
 from .layout import MANIFEST, Manifest, ManifestError, resume_order, step_dir
 from .state import restore_rng
 from .transfer import CorruptCheckpoint, ensure_member
+from .universal import UniversalError, resume_mode
 
 __all__ = ["CheckpointLoadError", "Restorer", "ResumeMismatch", "config_json", "first_line"]
 
@@ -189,12 +190,14 @@ class Restorer:
         if manifest.backend != self.backend:
             raise CorruptCheckpoint(f"step {manifest.step} was written by the {manifest.backend} backend, "
                                     f"this run uses {self.backend}")
-        if self.backend == "deepspeed" and manifest.world_size != self.world_size:
-            raise CorruptCheckpoint(f"step {manifest.step} was written by {manifest.world_size} DeepSpeed ranks; "
-                                    f"DeepSpeed checkpoints load on the same number of ranks (this run has "
-                                    f"{self.world_size}); resharding needs the fsdp backend (DCP)")
-        saved = (manifest.extra.get("config") or {}).get("model")
-        ours = config_json(self.config, self.model_fingerprint)["model"]
+        saved_config, our_config = manifest.extra.get("config") or {}, config_json(self.config, self.model_fingerprint)
+        if self.backend == "deepspeed":  # another world size: a universal checkpoint, where DeepSpeed has one
+            try:
+                resume_mode(saved_config.get("parallel") or {}, our_config["parallel"], manifest.world_size,
+                            self.world_size, manifest.step)
+            except UniversalError as err:
+                raise ResumeMismatch(str(err)) from None
+        saved, ours = saved_config.get("model"), our_config["model"]
         if saved is not None and saved != ours:
             raise CorruptCheckpoint(f"step {manifest.step} holds another model ({saved}); this run's is "
                                     f"{ours} (set checkpoint.run_id per model)")

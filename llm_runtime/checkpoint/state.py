@@ -17,6 +17,9 @@ Both states offer one protocol to the manager:
 from __future__ import annotations
 
 import base64
+import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,6 +27,8 @@ import torch
 from .transfer import ensure_member, fetch_members, verifying_reader
 
 __all__ = ["DeepSpeedState", "TorchState", "restore_rng", "rng_state"]
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict:
@@ -109,16 +114,23 @@ class TorchState:
 
 class DeepSpeedState:
     """DeepSpeed's engine writes and reads its own files (torch.load of pickles: the runtime
-    verifies every file against the manifest first)."""
+    verifies every file against the manifest first). A ZeRO checkpoint of another world size is
+    converted to DeepSpeed's universal checkpoint first (see ``universal.py``)."""
     tag = "state"
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, timeout_s: float = 3600.0):
+        self.engine, self.timeout_s = engine, timeout_s
         self.failure: BaseException | None = None
 
     def save(self, directory: Path, group) -> None:
         """Synchronous (the engine's own writer); the upload is still in the background."""
         self.engine.save_checkpoint(str(directory / "ds"), tag=self.tag, save_latest=False)
+
+    def _universal(self, manifest) -> bool:
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return manifest.world_size != world and self.engine.zero_optimization_stage() > 0
 
     def prefetch(self, manifest, root: Path, store, local_rank: int) -> None:
         """DeepSpeed reads files by its own names: local rank 0 fetches them all, verified, and drops
@@ -130,12 +142,37 @@ class DeepSpeedState:
         for path in (root / "ds").rglob("*") if (root / "ds").exists() else ():
             if path.is_file() and str(path.relative_to(root)) not in set(wanted):
                 path.unlink()
+        if self._universal(manifest):
+            self._convert(manifest, root, sum(manifest.member(n)[1].size for n in wanted))
+
+    def _convert(self, manifest, root: Path, ds_bytes: int) -> None:
+        from .universal import SPACE_FACTOR, check_space, convert
+
+        target = root / "ds-universal"
+        shutil.rmtree(target, ignore_errors=True)  # an interrupted conversion's
+        check_space(int(ds_bytes * SPACE_FACTOR), shutil.disk_usage(root).free, root, manifest.step)
+        seconds = convert(root / "ds" / self.tag, target / self.tag, self.timeout_s)
+        log.warning(
+            "checkpoint step %d: converted from %d DeepSpeed ranks to a universal checkpoint in %.1fs "
+            "(%.1f MB of DeepSpeed files)", manifest.step, manifest.world_size, seconds, ds_bytes / 1e6)
 
     def load(self, manifest, root: Path, store, group) -> None:
-        path, _ = self.engine.load_checkpoint(str(root / "ds"), tag=self.tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        universal = self._universal(manifest)
+        source = root / ("ds-universal" if universal else "ds")
+        self.engine._config.load_universal_checkpoint = universal  # the engine reads it at load time
+        try:
+            path, _ = self.engine.load_checkpoint(str(source), tag=self.tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         if path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {root / 'ds'}")
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {source}")
+        if universal:  # every rank of the node has read it: the converted copy goes
+            import torch.distributed as dist
+
+            dist.barrier(group=group)
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                shutil.rmtree(source, ignore_errors=True)
 
     def json_state(self) -> dict:
         return {}

@@ -108,13 +108,18 @@ def test_deepspeed_zero3_resumes_exactly_from_its_checkpoint(tmp_path, s3):
     assert_same_tail(first, resumed[:3], 6)
 
 
+DS_ZERO2 = ["--parallel.backend=deepspeed", "--parallel.zero_stage=2"]
+
+
 @pytest.mark.parametrize("before,after,partitions", [
     # TP2 (one replica) -> FSDP over 4: growing the data-parallel size needs a partition count
     # every size divides, set up front.
     ((2, ["--parallel.tp=2"]), (4, []), ["--data.num_partitions=4"]),
     # FSDP over 4 -> PP2 (one replica): data.num_partitions auto, the saved 4 are kept on one replica.
     ((4, []), (2, ["--parallel.pp=2"]), []),
-], ids=["tp2-to-fsdp4", "fsdp4-to-pp2"])
+    # DeepSpeed ZeRO-2 on 2 -> 4 ranks: converted to DeepSpeed's universal checkpoint, from a fresh disk.
+    ((2, DS_ZERO2), (4, DS_ZERO2), ["--data.num_partitions=4"]),
+], ids=["tp2-to-fsdp4", "fsdp4-to-pp2", "deepspeed-zero2-2-to-4-universal"])
 def test_a_checkpoint_resumes_on_another_layout_and_number_of_ranks_with_its_data_position(tmp_path, s3, before,
                                                                                             after, partitions):
     from tests.datasets import write_dataset
@@ -126,8 +131,14 @@ def test_a_checkpoint_resumes_on_another_layout_and_number_of_ranks_with_its_dat
     (nproc_before, layout_before), (nproc_after, layout_after) = before, after
     first = hang_and_kill(tmp_path, "first", *ck, *layout_before, nproc=nproc_before, hang_step=9,
                           until=saved_and_ran_on(s3, tmp_path, "first", 8))
+    if layout_after == DS_ZERO2:
+        (tmp_path / "local").rename(tmp_path / "gone")  # a fresh host: every node's objects come from S3
     resumed, proc = train(tmp_path, "resumed", *ck, *layout_after, nproc=nproc_after)
-    assert "resumed from checkpoint step 5" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "resumed from checkpoint step 5" in out
+    if layout_after == DS_ZERO2:
+        assert "converted from 2 DeepSpeed ranks to a universal checkpoint" in out
+        assert not list((tmp_path / "local").rglob("ds-universal")), "the converted copy is deleted after loading"
     tail = [m for m in first if m["step"] >= 6]
     assert [m["step"] for m in resumed] == [6, 7, 8, 9, 10] and [m["step"] for m in tail][:3] == [6, 7, 8]
     for a, b in zip(tail, resumed):  # same samples, same weights; only the reduction order differs

@@ -137,3 +137,49 @@ def test_a_checkpoint_of_another_hf_config_is_refused_on_resume(saved_fingerprin
             Restorer._check_compatible(restorer, manifest)
     else:
         Restorer._check_compatible(restorer, manifest)
+
+
+# ---- DeepSpeed on another number of ranks (checkpoint/universal.py) --------------------------
+@pytest.mark.parametrize("saved,ours,saved_world,world,mode", [
+    ({"zero_stage": 2}, {"zero_stage": 2}, 2, 2, "same"),
+    ({"zero_stage": 2}, {"zero_stage": 2}, 2, 4, "universal"),
+    ({"zero_stage": -1}, {"zero_stage": 3}, 4, 2, "universal"),  # -1 is ZeRO-3 without a pipeline
+    ({"zero_stage": 1}, {"zero_stage": 1}, 4, 1, "universal"),
+    ({"zero_stage": 0}, {"zero_stage": 0}, 2, 4, "same"),  # every rank holds the whole optimizer state
+    ({"zero_stage": 1, "pp": 2}, {"zero_stage": 1, "pp": 2}, 4, 4, "same"),
+])
+def test_a_deepspeed_checkpoint_on_another_world_size_is_converted_to_a_universal_one(saved, ours, saved_world,
+                                                                                      world, mode):
+    from llm_runtime.checkpoint.universal import resume_mode
+
+    assert resume_mode(saved, ours, saved_world, world, step=5) == mode
+
+
+@pytest.mark.parametrize("saved,ours,needle", [
+    ({"zero_stage": 1, "pp": 2}, {"zero_stage": 1, "pp": 2}, "pipeline checkpoint (parallel.pp=2)"),
+    ({"zero_stage": 1}, {"zero_stage": 1, "pp": 2}, "this run: parallel.pp=2"),
+    ({"zero_stage": 2}, {"zero_stage": 3}, "saved with parallel.zero_stage=2, this run uses 3"),
+    ({"zero_stage": 3, "shard_group_size": 2}, {"zero_stage": 3, "shard_group_size": 2}, "hpZ/MiCS"),
+])
+def test_a_deepspeed_checkpoint_no_conversion_serves_is_refused_naming_the_key(saved, ours, needle):
+    from llm_runtime.checkpoint.universal import UniversalError, resume_mode
+
+    with pytest.raises(UniversalError, match="checkpoint step 5 was written by 4 DeepSpeed ranks, this run has 2") as err:
+        resume_mode(saved, ours, 4, 2, step=5)
+    assert needle in str(err.value)
+
+
+def test_a_conversion_the_disk_cannot_hold_is_refused_with_both_sizes_and_the_directory(tmp_path):
+    from llm_runtime.checkpoint.universal import UniversalError, check_space
+
+    check_space(2_000_000_000, 2_000_000_000, tmp_path, step=5)  # exactly enough
+    with pytest.raises(UniversalError) as err:
+        check_space(3_000_000_000, 1_250_000_000, tmp_path, step=5)
+    assert all(s in str(err.value) for s in ("step 5", "3.00 GB", "1.25 GB", str(tmp_path), "checkpoint.local_dir"))
+
+
+def test_a_failed_conversion_names_deepspeeds_tool_and_its_last_line(tmp_path):
+    from llm_runtime.checkpoint.universal import UniversalError, convert
+
+    with pytest.raises(UniversalError, match=r"ds_to_universal failed on .*missing \(exit [1-9]"):
+        convert(tmp_path / "missing", tmp_path / "out", timeout_s=120)
