@@ -13,8 +13,9 @@ FAMILIES = ("llama", "mistral", "qwen2-tied")
 
 @pytest.mark.parametrize("layout, nproc", [
     ({"LLM_RUNTIME_PARALLEL_DP_SHARD": "2", "LLM_RUNTIME_PARALLEL_TP": "2"}, 4),  # FSDP2 and TP together
+    ({"LLM_RUNTIME_PARALLEL_DP_SHARD": "2"}, 2),
     ({"LLM_RUNTIME_PARALLEL_PP": "2"}, 2),
-], ids=["fsdp2xtp2", "pp2"])
+], ids=["fsdp2xtp2", "fsdp2", "pp2"])
 def test_hf_causal_lms_train_under_parallelize_like_hfs_own_forward(layout, nproc, tmp_path):
     run([str(BIN / "llm-runtime"), "launch", "--nproc-per-node", str(nproc), WORKER, str(tmp_path)],
         env=clean_env(**layout), timeout=240)
