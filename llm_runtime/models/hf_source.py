@@ -87,36 +87,60 @@ def local_dir(value: str, paths) -> Path:
     return Path(value)
 
 
-def stage(value: str, target: Path) -> None:
-    """Copy ``s3://bucket/prefix`` to ``target`` (files already there with the object's size are
-    kept: a restarted job does not fetch a 100 GB model again). config.json lands last."""
-    from ..storage import StorageError, open_store
+STAGED = ".staged.json"
+"""In a staged copy: each file's size and ETag as listed when it was fetched."""
 
-    store = open_store(value)
+
+def stale(listed: Mapping[str, tuple[int, str]], recorded: Mapping, present: Mapping[str, int]) -> list[str]:
+    """The objects to fetch (config.json last): those not on disk, of another size, or whose ETag
+    differs from the one recorded at their fetch (a model re-uploaded with the same sizes)."""
+    out = [name for name, (size, etag) in listed.items()
+           if present.get(name) != size or list(recorded.get(name) or ()) != [size, etag]]
+    return sorted(out, key=lambda name: (name == "config.json", name))
+
+
+def stage(value: str, target: Path, timeout_s: float = 3600.0) -> None:
+    """Copy ``s3://bucket/prefix`` to ``target`` with s5cmd (or the store's downloads), within
+    ``timeout_s``. Files already there with the object's size and ETag are kept: a restarted job
+    does not fetch a 100 GB model again. config.json lands last, the record of ETags after it."""
+    from ..storage import StorageError, open_store
+    from ..storage.bulk import download_many
+
     try:
-        objects = [(name, size) for name, size in store.list("") if "/" not in name]
+        listed = {name: (size, etag) for name, size, etag in open_store(value).versions("") if "/" not in name}
     except StorageError as err:
         raise HFSourceError(f"model.hf_path={value}: {err}") from None
-    if not any(name == "config.json" for name, _ in objects):
+    if "config.json" not in listed:
         raise HFSourceError(f"model.hf_path={value}: no config.json under that prefix")
-    total = 0
     try:
         target.mkdir(parents=True, exist_ok=True)
-        for name, size in sorted(objects, key=lambda item: item[0] == "config.json"):
-            path = target / name
-            if path.exists() and path.stat().st_size == size and name != "config.json":
-                continue
-            tmp = path.with_name(f".{name}.part")
-            store.download(name, tmp)
-            os.replace(tmp, path)
-            total += size
+        _remove_parts(target)
+        for path in target.iterdir():  # the copy mirrors the prefix: an older upload's extra files go
+            if path.is_file() and path.name not in listed and path.name != STAGED:
+                path.unlink()
+        present = {path.name: path.stat().st_size for path in target.iterdir() if path.is_file()}
+        fetch = stale(listed, _recorded(target), present)
+        (target / STAGED).unlink(missing_ok=True)
+        tool = download_many(value, [(name, target / f".{name}.part") for name in fetch], timeout_s,
+                             workdir=target) if fetch else "none"
+        for name in fetch:
+            os.replace(target / f".{name}.part", target / name)
+        (target / STAGED).write_text(json.dumps({name: list(v) for name, v in listed.items()}, sort_keys=True))
     except StorageError as err:
         _remove_parts(target)
         raise HFSourceError(f"model.hf_path={value}: {err}") from None
     except OSError as err:
         _remove_parts(target)
         raise HFSourceError(f"model.hf_path={value}: staging to {target} failed: {err}") from None
-    log.info("model.hf_path: %s staged to %s (%.1f MB fetched)", value, target, total / 1e6)
+    log.info("model.hf_path: %s staged to %s (%d file(s), %.1f MB fetched with %s; %d kept)", value, target,
+             len(fetch), sum(listed[n][0] for n in fetch) / 1e6, tool, len(listed) - len(fetch))
+
+
+def _recorded(target: Path) -> dict:
+    try:
+        return json.loads((target / STAGED).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _remove_parts(target: Path) -> None:

@@ -129,6 +129,12 @@ class S3Store(Store):
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         """(key relative to this store, size) of every object under ``prefix``."""
+        for name, size, _ in self.versions(prefix):
+            yield name, size
+
+    def versions(self, prefix: str = "") -> Iterator[tuple[str, int, str]]:
+        """(key relative to this store, size, ETag) of every object under ``prefix``: the ETag tells
+        an object re-uploaded with the same size from the one a local copy was made of."""
         base = self.key(prefix)
         if base and (not prefix or prefix.endswith("/")):  # a "directory": not its siblings that share a prefix
             base += "/"
@@ -136,7 +142,7 @@ class S3Store(Store):
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
                 for item in page.get("Contents", ()):
-                    yield item["Key"][start:], int(item["Size"])
+                    yield item["Key"][start:], int(item["Size"]), str(item.get("ETag", "")).strip('"')
         except Exception as err:  # noqa: BLE001
             raise wrap(err, "LIST", f"s3://{self.bucket}/{base}", self.max_attempts) from None
 

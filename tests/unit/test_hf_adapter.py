@@ -89,3 +89,19 @@ def test_a_config_the_layout_cannot_run_is_refused_naming_the_key(config, layout
 ])
 def test_settings_the_runtime_honours_pass_the_layout_check(config):
     check_hf_layout(config, tp=1, pp=1, seq_len=32)
+
+
+@pytest.mark.parametrize("recorded, present, fetch", [
+    ({}, {}, ["a.safetensors", "config.json"]),                                      # nothing staged yet
+    ({"a.safetensors": [5, "e1"], "config.json": [2, "c"]}, {"a.safetensors": 5, "config.json": 2}, []),
+    ({"a.safetensors": [5, "e0"], "config.json": [2, "c"]}, {"a.safetensors": 5, "config.json": 2},
+     ["a.safetensors"]),                                                             # re-uploaded, same size
+    ({"a.safetensors": [5, "e1"], "config.json": [2, "c"]}, {"a.safetensors": 3, "config.json": 2},
+     ["a.safetensors"]),                                                             # cut short on disk
+    ({}, {"a.safetensors": 5, "config.json": 2}, ["a.safetensors", "config.json"]),  # no record: not trusted
+])
+def test_staging_fetches_what_is_missing_resized_or_reuploaded_and_config_json_last(recorded, present, fetch):
+    from llm_runtime.models.hf_source import stale
+
+    listed = {"config.json": (2, "c"), "a.safetensors": (5, "e1")}
+    assert stale(listed, recorded, present) == fetch
