@@ -115,11 +115,11 @@ DS_ZERO2 = ["--parallel.backend=deepspeed", "--parallel.zero_stage=2"]
     # TP2 (one replica) -> FSDP over 4: growing the data-parallel size needs a partition count
     # every size divides, set up front.
     ((2, ["--parallel.tp=2"]), (4, []), ["--data.num_partitions=4"]),
-    # FSDP over 4 -> PP2 (one replica): data.num_partitions auto, the saved 4 are kept on one replica.
-    ((4, []), (2, ["--parallel.pp=2"]), []),
+    # PP2 (one replica) -> FSDP over 2: each stage's parameters, by their unsplit names, resharded.
+    ((2, ["--parallel.pp=2"]), (2, []), ["--data.num_partitions=2"]),
     # DeepSpeed ZeRO-2 on 2 -> 4 ranks: converted to DeepSpeed's universal checkpoint, from a fresh disk.
     ((2, DS_ZERO2), (4, DS_ZERO2), ["--data.num_partitions=4"]),
-], ids=["tp2-to-fsdp4", "fsdp4-to-pp2", "deepspeed-zero2-2-to-4-universal"])
+], ids=["tp2-to-fsdp4", "pp2-to-fsdp2", "deepspeed-zero2-2-to-4-universal"])
 def test_a_checkpoint_resumes_on_another_layout_and_number_of_ranks_with_its_data_position(tmp_path, s3, before,
                                                                                             after, partitions):
     from tests.datasets import write_dataset
