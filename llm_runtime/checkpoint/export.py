@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -50,6 +50,8 @@ class ExportSpec:
     """config.json, given the exported weights' dtype."""
     dtype: torch.dtype | None = None
     """The exported dtype (None: the parameters' own)."""
+    dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)
+    """Exported names whose dtype is not ``dtype`` (an input that keeps its norms in float32, say)."""
     extra_files: Sequence[Path] = field(default_factory=list)
     """Copied beside the weights (the tokenizer's files)."""
 
@@ -113,9 +115,10 @@ def export_model(trainer, rt, directory: str, spec: ExportSpec, *, shard_mb: int
     return out / INDEX
 
 
-def _nbytes(param: torch.Tensor, spec: ExportSpec) -> int:
+def _nbytes(param: torch.Tensor, spec: ExportSpec, exported: str) -> int:
     numel = getattr(param, "ds_numel", None) or param.numel()  # a ZeRO-3 partition knows its full size
-    return numel * (spec.dtype.itemsize if spec.dtype is not None else param.element_size())
+    dtype = spec.dtypes.get(exported, spec.dtype)
+    return numel * (dtype.itemsize if dtype is not None else param.element_size())
 
 
 @dataclass
@@ -156,8 +159,9 @@ def _export_held(held: _Held, rank: int, out: Path, spec: ExportSpec, max_bytes:
     ``out``, the others into a private directory, sent to rank 0 one file at a time afterwards: the
     model lands whole on rank 0's host, as SageMaker uploads it); no rank holds more than one file's
     tensors at a time."""
-    mine = [(held.exported(spec, name), _nbytes(param, spec), stage)
-            for stage, part in zip(held.stages, held.parts) for name, param in part.named_parameters()]
+    mine = [(exported, _nbytes(param, spec, exported), stage)
+            for stage, part in zip(held.stages, held.parts) for name, param in part.named_parameters()
+            for exported in [held.exported(spec, name)]]
     listed = gather_json(mine if held.writer else [], group) if group is not None else [mine]
     entries = sorted(((*e, owner) for owner, rank_entries in enumerate(listed) for e in rank_entries),
                      key=lambda e: e[2])  # stable: stage order, each stage in its writer's order

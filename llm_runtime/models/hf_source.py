@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,12 +60,21 @@ class HFSource:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The weights' dtype (the first tensor's), else config.json's ``dtype`` / ``torch_dtype``."""
+        """The weights' dtype (the one most tensors have), else config.json's ``dtype`` / ``torch_dtype``."""
         if self.files:
-            name = next(iter(self.files))
-            with _open(self.directory / self.files[name]) as handle:
-                return _slice_dtype(handle, name)
+            return Counter(self.dtypes().values()).most_common(1)[0][0]
         return _DTYPES.get(self.config.get("dtype") or self.config.get("torch_dtype") or "", torch.float32)
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """Each weight's own dtype (a checkpoint may keep some, its norms say, in float32)."""
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.files.items():
+            by_file.setdefault(file, []).append(name)
+        out = {}
+        for file, names in by_file.items():
+            with _open(self.directory / file) as handle:
+                out.update((name, _slice_dtype(handle, name)) for name in names)
+        return out
 
 
 def _slice_dtype(handle, name: str) -> torch.dtype:

@@ -24,12 +24,16 @@ TINY = ["--train.seq_len=32", "--train.batch_size=8", "--train.log_every=1", "--
         "--parallel.mixed_precision=fp32", "--watchdog.first_timeout_s=150", "--watchdog.step_timeout_s=90"]
 
 
-def hf_dir(path, family, *, vocab=260, seed=0):
-    """A saved random model of ``family`` in bf16, split into several safetensors files."""
+def hf_dir(path, family, *, vocab=260, seed=0, fp32_norms=False):
+    """A saved random model of ``family`` in bf16 (its norms in fp32 with ``fp32_norms``), split into
+    several safetensors files."""
     model_cls, config_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(vocab_size=vocab, **SIZES, **extra)
     model = getattr(transformers, model_cls)(config).to(torch.bfloat16)
+    for name, module in model.named_modules() if fp32_norms else ():
+        if name.endswith("norm"):
+            module.float()
     model.save_pretrained(path, max_shard_size="40KB")
     assert len(list(path.glob("model-*.safetensors"))) > 2
     return path
@@ -72,7 +76,7 @@ def prepared_with_tokenizer(tmp_path):
 ], ids=["fsdp2-mistral", "fsdp2xtp2-qwen2-tied", "pp2-llama-from-s3"])
 def test_an_hf_directory_trained_at_lr_0_exports_exactly_its_weights_in_their_dtype(tmp_path, request, family, layout,
                                                                                      nproc, source):
-    src = hf_dir(tmp_path / "src", family, vocab=300 if source == "dir+tokenizer" else 260)
+    src = hf_dir(tmp_path / "src", family, vocab=300 if source == "dir+tokenizer" else 260, fp32_norms=source == "dir")
     args = [f"--model.hf_path={src}"]
     if source == "dir+tokenizer":
         tokenizer, shards = prepared_with_tokenizer(tmp_path)
@@ -94,8 +98,11 @@ def test_an_hf_directory_trained_at_lr_0_exports_exactly_its_weights_in_their_dt
         assert "weights: 39 tensor(s) read as this rank's block only, 0 read whole" in log, log
     want, got = tensors(src), tensors(out)
     assert sorted(got) == sorted(want)
+    if source == "dir":  # a mixed input: each tensor keeps its own dtype
+        assert {t.dtype for n, t in want.items() if n.endswith("norm.weight")} == {torch.float32}
     for name, tensor in want.items():
-        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], tensor), name
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+        assert tensor.dtype == (torch.float32 if source == "dir" and name.endswith("norm.weight") else torch.bfloat16)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
     assert config["dtype"] == "bfloat16"
