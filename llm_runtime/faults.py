@@ -9,7 +9,8 @@
 
 Keys: ``rank`` (default: every rank), ``step`` (default: any step), ``phase`` (where it fires:
 ``step`` (default, at the start of the forward/backward), ``data`` (while waiting for the batch),
-``checkpoint`` (in the node's background checkpoint upload, so on a local rank 0) or ``health``),
+``checkpoint`` (in the node's background checkpoint upload, so on a local rank 0), ``health``, or
+``launch`` (in each host's launcher before any worker starts; ``rank`` is then the node rank)),
 and ``restart`` (the elastic restart it fires in, default 0: a restarted job runs clean).
 Example: ``LLM_RUNTIME_FAULT=hang:rank=1,step=3,phase=data``.
 """
@@ -28,7 +29,7 @@ __all__ = ["Fault", "FaultError", "active", "inject", "parse_faults"]
 
 log = logging.getLogger(__name__)
 KINDS = ("hang", "kill", "slow", "corrupt")
-PHASES = ("step", "data", "checkpoint", "health")
+PHASES = ("step", "data", "checkpoint", "health", "launch")
 _INT_KEYS = ("rank", "step", "restart")
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .cluster import ClusterInfo
 
-__all__ = ["LaunchError", "LaunchPlan", "Target", "mpi_export_names", "mpi_status_port", "mpirun_argv",
-           "plan_launch", "sagemaker_target", "torchrun_argv"]
+__all__ = ["TORCH_FLOOR", "LaunchError", "LaunchPlan", "Target", "mpi_export_names", "mpi_status_port", "mpirun_argv",
+           "plan_launch", "sagemaker_target", "torch_too_old", "torchrun_argv"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,25 @@ _MPI_PASS_NAMES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "MAST
 
 class LaunchError(ValueError):
     """The launch request cannot be carried out; the message says why and what to change."""
+
+
+TORCH_FLOOR = (2, 9)
+"""The first torch whose torch.distributed.run leaves SIGTERM to the runtime (``--signals-to-handle``):
+without it a job stop or a spot interruption tears the workers down with no final checkpoint."""
+
+
+def torch_too_old(version: str) -> str | None:
+    """Why this torch cannot run the launcher (None: it can), from its version string."""
+    head = version.split("+")[0].split(".")
+    try:
+        found = (int(head[0]), int("".join(c for c in head[1] if c.isdigit()) or 0))
+    except (IndexError, ValueError):
+        return f"torch {version!r}: not a version llm-runtime can read; it needs torch >= 2.9"
+    if found >= TORCH_FLOOR:
+        return None
+    return (f"torch {version} is too old: llm-runtime needs torch >= {TORCH_FLOOR[0]}.{TORCH_FLOOR[1]}, whose "
+            "launcher leaves SIGTERM to it (--signals-to-handle), so a job stop saves a checkpoint first; "
+            "install torch>=2.9")
 
 
 @dataclass(frozen=True)

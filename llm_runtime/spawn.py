@@ -17,13 +17,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from .cluster import ClusterInfo
 from .exitcodes import DOCUMENTED, launcher_exit
+from .faults import inject
 from .launch import LaunchError, LaunchPlan, mpi_status_port
 from .workerenv import COMMIT_AGENT_ENV, STOP_FILE_ENV
 
-__all__ = ["execute"]
+__all__ = ["default_sigterm", "early_sigterm", "execute"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ def execute(plan: LaunchPlan, info: ClusterInfo, *, mpi_wait_timeout_s: float = 
     """Carry out a plan; returns the exit status this host should exit with. ``agent`` (a
     checkpoint CommitAgent, torchrun only) commits the node's saves and is given its time at the end."""
     log.info("%s", plan.message)
+    inject(info.node_rank, None, phase="launch")
     if plan.action == "idle":
         print(f"llm-runtime: {plan.message}", flush=True)
         return 0
@@ -54,6 +57,23 @@ def execute(plan: LaunchPlan, info: ClusterInfo, *, mpi_wait_timeout_s: float = 
     if plan.action == "mpi-wait":
         return _wait_for_mpirun(plan.wait_addr, plan.wait_port, info.current_host, mpi_wait_timeout_s)
     raise LaunchError(f"unknown launch action {plan.action!r}")
+
+
+def early_sigterm() -> None:
+    """From the launcher's first line: a SIGTERM before the workers start (the platform stopping
+    the job while the host still detects, checks or stages) exits 143 at once, with one line. The
+    stop-and-save handler replaces it while the workers run (PID 1 in the image is tini)."""
+    def stop(signum, frame):
+        print("llm-runtime: SIGTERM before the workers started: nothing to save; exiting 143", file=sys.stderr,
+              flush=True)
+        raise SystemExit(128 + int(signal.SIGTERM))
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def default_sigterm() -> None:
+    """In a worker: its own SIGTERM means exit now (the launcher turns the platform's into a save)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _StopRequest:
@@ -188,6 +208,9 @@ def _start_sshd() -> None:
         return
     if _port_open("127.0.0.1", 22, 1.0):
         return
+    if shutil.which("ssh-keygen") and not any(Path("/etc/ssh").glob("ssh_host_*_key")):
+        # No image bakes host keys: this host makes its own, at job start.
+        subprocess.run(["ssh-keygen", "-A"], check=False, capture_output=True, timeout=60)
     subprocess.Popen([sshd, "-D"], stdin=subprocess.DEVNULL, start_new_session=True)
 
 

@@ -60,6 +60,16 @@ def no_leaked_process_group():
 
 
 @pytest.fixture(autouse=True)
+def restore_sigterm():
+    """cli.main installs the launcher's SIGTERM handler in the process that calls it: not past a test."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+@pytest.fixture(autouse=True)
 def no_leaked_threads():
     """Fail a test that leaves a non-daemon thread running (it would keep the process alive)."""
     before = set(threading.enumerate())

@@ -130,3 +130,26 @@ def test_healthcheck_names_a_slow_rank_and_fails_a_wrong_result_with_the_bad_nod
         failure = (out / "failure").read_text()
         assert "llm-runtime bad-node:" in failure and "rank 1 (" in failure and "matmul" in failure, failure
         assert "exit code 87" in log
+
+
+def test_a_sigterm_before_any_worker_starts_exits_143_in_one_line(tmp_path):
+    """The platform may stop a job while its hosts still check and stage (here: a launcher held by
+    LLM_RUNTIME_FAULT=hang:phase=launch, after the job's checks, before torchrun): the launcher
+    handles SIGTERM from its first line and exits 143 at once, no worker ever started."""
+    path = tmp_path / "job.log"
+    env = clean_env(LLM_RUNTIME_FAULT="hang:phase=launch")
+    with open(path, "w") as log:
+        proc = subprocess.Popen(train_argv(steps=2), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while "in phase launch" not in path.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, path.read_text()
+                time.sleep(0.2)
+            proc.send_signal(subprocess.signal.SIGTERM)
+            code = proc.wait(timeout=20)
+        finally:
+            kill_tree(proc)
+    text = path.read_text()
+    assert code == 143, text
+    assert text.count("SIGTERM before the workers started") == 1 and "[rank 0]" not in text, text

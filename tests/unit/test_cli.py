@@ -276,3 +276,32 @@ def test_unknown_command_exits_2_naming_it(started, capsys):
     rc, _, err = run(capsys, "frobnicate")
     assert rc == 2
     assert "frobnicate" in err
+
+
+@pytest.mark.parametrize("version, ok", [
+    ("2.13.0", True), ("2.13.0+cpu", True), ("2.9.0", True), ("2.11.0a0+git1234", True), ("3.0.1", True),
+    ("2.8.1", False), ("2.6.0+cu124", False), ("1.13.1", False),
+])
+def test_a_torch_without_signals_to_handle_is_refused_naming_the_floor(version, ok):
+    from llm_runtime.launch import torch_too_old
+
+    message = torch_too_old(version)
+    assert (message is None) == ok
+    if not ok:
+        assert f"torch {version} is too old" in message and "torch >= 2.9" in message and "SIGTERM" in message
+
+
+def test_an_unreadable_torch_version_is_named():
+    from llm_runtime.launch import torch_too_old
+
+    assert "not a version" in torch_too_old("nightly")
+
+
+def test_the_launcher_refuses_an_old_torch_in_one_line_before_anything_starts(monkeypatch, capsys):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.6.0+cu124" if name == "torch" else real(name))
+    assert cli.main(["train", "--train.steps=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("llm-runtime train: error: torch 2.6.0+cu124 is too old")
