@@ -53,6 +53,10 @@ commands:
       tokenize text / jsonl files (.gz, .zst) into webdataset token shards with index.json
   checkpoints (list | verify [--step N]) URI [--run-id ID]
       a job's checkpoints under checkpoint.uri: complete or not, objects, bytes; verify checksums
+  local-job --image IMAGE --workdir DIR [--hosts N] [--hp KEY=VALUE ...] [--hyperparameters FILE.json]
+            [--channel NAME=PATH ...] [--env NAME ...] [--timeout S] [--stop-grace S]
+      run N containers of IMAGE as SageMaker hosts algo-1..N (127.0.1.i, host network, own /opt/ml
+      under DIR) with SageMaker's `train`; collects exit codes, /opt/ml/model and failure files
   verify-efa LOGFILE [--json]
       which network NCCL chose (EFA, EFA + GPUDirect RDMA, or a socket fallback) from NCCL_DEBUG=INFO
       output; exit 0 on EFA, 1 on a fallback, 2 when the log does not say
@@ -285,9 +289,15 @@ def _launcher_logging() -> None:
         logger.propagate = False
 
 
+def cmd_local_job(args: Sequence[str]) -> int:
+    from .local_job import main as local_job
+
+    return local_job(args)
+
+
 COMMANDS = {"launch": cmd_launch, "train": cmd_train, "healthcheck": cmd_healthcheck, "info": cmd_info,
             "metric-definitions": cmd_metric_definitions, "report": cmd_report, "prepare-data": cmd_prepare_data,
-            "checkpoints": cmd_checkpoints, "verify-efa": cmd_verify_efa}
+            "checkpoints": cmd_checkpoints, "verify-efa": cmd_verify_efa, "local-job": cmd_local_job}
 
 
 #: Commands `launch` passes on (the image's ENTRYPOINT is `llm-runtime launch`).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what the tests need (Open MPI from Debian when mpirun is missing) and run every test.
+# Install what the tests need (Open MPI and Docker from Debian when missing) and run every test.
 source "$(dirname "$0")/_venv.sh"
 if ! command -v mpirun >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -8,6 +8,17 @@ if ! command -v mpirun >/dev/null 2>&1; then
     echo "scripts/test.sh: mpirun is missing; install Open MPI (openmpi-bin) first" >&2
     exit 1
   fi
+fi
+# The container tests build and run the CPU image: Docker's daemon (debootstrap for the image's base).
+if ! docker info >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null
+    fi
+    nohup dockerd >/var/log/llm-runtime-dockerd.log 2>&1 &
+    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  fi
+  docker info >/dev/null 2>&1 || { echo "scripts/test.sh: Docker is not running (install docker.io, start dockerd)" >&2; exit 1; }
 fi
 install_package "[test]"
 # Every test dependency must import: a silently failed install would turn tests into skips.

@@ -305,3 +305,33 @@ def test_the_launcher_refuses_an_old_torch_in_one_line_before_anything_starts(mo
     assert cli.main(["train", "--train.steps=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[0]] and err[0].startswith("llm-runtime train: error: torch 2.6.0+cu124 is too old")
+
+
+def test_a_local_job_host_gets_sagemakers_files_and_a_loopback_only_docker_run(tmp_path):
+    from llm_runtime.local_job import docker_run_argv, host_files
+
+    files = host_files(1, 3, {"train.steps": 5, "data.uri": "s3://b/t"}, ["train"], "ml.c5.xlarge")
+    resource = json.loads(files["resourceconfig.json"])
+    assert resource["current_host"] == "algo-2" and resource["hosts"] == ["algo-1", "algo-2", "algo-3"]
+    assert resource["network_interface_name"] == "lo"
+    assert json.loads(files["hyperparameters.json"]) == {"train.steps": "5", "data.uri": '"s3://b/t"'}  # JSON strings
+    assert list(json.loads(files["inputdataconfig.json"])) == ["train"]
+    argv = docker_run_argv("img", 1, 3, tmp_path / "algo-2", "job", ["AWS_SECRET_ACCESS_KEY"], {"train": tmp_path})
+    assert argv[-2:] == ["img", "train"] and argv[argv.index("--network") + 1] == "host"
+    assert argv[argv.index("--hostname") + 1] == "algo-2" and "job-algo-2" in argv
+    hosts = [argv[i + 1] for i, a in enumerate(argv) if a == "--add-host"]
+    assert hosts == ["algo-1:127.0.1.1", "algo-2:127.0.1.2", "algo-3:127.0.1.3"]
+    assert argv[argv.index("-e") + 1] == "AWS_SECRET_ACCESS_KEY"  # by name: no value in argv
+    assert f"{tmp_path}:/opt/ml/input/data/train:ro" in argv
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--hp", "novalue"], "--hp 'novalue': expected KEY=VALUE"),
+    (["--channel", "train=/no/such/dir"], "expected NAME=PATH to an existing directory"),
+    (["--env", "LLM_RUNTIME_TEST_UNSET_VARIABLE"], "--env LLM_RUNTIME_TEST_UNSET_VARIABLE: not set"),
+    (["--hosts", "0"], "--hosts 0: 1 to 254 hosts"),
+])
+def test_a_local_job_with_bad_options_is_one_line_and_exit_2_before_any_container(args, needle, tmp_path, capsys):
+    assert cli.main(["local-job", "--image", "img", "--workdir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
