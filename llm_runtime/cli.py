@@ -55,8 +55,8 @@ commands:
       a job's checkpoints under checkpoint.uri: complete or not, objects, bytes; verify checksums
   local-job --image IMAGE --workdir DIR [--hosts N] [--hp KEY=VALUE ...] [--hyperparameters FILE.json]
             [--channel NAME=PATH ...] [--env NAME ...] [--timeout S] [--stop-grace S]
-      run N containers of IMAGE as SageMaker hosts algo-1..N (127.0.1.i, host network, own /opt/ml
-      under DIR) with SageMaker's `train`; collects exit codes, /opt/ml/model and failure files
+      run N containers of IMAGE as SageMaker hosts algo-1..N (127.0.1.i, host network, each its own
+      SageMaker tree DIR/algo-i) with SageMaker's `train`; collects exit codes, models and failure files
   verify-efa LOGFILE [--json]
       which network NCCL chose (EFA, EFA + GPUDirect RDMA, or a socket fallback) from NCCL_DEBUG=INFO
       output; exit 0 on EFA, 1 on a fallback, 2 when the log does not say

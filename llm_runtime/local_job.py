@@ -26,6 +26,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .paths import SAGEMAKER_ROOT
+
 __all__ = ["docker_run_argv", "host_address", "host_files", "main"]
 
 
@@ -60,15 +62,16 @@ def docker_run_argv(image: str, index: int, hosts: int, tree: Path, job: str, en
             "--hostname", host_name(index)]
     for other in range(hosts):
         argv += ["--add-host", f"{host_name(other)}:{host_address(other)}"]
-    argv += ["-v", f"{tree}:/opt/ml"]
+    argv += ["-v", f"{tree}:{SAGEMAKER_ROOT}"]
     for name, path in channels.items():
-        argv += ["-v", f"{path}:/opt/ml/input/data/{name}:ro"]
+        argv += ["-v", f"{path}:{SAGEMAKER_ROOT}/input/data/{name}:ro"]
     for name in env_names:
         argv += ["-e", name]  # the value comes from this process's environment, never from argv
     return [*argv, image, "train"]
 
 
-def _write_tree(root: Path, index: int, hosts: int, hyperparameters, channels, instance_type: str) -> Path:
+def _write_tree(root: Path, index: int, hosts: int, hyperparameters, channels, instance_type: str,
+                code: str | None = None) -> Path:
     tree = root / host_name(index)
     if tree.exists():
         shutil.rmtree(tree)
@@ -78,8 +81,12 @@ def _write_tree(root: Path, index: int, hosts: int, hyperparameters, channels, i
         (config / name).write_text(text)
     for name in channels:
         (tree / "input" / "data" / name).mkdir(parents=True)
-    for sub in ("model", "output", "code", "checkpoints"):
-        (tree / sub).mkdir()
+    for sub in ("model", "output/data", "checkpoints"):  # output/data: SageMaker's output_data_dir
+        (tree / sub).mkdir(parents=True)
+    if code:
+        shutil.copytree(code, tree / "code")
+    else:
+        (tree / "code").mkdir()
     return tree
 
 
@@ -87,11 +94,13 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llm-runtime local-job", description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", required=True)
     parser.add_argument("--hosts", type=int, default=2)
-    parser.add_argument("--workdir", required=True, help="each host's /opt/ml is WORKDIR/algo-i")
+    parser.add_argument("--workdir", required=True, help="each host's SageMaker tree is WORKDIR/algo-i")
     parser.add_argument("--hyperparameters", default=None, help="a JSON file of hyperparameters")
     parser.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="one hyperparameter")
     parser.add_argument("--channel", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--env", action="append", default=[], metavar="NAME", help="pass this variable through")
+    parser.add_argument("--code", default=None, help="a directory copied to each host's code "
+                        "directory (the job's source, as sagemaker_submit_directory)")
     parser.add_argument("--instance-type", default="ml.c5.xlarge")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before every host is stopped")
     parser.add_argument("--stop-grace", type=float, default=120.0, help="docker stop -t, as SageMaker's stop")
@@ -133,6 +142,8 @@ def main(argv: Sequence[str]) -> int:
             raise ValueError(f"--hosts {ns.hosts}: 1 to 254 hosts (127.0.1.1 to 127.0.1.254)")
         if missing:
             raise ValueError(f"--env {', '.join(missing)}: not set in this environment")
+        if ns.code and not Path(ns.code).is_dir():
+            raise ValueError(f"--code {ns.code}: not a directory")
     except (OSError, ValueError) as err:
         print(f"llm-runtime local-job: error: {err}", file=sys.stderr)
         return 2
@@ -142,7 +153,7 @@ def main(argv: Sequence[str]) -> int:
     previous = signal.signal(signal.SIGTERM, stop.on_signal)
     try:
         for index in range(ns.hosts):
-            tree = _write_tree(root, index, ns.hosts, hyperparameters, channels, ns.instance_type)
+            tree = _write_tree(root, index, ns.hosts, hyperparameters, channels, ns.instance_type, ns.code)
             subprocess.run(docker_run_argv(ns.image, index, ns.hosts, tree, ns.job, ns.env, channels), check=True,
                            capture_output=True, text=True, timeout=120)
             print(f"local-job: started {host_name(index)} ({host_address(index)}) as {names[index]}", flush=True)
@@ -215,7 +226,7 @@ def _report(root: Path, names: list[str], codes: Mapping[str, int]) -> int:
         reason = failure.read_text().strip().splitlines()[:1] if failure.is_file() else []
         summary[host] = {"exit_code": code, "model": model, "failure": reason[0] if reason else None,
                          "log": str(root / f"{host}.log")}
-        print(f"local-job: {host}: exit {code}, /opt/ml/model {len(model)} file(s)"
+        print(f"local-job: {host}: exit {code}, model {len(model)} file(s)"
               f"{', failure: ' + reason[0] if reason else ''}", flush=True)
         if code and not first_bad:
             first_bad = code

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from .cluster import ClusterInfo
 from .exitcodes import DOCUMENTED, launcher_exit
@@ -48,14 +47,10 @@ def execute(plan: LaunchPlan, info: ClusterInfo, *, mpi_wait_timeout_s: float = 
     if plan.action == "torchrun":
         return _run_torchrun(plan.argv, {**plan.env, **({COMMIT_AGENT_ENV: "1"} if agent else {})},
                              stop_deadline_s, agent)
-    if plan.start_sshd:
-        _start_sshd()
     if plan.action == "mpirun":
-        if not _wait_for_ssh(plan.ssh_hosts, mpi_wait_timeout_s):
-            return 1
-        return _run_mpirun(plan.argv, env, info, len(info.hosts) - 1)
+        return _run_mpirun(plan, env, info, mpi_wait_timeout_s)
     if plan.action == "mpi-wait":
-        return _wait_for_mpirun(plan.wait_addr, plan.wait_port, info.current_host, mpi_wait_timeout_s)
+        return _wait_for_mpirun(plan, info, mpi_wait_timeout_s)
     raise LaunchError(f"unknown launch action {plan.action!r}")
 
 
@@ -200,20 +195,6 @@ def _torchrun(argv: Sequence[str], extra_env: Mapping[str, str], stop: "_StopReq
     return 0
 
 
-def _start_sshd() -> None:
-    """mpirun reaches the other hosts over ssh: make sure this host answers (as SageMaker's MPI images do)."""
-    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
-    if sshd is None:
-        log.warning("sshd is not installed: mpirun cannot reach this host over ssh")
-        return
-    if _port_open("127.0.0.1", 22, 1.0):
-        return
-    if shutil.which("ssh-keygen") and not any(Path("/etc/ssh").glob("ssh_host_*_key")):
-        # No image bakes host keys: this host makes its own, at job start.
-        subprocess.run(["ssh-keygen", "-A"], check=False, capture_output=True, timeout=60)
-    subprocess.Popen([sshd, "-D"], stdin=subprocess.DEVNULL, start_new_session=True)
-
-
 def _port_open(host: str, port: int, timeout_s: float) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
@@ -243,21 +224,48 @@ def _status_store(addr: str, port: int, *, is_master: bool, timeout_s: float):
                     wait_for_workers=False)
 
 
-def _run_mpirun(argv: Sequence[str], env: Mapping[str, str], info: ClusterInfo, others: int) -> int:
-    store = None
+def _job_ssh(plan: LaunchPlan, store, info: ClusterInfo, timeout_s: float):
+    """The job's ssh keys and this host's sshd (see sshkeys.py); None when ssh is not used."""
+    if not plan.start_sshd or store is None:
+        return None
+    from .sshkeys import SshSetupError, setup
+
+    try:
+        return setup(store, info.current_host, list(info.hosts), timeout_s)
+    except (SshSetupError, OSError, subprocess.SubprocessError) as err:
+        print(f"llm-runtime: setting up ssh for mpirun failed: {err}", file=sys.stderr, flush=True)
+        return False
+
+
+def _run_mpirun(plan: LaunchPlan, env: Mapping[str, str], info: ClusterInfo, timeout_s: float) -> int:
+    """The first host: publish the job's ssh keys and mpirun's exit status, run mpirun across the hosts."""
+    from .sshkeys import rsh_env
+
+    store, others = None, len(info.hosts) - 1
     if others:
-        try:
+        try:  # torch's store listens on every address of this host; only the first host listens on this port
             store = _status_store("0.0.0.0", mpi_status_port(info), is_master=True, timeout_s=60)
         except (RuntimeError, OSError) as err:
             print(f"llm-runtime: cannot publish mpirun's status on port {mpi_status_port(info)} "
                   f"(MASTER_PORT + 1): {err}", file=sys.stderr)
             return 1
-    log.info("mpirun command: %s", shlex.join(argv))
+    ssh = _job_ssh(plan, store, info, timeout_s)
+    if ssh is False:
+        return 1
     try:
-        status = subprocess.run(list(argv), env=dict(env)).returncode
-    except FileNotFoundError:
-        print(f"llm-runtime: {argv[0]} not found; install Open MPI or launch without --mpi", file=sys.stderr)
-        status = 127
+        if ssh is not None:
+            env = {**env, **rsh_env(ssh.directory)}
+        if not _wait_for_ssh(plan.ssh_hosts, timeout_s):
+            return 1
+        log.info("mpirun command: %s", shlex.join(plan.argv))
+        try:
+            status = subprocess.run(list(plan.argv), env=dict(env)).returncode
+        except FileNotFoundError:
+            print(f"llm-runtime: {plan.argv[0]} not found; install Open MPI or launch without --mpi", file=sys.stderr)
+            status = 127
+    finally:
+        if ssh is not None:
+            ssh.stop()
     if store is not None:
         store.set("mpirun_exit_status", str(status))
         deadline = time.monotonic() + 60
@@ -266,26 +274,34 @@ def _run_mpirun(argv: Sequence[str], env: Mapping[str, str], info: ClusterInfo, 
     return status
 
 
-def _wait_for_mpirun(addr: str, port: int, host: str, timeout_s: float) -> int:
-    """A non-first host: wait for the first host's mpirun to finish and exit with its status.
+def _wait_for_mpirun(plan: LaunchPlan, info: ClusterInfo, timeout_s: float) -> int:
+    """A non-first host: publish its ssh keys, start its sshd, then wait for the first host's mpirun
+    to finish and exit with its status.
 
     Reaching the first host is bounded by ``timeout_s``; after that the wait lasts as long
     as the job, and ends the moment the first host's store goes away (its launcher died).
     """
+    addr, port, host = plan.wait_addr, plan.wait_port, info.current_host
     try:
         store = _status_store(addr, port, is_master=False, timeout_s=timeout_s)
     except (RuntimeError, OSError) as err:
         print(f"llm-runtime: host {host} could not reach the first host {addr}:{port} within "
               f"{timeout_s:.0f}s to wait for mpirun: {err}", file=sys.stderr)
         return 1
-    while True:
-        try:
-            if store.check(["mpirun_exit_status"]):
-                status = int(store.get("mpirun_exit_status"))
-                store.add("acks", 1)
-                return status
-        except (RuntimeError, OSError) as err:
-            print(f"llm-runtime: lost the first host {addr} while waiting for mpirun: {err}", file=sys.stderr)
-            return 1
-        time.sleep(1.0)
-
+    ssh = _job_ssh(plan, store, info, timeout_s)
+    if ssh is False:
+        return 1
+    try:
+        while True:
+            try:
+                if store.check(["mpirun_exit_status"]):
+                    status = int(store.get("mpirun_exit_status"))
+                    store.add("acks", 1)
+                    return status
+            except (RuntimeError, OSError) as err:
+                print(f"llm-runtime: lost the first host {addr} while waiting for mpirun: {err}", file=sys.stderr)
+                return 1
+            time.sleep(1.0)
+    finally:
+        if ssh is not None:
+            ssh.stop()

@@ -93,11 +93,12 @@ class TorchState:
         return {"model": model, "optim": optim}
 
     def load_dcp(self, loaded: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
 
         for part, optimizer in zip(self.parts, self.optimizers):
-            names = set(part.state_dict().keys())
+            # The names DCP saved under (a replicated part's own state_dict() spells them otherwise).
+            names = set(get_model_state_dict(part).keys())
             set_model_state_dict(part, {k: v for k, v in loaded["model"].items() if k in names})
             keys = get_optimizer_state_dict(part, optimizer, options=self._options()).keys()
             set_optimizer_state_dict(part, optimizer, {k: loaded["optim"][k] for k in keys}, options=self._options())

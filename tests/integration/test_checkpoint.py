@@ -79,6 +79,7 @@ def assert_same_tail(full, resumed, first_step):
 
 @pytest.mark.parametrize("layout,nproc", [
     ([], 2),                                                             # FSDP2
+    (["--parallel.dp_replicate=2", "--parallel.dp_shard=1"], 2),  # replicas only (DDP): its names differ
     (["--parallel.pp=2", "--parallel.tp=2"], 4),  # pipeline stages x tensor shards (FSDP: the case above)
 ])
 def test_a_killed_job_resumes_from_its_s3_checkpoint_exactly_as_if_never_stopped(tmp_path, s3, layout, nproc):

@@ -335,3 +335,18 @@ def test_a_local_job_with_bad_options_is_one_line_and_exit_2_before_any_containe
     assert cli.main(["local-job", "--image", "img", "--workdir", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_jobs_ssh_trusts_exactly_its_hosts_keys_and_sshd_listens_on_the_hosts_own_address(tmp_path):
+    from llm_runtime.sshkeys import authorized_keys, known_hosts, rsh_env, sshd_argv
+
+    hosts = {"algo-2": ("127.0.1.2", "ssh-ed25519 BBBB host-2\n"), "algo-1": ("127.0.1.1", "ssh-ed25519 AAAA host-1")}
+    assert known_hosts(hosts) == "algo-1,127.0.1.1 ssh-ed25519 AAAA host-1\nalgo-2,127.0.1.2 ssh-ed25519 BBBB host-2\n"
+    assert authorized_keys(["ssh-ed25519 C c1", "ssh-ed25519 D c2\n", "ssh-ed25519 C c1"]) == \
+        "ssh-ed25519 C c1\nssh-ed25519 D c2\n"
+    argv = sshd_argv("/usr/sbin/sshd", tmp_path, "127.0.1.2")
+    assert "-oListenAddress=127.0.1.2" in argv and argv[argv.index("-h") + 1] == str(tmp_path / "host_key")
+    assert f"-oAuthorizedKeysFile={tmp_path / 'authorized_keys'}" in argv and "-oPasswordAuthentication=no" in argv
+    env = rsh_env(tmp_path)
+    assert f"-i {tmp_path / 'client_key'}" in env["OMPI_MCA_plm_rsh_args"]
+    assert "StrictHostKeyChecking=yes" in env["OMPI_MCA_plm_rsh_args"] and env["OMPI_MCA_plm_rsh_no_tree_spawn"] == "1"

@@ -88,6 +88,8 @@ def test_the_gpu_stage_brings_efa_mpi_and_ofi_nccl_and_no_image_bakes_network_va
     assert "/opt/amazon/openmpi/bin" in gpu_env and "/opt/amazon/ofi-nccl/lib" in gpu_env
     everything = run_text(dockerfile)
     assert "openssh-server" in everything and "ssh-keygen" not in everything and "id_ed25519" not in everything
+    for system in ("system-cpu", "system-gpu"):  # the package's postinst makes host keys: they go
+        assert "/etc/ssh/ssh_host_*" in run_text(stages(dockerfile)[system]), system
     assert not any(name == "COPY" and ".ssh" in args for name, args in dockerfile)
 
 
