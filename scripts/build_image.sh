@@ -58,7 +58,11 @@ wheelhouse() {
   "$PY" -m pip wheel -q -w "$ROOT/.wheelhouse" "${index[@]}" "torch==$TORCH_VERSION" "$ROOT[$EXTRAS]" \
     2>&1 | grep -v "^WARNING: Location" || true
   ls "$ROOT"/.wheelhouse/llm_runtime-*.whl "$ROOT"/.wheelhouse/torch-"$TORCH_VERSION"*.whl >/dev/null
-  echo "build_image: wheelhouse $(du -sh "$ROOT/.wheelhouse" | cut -f1), $(ls "$ROOT/.wheelhouse" | wc -l) wheels"
+  # deps/ (a build layer cached while they stay the same) and app/ (llm-runtime alone)
+  mkdir -p "$ROOT/.wheelhouse/deps" "$ROOT/.wheelhouse/app"
+  mv "$ROOT"/.wheelhouse/llm_runtime-*.whl "$ROOT/.wheelhouse/app/"
+  mv "$ROOT"/.wheelhouse/*.whl "$ROOT/.wheelhouse/deps/"
+  echo "build_image: wheelhouse $(du -sh "$ROOT/.wheelhouse" | cut -f1), $(ls "$ROOT/.wheelhouse/deps" | wc -l) dependency wheels"
 }
 
 registry_reachable() {  # can the daemon pull the base? (an image already here counts)
@@ -91,7 +95,7 @@ if ! registry_reachable "$CPU_BASE"; then
   CPU_BASE=llm-runtime-base:bookworm
 fi
 ARGS=(--network host -f docker/Dockerfile --build-arg "CPU_BASE=$CPU_BASE" --build-arg "CUDA_BASE=$CUDA_BASE"
-      --build-arg "EXTRAS=$EXTRAS" -t "$TAG")
+      -t "$TAG")
 if [ "$FLAVOUR" = gpu ] && ! registry_reachable "$CUDA_BASE"; then
   echo "build_image: $CUDA_BASE cannot be pulled here: skipping the system-gpu stage (CUDA base, EFA installer);"
   echo "build_image: building the stages the GPU image shares with the CPU one, on $CPU_BASE"

@@ -115,6 +115,7 @@ def test_the_images_python_and_extras_are_what_setup_py_offers(dockerfile, tmp_p
     for extras in re.findall(r'EXTRAS="\$\{EXTRAS:-([a-z0-9,]+)\}"', script):
         assert all(f'"{extra}":' in setup for extra in extras.split(",")), extras
     install = run_text(stages(dockerfile)["runtime"])
-    assert "--no-index --find-links /tmp/wheelhouse" in install and "llm-runtime[${EXTRAS}]" in install
+    assert "--no-index --find-links /tmp/wheelhouse /tmp/wheelhouse/*.whl" in install  # the dependencies' layer
+    assert "--no-index --no-deps /tmp/app/*.whl" in install and "pip check" in install  # then llm-runtime alone
     ignore = (REPO / ".dockerignore").read_text().split()
     assert ignore[-2:] == ["*", "!.wheelhouse"]  # the build context is the wheelhouse alone
