@@ -350,3 +350,22 @@ def test_a_jobs_ssh_trusts_exactly_its_hosts_keys_and_sshd_listens_on_the_hosts_
     env = rsh_env(tmp_path)
     assert f"-i {tmp_path / 'client_key'}" in env["OMPI_MCA_plm_rsh_args"]
     assert "StrictHostKeyChecking=yes" in env["OMPI_MCA_plm_rsh_args"] and env["OMPI_MCA_plm_rsh_no_tree_spawn"] == "1"
+
+
+def test_a_local_jobs_report_names_each_hosts_exit_code_model_and_failure(tmp_path, capsys):
+    from llm_runtime.local_job import _report
+
+    for host, files in (("algo-1", ["config.json"]), ("algo-2", [])):
+        (tmp_path / host / "model").mkdir(parents=True)
+        (tmp_path / host / "output").mkdir()
+        for name in files:
+            (tmp_path / host / "model" / name).write_text("{}")
+    (tmp_path / "algo-2" / "output" / "failure").write_text("exit 86: rank 1 hung in a collective\nstacks...\n")
+    code = _report(tmp_path, ["job-algo-1", "job-algo-2"], {"job-algo-2": 86, "job-algo-1": 0})
+    assert code == 86
+    summary = json.loads((tmp_path / "local-job.json").read_text())
+    assert summary["algo-1"] == {"exit_code": 0, "model": ["config.json"], "failure": None,
+                                 "log": str(tmp_path / "algo-1.log")}
+    assert summary["algo-2"]["exit_code"] == 86 and summary["algo-2"]["failure"] == "exit 86: rank 1 hung in a collective"
+    out = capsys.readouterr().out
+    assert "local-job: algo-2: exit 86, model 0 file(s), failure: exit 86: rank 1 hung" in out
