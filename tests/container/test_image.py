@@ -87,7 +87,7 @@ def test_mpi_across_two_containers_reaches_four_ranks_over_ssh_with_keys_made_fo
     assert listing.stdout.strip() == "0", "the image holds no ssh key"
 
 
-STEPS = 60  # the stop lands a few steps after step 5; the resumed and reference jobs run the rest
+STEPS = 100  # the stop lands about 4 steps after step 5 (0.05 s a step here); the other jobs run the rest
 
 
 def local_job(image, tmp_path, name, hyper, port, *extra):
