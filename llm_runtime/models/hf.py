@@ -261,7 +261,7 @@ class HFModelSpec:
         from .llama_hf import DTYPE_NAMES
 
         dtype, directory = self.source.dtype, self.source.directory
-        dtypes = {n: d for n, d in self.source.dtypes().items() if d != dtype}  # each tensor keeps its own
+        dtypes = {n: d for n, d in self.source.dtypes.items() if d != dtype}  # each tensor keeps its own
         name = DTYPE_NAMES[dtype]
         return ExportSpec(name_of=HFCausalLM.hf_name, dtype=dtype, dtypes=dtypes,
                           convert=lambda n, tensor: tensor.to(dtypes.get(HFCausalLM.hf_name(n), dtype)),

@@ -12,6 +12,7 @@ rank holds (``get_slice``).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -62,11 +63,13 @@ class HFSource:
     def dtype(self) -> torch.dtype:
         """The weights' dtype (the one most tensors have), else config.json's ``dtype`` / ``torch_dtype``."""
         if self.files:
-            return Counter(self.dtypes().values()).most_common(1)[0][0]
+            return Counter(self.dtypes.values()).most_common(1)[0][0]
         return _DTYPES.get(self.config.get("dtype") or self.config.get("torch_dtype") or "", torch.float32)
 
+    @functools.cached_property
     def dtypes(self) -> dict[str, torch.dtype]:
-        """Each weight's own dtype (a checkpoint may keep some, its norms say, in float32)."""
+        """Each weight's own dtype (a checkpoint may keep some, its norms say, in float32); the
+        headers are read once."""
         by_file: dict[str, list[str]] = {}
         for name, file in self.files.items():
             by_file.setdefault(file, []).append(name)
