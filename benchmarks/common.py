@@ -25,13 +25,31 @@ def result_line(claim: str, value: float, baseline: float, target: str) -> str:
     return f"RESULT {claim} value={value:.4g} baseline={baseline:.4g} ratio={value / baseline:.4g} target={target}"
 
 
+#: Student's t at 97.5% for 1..12 degrees of freedom (two-sided 95% interval).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179)
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """The mean and the half-width of its 95% interval (Student's t; 12 or more samples use 12's t)."""
+    import statistics
+
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("inf")
+    return mean, _T975[min(len(values), 13) - 2] * statistics.stdev(values) / len(values) ** 0.5
+
+
+def section(title: str, lines: list[str], details: list[str], machine_line: str) -> str:
+    """A dated RESULTS.md section: the machine, the details, then the RESULT lines."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join([f"## {title} ({stamp})", "", f"Machine: {machine_line}", "", *[f"- {d}" for d in details], "",
+                      "```", *lines, "```", ""])
+
+
 def record(title: str, lines: list[str], details: list[str]) -> None:
     """Print the RESULT lines and append a dated section to RESULTS.md."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = [f"## {title} ({stamp})", "", f"Machine: {machine()}", "", *[f"- {d}" for d in details], "",
-               "```", *lines, "```", ""]
     with RESULTS.open("a") as sink:
-        sink.write("\n".join(section) + "\n")
+        sink.write(section(title, lines, details, machine()) + "\n")
     for line in lines:
         print(line, flush=True)
 

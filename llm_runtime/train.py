@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 
 import torch
@@ -18,7 +17,7 @@ from .models import Llama, LlamaConfig, bundled_text
 from .parallel.batching import batching, stages_per_rank
 from .parallel.dims import ParallelDims, dims_for
 from .parallel.pipeline import parse_split_points, split_layers
-from .parallel.tensor import check_tensor_parallel, llama_root_tp_plan, llama_tp_plan
+from .parallel.tensor import check_tensor_parallel
 from .checkpoint.export import bundled_spec, export_model
 from .data.build import DataPlan, build_loader, global_batch_starts
 from .faults import inject
@@ -26,8 +25,9 @@ from .hf_job import check_hf_model, data_vocab
 from .metrics import memory_gb, metrics_for_run
 from .paths import JobPaths
 from .runtime import Runtime, run_worker
+from .trainers import TorchTrainer, deepspeed_batching, deepspeed_trainer, lr_factor
 
-__all__ = ["batch_layout", "check_job", "global_batch_starts", "lr_factor", "main", "run"]
+__all__ = ["batch_layout", "check_job", "deepspeed_batching", "global_batch_starts", "lr_factor", "main", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +36,6 @@ def batch_layout(train: TrainConfig, data_parallel_size: int) -> tuple[int, int]
     """(micro_batch_size, accumulation_steps) per replica without pipelining (parallel/batching.py)."""
     split = batching(train, ParallelConfig(), data_parallel_size, 1)
     return split.micro_batch, split.count
-
-
-def lr_factor(step: int, train: TrainConfig) -> float:
-    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio`` at the last step."""
-    if train.warmup_steps and step <= train.warmup_steps:
-        return step / train.warmup_steps
-    if train.lr_schedule == "constant":
-        return 1.0
-    span = max(1, train.steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / span)
-    return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def check_job(config: Config, world_size: int, *, nproc_per_node: int | None = None, num_nodes: int = 1,
@@ -181,11 +170,11 @@ def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, acc
     if config.model.hf_path:
         model, trainer = _hf_trainer(rt, model_config, seed)
     elif config.parallel.backend == "deepspeed":
-        model, trainer = _deepspeed_trainer(rt, lambda: Llama(model_config), lambda m: m.init_fn(seed), model_config)
+        model, trainer = deepspeed_trainer(rt, lambda: Llama(model_config), lambda m: m.init_fn(seed), model_config)
     else:
         with torch.device("meta"):  # nothing allocated until each rank materialises its own shards
             model = Llama(model_config)
-        trainer = _TorchTrainer(rt, model, model.init_fn(seed))
+        trainer = TorchTrainer(rt, model, model.init_fn(seed))
     log.info("model %.2fM parameters, global batch %d x %d tokens, layout %s, %d replicas x %d sequences",
              model_config.num_parameters() / 1e6, train.batch_size, train.seq_len, rt.dims.describe(), rt.dp_size,
              per_replica)
@@ -209,11 +198,11 @@ def _hf_trainer(rt: Runtime, spec, seed: torch.Generator):
     weights = HFWeights(spec.source, HFCausalLM.hf_name) if spec.source.files else None
     try:
         if rt.config.parallel.backend == "deepspeed":
-            model, trainer = _deepspeed_trainer(rt, lambda: spec.build(meta=False),
+            model, trainer = deepspeed_trainer(rt, lambda: spec.build(meta=False),
                                                 lambda m: weights or m.init_fn(seed), spec)
         else:
             model = spec.build()
-            trainer = _TorchTrainer(rt, model, weights or model.init_fn(seed), options=model.parallel_options())
+            trainer = TorchTrainer(rt, model, weights or model.init_fn(seed), options=model.parallel_options())
     finally:
         if weights is not None:
             weights.close()
@@ -256,15 +245,20 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
             window.data_wait_s += time.perf_counter() - waited
             watchdog.beat(step, "step")
             inject(rt.rank, step, "step")
+            computing = time.perf_counter()
             local_loss, grad_norm = trainer.step(rows[:, :-1], rows[:, 1:], accumulation)
             window.steps += 1
             if step % train.log_every == 0 or step == train.steps:
-                metrics = window.close(step=step, loss=trainer.global_loss(local_loss), lr=trainer.last_lr(),
-                                       grad_norm=float(grad_norm), memory=memory_gb(rt.device))
+                loss, grad_norm = trainer.global_loss(local_loss), float(grad_norm)  # a plain loop's too
+                window.compute_s += time.perf_counter() - computing
+                metrics = window.close(step=step, loss=loss, lr=trainer.last_lr(), grad_norm=grad_norm,
+                                       memory=memory_gb(rt.device))
                 if sink is not None:
                     sink.write(metrics)
+            else:
+                window.compute_s += time.perf_counter() - computing
             if checkpointer is not None:
-                save, stop = checkpointer.step_boundary(step, train.steps)  # agreed by all ranks
+                save, stop = checkpointer.step_boundary(step, train.steps)  # the same on every rank, no collective
                 stop = stop and step < train.steps
                 if save or stop:
                     watchdog.beat(step, "checkpoint")
@@ -295,90 +289,6 @@ def _finish(rt: Runtime, trainer, loader, model_config, metrics: dict, start: in
         return metrics
     log.info("done steps=%d final_loss=%.4f", train.steps, metrics["loss"])
     return metrics
-
-
-class _TorchTrainer:
-    """The torch.distributed backend: rt.parallelize, AdamW, the LR schedule, global-norm clipping.
-
-    One AdamW (and schedule) per model part: the same update as one optimizer over all of them,
-    and each part's optimizer state is saved under the unsplit model's parameter names.
-    """
-
-    def __init__(self, rt: Runtime, model, init_fn=None, options: dict | None = None):
-        train, sequence_parallel = rt.config.train, rt.config.parallel.sequence_parallel
-        self.train = train
-        if options is None:  # the bundled Llama's plans
-            options = dict(tp_plan=llama_tp_plan(sequence_parallel), root_tp_plan=llama_root_tp_plan(sequence_parallel))
-        self.model = rt.parallelize(model, init_fn=init_fn, **options)
-        self.optimizers = [torch.optim.AdamW(list(part.parameters()), lr=train.lr, betas=(0.9, 0.95),
-                                             weight_decay=train.weight_decay) for part in self.model.parts]
-        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + 1, train))
-                           for optimizer in self.optimizers]
-
-    def step(self, inputs, targets, accumulation: int) -> tuple[torch.Tensor, torch.Tensor]:
-        local_loss = self.model.train_step(inputs, targets, accumulation)
-        grad_norm = self.model.clip_grad_norm_(self.train.grad_clip)
-        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-        return local_loss, grad_norm
-
-    def global_loss(self, local_loss) -> float:
-        return self.model.global_loss(local_loss)
-
-    def last_lr(self) -> float:
-        return self.schedulers[0].get_last_lr()[0]
-
-    def checkpoint_state(self):
-        from .checkpoint.state import TorchState
-
-        return TorchState(self.model.parts, self.optimizers, self.schedulers)
-
-
-class _DeepSpeedTrainer:
-    def __init__(self, engine, convert_timeout_s: float):
-        self.engine, self.convert_timeout_s = engine, convert_timeout_s
-
-    def step(self, inputs, targets, accumulation: int) -> tuple[torch.Tensor, float]:
-        return self.engine.train_step(inputs, targets)  # the engine has its own micro-batching
-
-    def global_loss(self, local_loss) -> float:
-        return self.engine.global_loss(local_loss)
-
-    def last_lr(self) -> float:
-        return self.engine.last_lr()
-
-    def checkpoint_state(self):
-        from .checkpoint.state import DeepSpeedState
-
-        return DeepSpeedState(self.engine.engine, self.convert_timeout_s)
-
-
-def deepspeed_batching(config: Config, dp: int, pp: int) -> tuple[int, int]:
-    """(micro-batch, accumulation steps) for DeepSpeed: the same rule as the fsdp backend
-    (the pipeline's micro-batches are ``parallel.microbatches``, default one per stage)."""
-    split = batching(config.train, config.parallel, dp, pp, schedule_rules=False)
-    return split.micro_batch, split.count
-
-
-def _deepspeed_trainer(rt: Runtime, build, init_fn, model_config):
-    """(the model as built on this rank, the trainer): DeepSpeedModel's arguments from the config."""
-    from .parallel.api import cross_entropy
-    from .parallel.deepspeed_config import deepspeed_layout
-    from .parallel.deepspeed_engine import DeepSpeedModel
-
-    config = rt.config
-    layout = deepspeed_layout(config.parallel, rt.world_size)
-    micro, accumulation = deepspeed_batching(config, layout.dp, layout.pp)
-    engine = DeepSpeedModel(
-        build, init_fn, config, layout, rank=rt.rank, local_rank=rt.local_rank, device=rt.device,
-        micro_batch=micro, accumulation=accumulation,
-        scheduler_factory=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s + 1, config.train)),
-        loss_fn=cross_entropy, train_timeout_s=config.comm.train_timeout_s, init_seed=config.train.seed,
-        model_config=model_config)
-    return engine.engine.module, _DeepSpeedTrainer(engine, config.checkpoint.upload_timeout_s)
 
 
 def main(config: Config) -> int:

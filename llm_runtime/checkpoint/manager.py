@@ -28,6 +28,7 @@ import torch.distributed as dist
 from ..gather import gather_json
 from ..storage import open_store
 from ..workerenv import commit_agent, stop_file
+from .agree import StepAgreement
 from .commit import SavePlan, commit_failure, commit_with_deadline, committed_token, marker, open_run_store
 from .layout import MANIFEST, Manifest, due, parse_resume, run_id_for, step_dir
 from .restore import Restorer, config_json
@@ -70,30 +71,29 @@ class Checkpointer(Restorer):
         self.agent = commit_agent() and self.store is not None  # the launch agent commits this node's saves
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=ck.upload_timeout_s + 300))
         self.nodes = [int(n) for n in gather_json(node_rank, self.group)]  # rank -> node
-        # Stop requests are agreed on over a group of their own: the checkpoint group may be busy
-        # with a background save's collectives at any moment.
-        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=config.comm.train_timeout_s))
         self.stop_file = stop_file()
+        # Time-based saves and stop requests are agreed on through the job's store, not a per-step collective.
+        prefix = gather_json(secrets.token_hex(4) if rank == 0 else None, self.group)[0]
+        self.agreement = StepAgreement(
+            dist.PrefixStore(f"llm_runtime/agree/{prefix}/", dist.distributed_c10d._get_default_store()),
+            rank=rank, world_size=world_size, last_step=config.train.steps, every_minutes=ck.every_minutes,
+            stop_file=self.stop_file, timeout_s=config.comm.train_timeout_s)
         self.abandon_later = self.resume is not None  # the user named the checkpoint to continue from
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._last_save = time.monotonic()
         self.reports: list[SaveReport] = []
 
     # ---- saving -------------------------------------------------------------------------
     def step_boundary(self, step: int, last_step: int) -> tuple[bool, bool]:
-        """(save now, stop now), agreed by every rank over the control group: a time-based save or
-        any launcher's stop request on one rank is everyone's. Raises a failed background save."""
-        import torch
-
+        """(save now, stop now), the same on every rank with no collective: step-count saves are
+        computed here, a time-based save or any launcher's stop request was agreed on ahead of this
+        step by :mod:`.agree`'s threads. Raises a failed background save."""
         if self._error is not None:  # a stuck upload, say: fail at this step, not at the next save
             self.wait()
-        due_here = due(step, last_step, every_steps=self.ck.every_steps, every_minutes=self.ck.every_minutes,
-                       minutes_since_save=(time.monotonic() - self._last_save) / 60, at_end=self.ck.at_end)
-        stop_here = bool(self.stop_file) and os.path.exists(self.stop_file)
-        flags = torch.tensor([int(due_here), int(stop_here)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
-        return bool(flags[0]), bool(flags[1])
+        save, stop = self.agreement.boundary(step)
+        due_here = due(step, last_step, every_steps=self.ck.every_steps, every_minutes=0.0, minutes_since_save=0.0,
+                       at_end=self.ck.at_end)
+        return save or due_here, stop
 
     def _plan(self, step: int, token: str) -> SavePlan:
         return SavePlan(step=step, token=token, run_id=self.run_id, world_size=self.world_size,
@@ -119,7 +119,7 @@ class Checkpointer(Restorer):
             self._plan(step, token).write(directory)
         future = state.save(directory, self.group)
         report = SaveReport(step=step, blocked_s=time.monotonic() - started)
-        self._last_save = time.monotonic()
+        self.agreement.saved()
         self.reports.append(report)
         self._thread = threading.Thread(target=self._finish, args=(directory, token, future, report), daemon=True,
                                         name=f"checkpoint-{step}")
@@ -174,10 +174,10 @@ class Checkpointer(Restorer):
 
     def close(self) -> None:
         """Wait for the last save (its failure is raised) and release the checkpoint groups."""
+        self.agreement.close()
         try:
             self.wait()
         finally:
-            for group in (self.group, self.control):
-                if group is not None:
-                    dist.destroy_process_group(group)
-            self.group = self.control = None
+            if self.group is not None:
+                dist.destroy_process_group(self.group)
+            self.group = None

@@ -10,13 +10,14 @@ from llm_runtime.progress import bar
 
 RECORD = {"step": 120, "loss": 3.14159, "lr": 2.5e-4, "tokens_per_s": 51234.4, "tokens_per_s_per_device": 6404.3,
           "step_time_s": 0.6401, "mfu": 0.41234, "grad_norm": 0.81234, "memory_gb": 61.2, "data_wait_s": 0.00123,
-          "checkpoint_blocked_s": 0.0}
+          "checkpoint_blocked_s": 0.0, "overhead_s": 0.00041}
 
 
 def test_the_metrics_line_has_every_field_in_its_fixed_order():
     assert format_line(RECORD) == (
         "metrics: step=120 loss=3.1416 lr=2.500e-04 tokens_per_s=51234 tokens_per_s_per_device=6404 "
-        "step_time_s=0.640 mfu=0.412 grad_norm=0.8123 memory_gb=61.20 data_wait_s=0.0012 checkpoint_blocked_s=0.000")
+        "step_time_s=0.640 mfu=0.412 grad_norm=0.8123 memory_gb=61.20 data_wait_s=0.0012 checkpoint_blocked_s=0.000 "
+        "overhead_s=0.0004")
     assert "mfu=nan" in format_line({**RECORD, "mfu": float("nan")})
 
 
@@ -74,14 +75,15 @@ def test_mfu_is_achieved_model_flops_over_the_peak_and_nan_without_one():
 def test_a_window_turns_counts_into_per_step_means_and_job_rates():
     window = MetricsWindow(tokens_per_step=1000, world_size=4, flops_per_token=6e6, peak=1.0)
     window.started -= 2.0  # two seconds ago
-    window.steps, window.data_wait_s, window.checkpoint_blocked_s = 4, 0.4, 1.0
+    window.steps, window.data_wait_s, window.checkpoint_blocked_s, window.compute_s = 4, 0.4, 1.0, 0.6
     record = window.close(step=4, loss=2.0, lr=1e-3, grad_norm=0.5, memory=1.5)
     assert record["tokens_per_s"] == pytest.approx(2000, rel=0.01)
     assert record["tokens_per_s_per_device"] == pytest.approx(record["tokens_per_s"] / 4)
     assert record["step_time_s"] == pytest.approx(0.5, rel=0.01)
     assert (record["data_wait_s"], record["checkpoint_blocked_s"]) == (0.1, 0.25)
+    assert record["overhead_s"] == pytest.approx((2.0 - 0.6 - 1.0) / 4, rel=0.01)  # neither model nor saves
     assert record["mfu"] == pytest.approx(500 * 6e6 / 1e12, rel=0.01)
-    assert window.steps == 0 and window.data_wait_s == 0.0  # the next window starts empty
+    assert window.steps == 0 and window.data_wait_s == 0.0 and window.compute_s == 0.0  # the next starts empty
 
 
 def test_progress_bars_show_on_request_and_stay_silent_otherwise(capsys):
