@@ -84,7 +84,10 @@ def main() -> None:
         # Raw s5cmd: the same bytes (this node's files), one copy.
         node_dir = next((work / "ours").glob("run-*/node-00000/step-000000001"))
         total = sum(p.stat().st_size for p in node_dir.rglob("*") if p.is_file())
-        objects = len(list(open_store(f"s3://bench/ck/{checkpointer.run_id}").list("step-000000001/")))
+        from llm_runtime.checkpoint.layout import step_of_key
+
+        objects = sum(1 for key, *_ in open_store(f"s3://bench/ck/{checkpointer.run_id}").list()
+                      if step_of_key(key) == 1)  # the tars lie under the spread prefixes, sK/step-N/
         binary = Path(sys.executable).with_name("s5cmd")
         started = time.perf_counter()
         subprocess.run([str(binary), "--endpoint-url", os.environ["AWS_ENDPOINT_URL_S3"], "cp", f"{node_dir}/*",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import platform
 from pathlib import Path
 
@@ -47,11 +48,61 @@ def section(title: str, lines: list[str], details: list[str], machine_line: str)
 
 
 def record(title: str, lines: list[str], details: list[str]) -> None:
-    """Print the RESULT lines and append a dated section to RESULTS.md."""
+    """Print the RESULT lines, append a dated section to RESULTS.md and refresh its current table."""
     with RESULTS.open("a") as sink:
         sink.write(section(title, lines, details, machine()) + "\n")
+    refresh_current(RESULTS)
     for line in lines:
         print(line, flush=True)
+
+
+_CURRENT_START, _CURRENT_END = "<!-- current: generated from the sections below -->", "<!-- end of current -->"
+_RESULT = re.compile(r"^RESULT (\S+) value=(\S+) baseline=(\S+) ratio=(\S+) target=(\S+)(.*)$")
+
+
+def met(ratio: str, target: str) -> str:
+    """Whether ``ratio`` meets ``target`` (``>=X``, ``<=X``, ``<X``, ``>X``), or ``-`` where the target
+    is a report or a formula of the value (the section says)."""
+    match = re.match(r"^(>=|<=|<|>)([0-9.eE+-]+)$", target)
+    if not match:
+        return "-"
+    try:
+        value, bound = float(ratio), float(match.group(2))
+    except ValueError:
+        return "no"
+    ok = {">=": value >= bound, "<=": value <= bound, "<": value < bound, ">": value > bound}[match.group(1)]
+    return "yes" if ok else "no"
+
+
+def current_table(text: str) -> list[str]:
+    """The newest RESULT of each claim, with its target, whether it is met and the section it came from."""
+    latest: dict[str, tuple] = {}
+    heading = ""
+    for line in text.splitlines():
+        if line.startswith("## "):
+            heading = line[3:].strip()
+        match = _RESULT.match(line.strip())
+        if match:
+            latest[match.group(1)] = (*match.groups()[1:5], heading)
+    rows = ["| claim | value | baseline | ratio | target | met | measured in |", "|---|---|---|---|---|---|---|"]
+    for claim in sorted(latest):
+        value, baseline, ratio, target, where = latest[claim]
+        rows.append(f"| {claim} | {value} | {baseline} | {ratio} | {target} | {met(ratio, target)} | {where} |")
+    return rows
+
+
+def refresh_current(path: Path) -> None:
+    """Rewrite the current table at the top of RESULTS.md; the dated history below stays as it is."""
+    text = path.read_text()
+    if _CURRENT_START in text:
+        head, rest = text.split(_CURRENT_START, 1)
+        history = rest.split(_CURRENT_END, 1)[1].lstrip("\n")
+    else:
+        first = text.find("\n## ")
+        head, history = (text[:first + 1], text[first + 1:]) if first >= 0 else (text, "")
+    block = [_CURRENT_START, "## Current: the latest value of each claim", "", *current_table(history), "",
+             _CURRENT_END, ""]
+    path.write_text(head.rstrip("\n") + "\n\n" + "\n".join(block) + "\n" + history)
 
 
 def timed_loop(train_step, *, steps: int, warmup: int, batch: int, seq: int, device) -> None:

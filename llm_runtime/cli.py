@@ -147,13 +147,16 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hype
     mpi = config.launch.mpi or flags["mpi"] or bool(hyper.get("sagemaker_mpi_enabled"))
     nproc = config.launch.nproc_per_node or int(hyper.get("sagemaker_mpi_num_of_processes_per_host") or 0)
     if target.module == "llm_runtime" and target.args[:1] == ("train",) and info.trains and not info.is_worker:
+        from .data.build import keep_index_copy
         from .train import check_job
 
         # Every config error of the built-in trainer surfaces here, once, not in N workers.
         per_node = nproc or info.nproc_per_node
         faults = _check_faults(warn=False)
-        check_job(config, per_node * max(1, info.num_nodes), nproc_per_node=per_node, num_nodes=info.num_nodes,
-                  report=True, paths=job_paths(config, info.kind, os.environ), stage_model=True)
+        paths = job_paths(config, info.kind, os.environ)
+        *_, data_plan = check_job(config, per_node * max(1, info.num_nodes), nproc_per_node=per_node,
+                                  num_nodes=info.num_nodes, report=True, paths=paths, stage_model=True)
+        keep_index_copy(data_plan, os.environ)  # this host's workers read the launcher's copy
         if faults:
             log.warning("LLM_RUNTIME_FAULT=%s is set: faults will be injected", os.environ["LLM_RUNTIME_FAULT"])
     else:

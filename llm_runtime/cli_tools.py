@@ -49,6 +49,8 @@ def cmd_report(args: Sequence[str]) -> int:
 
 def prepare_data_parser() -> argparse.ArgumentParser:
     """``llm-runtime prepare-data``'s options (the README and the usage text list each of them)."""
+    from .data.prepare import DEFAULT_PREFIXES
+
     parser = argparse.ArgumentParser(prog="llm-runtime prepare-data")
     parser.add_argument("--input", nargs="+", required=True, action="extend", help="files, globs or directories")
     parser.add_argument("--output", required=True, help="output directory or s3://bucket/prefix")
@@ -57,7 +59,8 @@ def prepare_data_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-size", default="256MB")
     parser.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
     parser.add_argument("--text-field", default="text", help="the text field of JSON lines inputs")
-    parser.add_argument("--prefixes", type=int, default=1, help="spread shards over this many key prefixes")
+    parser.add_argument("--prefixes", type=int, default=DEFAULT_PREFIXES,
+                        help=f"spread shards over this many key prefixes (default {DEFAULT_PREFIXES})")
     parser.add_argument("--host-index", type=int, default=None, help="this host's index (default: detected)")
     parser.add_argument("--num-hosts", type=int, default=None, help="hosts sharing the work (default: detected)")
     parser.add_argument("--merge-timeout", type=float, default=3600.0,

@@ -5,10 +5,10 @@ The line (rank 0, every ``train.log_every`` steps), fields always in this order:
 
 ``metrics: step=120 loss=3.1416 lr=2.500e-04 tokens_per_s=51234 tokens_per_s_per_device=6404
 step_time_s=0.640 mfu=0.412 grad_norm=0.8123 memory_gb=61.20 data_wait_s=0.0012 checkpoint_blocked_s=0.000
-overhead_s=0.0004``
+checkpoint_slowdown_s=0.000 overhead_s=0.0004``
 
-``tokens_per_s`` is the whole job's; ``step_time_s``, ``data_wait_s``, ``checkpoint_blocked_s`` and
-``overhead_s`` are per-step means over the interval; ``memory_gb`` is the peak allocated GPU memory (the peak
+``tokens_per_s`` is the whole job's; ``step_time_s``, ``data_wait_s``, ``checkpoint_blocked_s``,
+``checkpoint_slowdown_s`` and ``overhead_s`` are per-step means over the interval; ``memory_gb`` is the peak allocated GPU memory (the peak
 resident memory of the process on CPU); ``mfu`` is ``nan`` when the device's peak is unknown.
 """
 from __future__ import annotations
@@ -42,6 +42,8 @@ FIELDS = (
     ("memory_gb", ".2f", "train:memory_gb", "peak allocated device memory (peak RSS on CPU)"),
     ("data_wait_s", ".4f", "train:data_wait_s", "seconds per step waiting for the batch"),
     ("checkpoint_blocked_s", ".3f", "train:checkpoint_blocked_s", "seconds per step training was blocked by saves"),
+    ("checkpoint_slowdown_s", ".3f", "train:checkpoint_slowdown_s",
+     "seconds per step lost to saves running in the background, over and above checkpoint_blocked_s"),
     ("overhead_s", ".4f", "train:overhead_s",
      "seconds per step outside the model's step and saves: the runtime's own cost, data hand-off included"),
 )
@@ -119,6 +121,7 @@ class MetricsWindow:
     steps: int = 0
     data_wait_s: float = 0.0
     checkpoint_blocked_s: float = 0.0
+    checkpoint_slowdown_s: float = 0.0
     compute_s: float = 0.0
     """The model's own time (forward, backward, optimizer, the loss's reduction): the rest of the
     interval, less saves, is the runtime's overhead."""
@@ -134,8 +137,10 @@ class MetricsWindow:
                   "mfu": mfu(per_device, self.flops_per_token, self.peak), "grad_norm": grad_norm,
                   "memory_gb": memory, "data_wait_s": self.data_wait_s / steps,
                   "checkpoint_blocked_s": self.checkpoint_blocked_s / steps,
+                  "checkpoint_slowdown_s": self.checkpoint_slowdown_s / steps,
                   "overhead_s": max(0.0, elapsed - self.compute_s - self.checkpoint_blocked_s) / steps}
         self.started, self.steps, self.data_wait_s, self.checkpoint_blocked_s, self.compute_s = now, 0, 0.0, 0.0, 0.0
+        self.checkpoint_slowdown_s = 0.0
         return record
 
 

@@ -259,6 +259,7 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
                 window.compute_s += time.perf_counter() - computing
             if checkpointer is not None:
                 save, stop = checkpointer.step_boundary(step, train.steps)  # the same on every rank, no collective
+                window.checkpoint_slowdown_s += checkpointer.last_lost
                 stop = stop and step < train.steps
                 if save or stop:
                     watchdog.beat(step, "checkpoint")

@@ -266,6 +266,7 @@ class FaultProxy:
             self.requests, self.bytes_out = 0, 0
             self.methods: dict[str, int] = {}
             self.by_prefix: dict[tuple[str, str], int] = {}
+            self.paths: list[tuple[str, str]] = []  # (method, path with its query), in order
             self.faults_injected: dict[str, int] = dict.fromkeys(FAULT_KINDS, 0)
 
     def env(self) -> dict[str, str]:
@@ -278,6 +279,7 @@ class FaultProxy:
             self.methods[method] = self.methods.get(method, 0) + 1
             top = "/".join(path.split("?")[0].lstrip("/").split("/")[:2])  # bucket/first key part
             self.by_prefix[(method, top)] = self.by_prefix.get((method, top), 0) + 1
+            self.paths.append((method, path))
             if self.only_methods is not None and method not in self.only_methods:
                 return None
             if self.fault_rate <= 0 or not self.faults or self._rng.random() >= self.fault_rate:

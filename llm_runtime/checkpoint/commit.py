@@ -29,7 +29,8 @@ from pathlib import Path
 
 from ..faults import inject
 from ..storage import open_store
-from .layout import MANIFEST, Manifest, ManifestError, NodeObject, node_key, retention, step_dir, steps_in
+from .layout import (MANIFEST, Manifest, ManifestError, NodeObject, node_key, retention, step_dir, step_of_key,
+                     steps_in)
 from .transfer import TarStream, local_members, run_with_deadline
 
 __all__ = ["DONE_DIR", "FAILED", "PLAN", "SavePlan", "commit", "commit_failure", "commit_with_deadline", "open_run_store",
@@ -133,11 +134,12 @@ def store_steps(store) -> dict[int, bool]:
     return steps_in(key for key, _ in store.list())
 
 
-def delete_step(store, step: int, keep: set[str] = frozenset()) -> None:
-    """Every object of ``step`` but ``keep``; the manifest first, in a request of its own."""
-    prefix = step_dir(step) + "/"
-    names = [key for key, _ in store.list(prefix) if key not in keep]
-    manifest = prefix + MANIFEST
+def delete_step(store, step: int, keep: set[str] = frozenset(), keys: list[str] | None = None) -> None:
+    """Every object of ``step`` but ``keep`` (its tars lie under the spread prefixes, so the run is
+    listed, or ``keys`` from one listing used); the manifest first, in a request of its own."""
+    keys = [key for key, _ in store.list()] if keys is None else keys
+    names = [key for key in keys if step_of_key(key) == step and key not in keep]
+    manifest = f"{step_dir(step)}/{MANIFEST}"
     store.delete(names, first=[manifest] if manifest in names else [])
 
 
@@ -270,10 +272,11 @@ def _after_commit(store, manifest: Manifest, plan: SavePlan) -> None:
 
 def _tidy(store, plan: SavePlan) -> None:
     """Retention after ``plan.step`` was committed (store: node 0; local: every node)."""
-    steps = store_steps(store)
+    keys = [key for key, _ in store.list()]
+    steps = steps_in(keys)
     for old in retention([s for s, ok in steps.items() if ok], list(steps), plan.keep, plan.step,
                          plan.abandon_later):
-        delete_step(store, old)
+        delete_step(store, old, keys=keys)
 
 
 def open_run_store(uri: str, run_id: str, ck):

@@ -2,10 +2,13 @@
 
 A checkpoint of step ``n`` of run ``R`` under ``URI`` is
 
-    URI/R/step-<n:09d>/s<k>/node-<i:05d>-<t>.tar   one tar per node (k = i mod prefix_spread, t: the save)
+    URI/R/s<k>/step-<n:09d>/node-<i:05d>-<t>.tar   one tar per node (k = i mod prefix_spread, t: the save)
     URI/R/step-<n:09d>/manifest.json           written last, by rank 0, after every node's upload
 
-and exists only once its manifest does. The manifest lists every object with its size and
+and exists only once its manifest does. The spread prefix comes first, so every checkpoint's
+tars land in the same ``prefix_spread`` prefixes, which S3 keeps partitioned (a ``step-N/sK/``
+layout opened a new, unsplit prefix at every step; benchmarks/s3_scale.py). Checkpoints written
+with that older layout still read: their manifests name their keys. The manifest lists every object with its size and
 sha256, and every member of each node tar with its offset, size and sha256, so one member
 can be fetched with one ranged GET and verified before anything reads it.
 """
@@ -17,11 +20,12 @@ import re
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["MANIFEST", "Manifest", "ManifestError", "Member", "NodeObject", "ResumeTarget", "due", "parse_resume", "resume_order", "run_id_for",
-           "step_dir", "steps_in", "node_key", "retention", "parse_step_dir"]
+           "step_dir", "step_of_key", "steps_in", "node_key", "retention", "parse_step_dir"]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _STEP = re.compile(r"^step-(\d{9})$")
+_SPREAD = re.compile(r"^s\d{2,}$")
 _NAME = re.compile(r"^[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*$")
 
 
@@ -76,7 +80,15 @@ def node_key(step: int, node: int, spread: int, token: str = "") -> str:
     """The node object's key relative to the run: spread over ``spread`` prefixes. ``token`` names
     the save, so a step saved again never overwrites the objects its committed manifest lists."""
     suffix = f"-{token}" if token else ""
-    return f"{step_dir(step)}/s{node % max(1, spread):02d}/node-{node:05d}{suffix}.tar"
+    return f"s{node % max(1, spread):02d}/{step_dir(step)}/node-{node:05d}{suffix}.tar"
+
+
+def step_of_key(key: str) -> int | None:
+    """The step an object key (relative to the run) belongs to: ``step-N/...`` or ``sK/step-N/...``."""
+    parts = key.split("/")
+    if len(parts) > 2 and _SPREAD.match(parts[0]):
+        return parse_step_dir(parts[1])
+    return parse_step_dir(parts[0])
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,7 @@ class Member:
 @dataclass(frozen=True)
 class NodeObject:
     key: str
-    """Relative to the run: ``step-N/sK/node-I.tar``."""
+    """Relative to the run: ``sK/step-N/node-I-T.tar`` (``step-N/sK/...`` before the spread came first)."""
     node: int
     size: int
     sha256: str
@@ -147,8 +159,8 @@ class Manifest:
         names = set()
         try:
             for obj in manifest.objects:
-                if not obj.key.startswith(prefix) or not _plain(obj.key):
-                    raise ManifestError(f"{source}: object key {obj.key!r} is not under {prefix}")
+                if step_of_key(obj.key) != manifest.step or not _plain(obj.key):
+                    raise ManifestError(f"{source}: object key {obj.key!r} is not under {prefix} or sK/{prefix}")
                 for member in obj.members:
                     if not _plain(member.name):
                         raise ManifestError(f"{source}: member name {member.name!r} is not a plain relative path")
@@ -195,10 +207,9 @@ def steps_in(keys) -> dict[int, bool]:
     """Object keys relative to a run -> every step that has objects -> whether its manifest is one."""
     found: dict[int, bool] = {}
     for key in keys:
-        parts = key.split("/")
-        step = parse_step_dir(parts[0])
+        step = step_of_key(key)
         if step is not None:
-            found[step] = found.get(step, False) or parts[1:] == [MANIFEST]
+            found[step] = found.get(step, False) or key == f"{step_dir(step)}/{MANIFEST}"
     return found
 
 

@@ -32,6 +32,7 @@ from .agree import StepAgreement
 from .commit import SavePlan, commit_failure, commit_with_deadline, committed_token, marker, open_run_store
 from .layout import MANIFEST, Manifest, due, parse_resume, run_id_for, step_dir
 from .restore import Restorer, config_json
+from .slowdown import SlowdownMeter
 from .state import rng_state
 
 __all__ = ["Checkpointer", "SaveReport"]
@@ -45,9 +46,13 @@ class SaveReport:
     blocked_s: float = 0.0
     upload_s: float = 0.0
     bytes: int = 0
+    slowdown_s: float = 0.0
+    """Training time lost while the save ran in the background, over and above ``blocked_s`` (:mod:`.slowdown`)."""
+    objects: int = 0
 
     def line(self) -> str:
-        return f"checkpoint step={self.step} blocked_s={self.blocked_s:.3f} upload_s={self.upload_s:.2f} bytes={self.bytes}"
+        return (f"checkpoint step={self.step} blocked_s={self.blocked_s:.3f} slowdown_s={self.slowdown_s:.3f} "
+                f"upload_s={self.upload_s:.2f} bytes={self.bytes} objects={self.objects}")
 
 
 class Checkpointer(Restorer):
@@ -82,18 +87,24 @@ class Checkpointer(Restorer):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.reports: list[SaveReport] = []
+        self._meter, self._blocked_since, self.last_lost = SlowdownMeter(), 0.0, 0.0
 
     # ---- saving -------------------------------------------------------------------------
     def step_boundary(self, step: int, last_step: int) -> tuple[bool, bool]:
         """(save now, stop now), the same on every rank with no collective: step-count saves are
         computed here, a time-based save or any launcher's stop request was agreed on ahead of this
         step by :mod:`.agree`'s threads. Raises a failed background save."""
-        if self._error is not None:  # a stuck upload, say: fail at this step, not at the next save
-            self.wait()
+        self.last_lost = self._meter.end(time.perf_counter(), self._blocked_since)
+        self._blocked_since = 0.0
+        if self.last_lost and self.reports:
+            self.reports[-1].slowdown_s += self.last_lost  # the save this step ran beside
+        if self._error is not None or (self._thread is not None and not self._thread.is_alive()):
+            self.wait()  # a stuck upload, say, fails at this step, not at the next save; a done one is logged
         save, stop = self.agreement.boundary(step)
-        due_here = due(step, last_step, every_steps=self.ck.every_steps, every_minutes=0.0, minutes_since_save=0.0,
-                       at_end=self.ck.at_end)
-        return save or due_here, stop
+        save = save or due(step, last_step, every_steps=self.ck.every_steps, every_minutes=0.0,
+                           minutes_since_save=0.0, at_end=self.ck.at_end)
+        self._meter.begin(self._thread is not None or save or stop)
+        return save, stop
 
     def _plan(self, step: int, token: str) -> SavePlan:
         return SavePlan(step=step, token=token, run_id=self.run_id, world_size=self.world_size,
@@ -119,6 +130,7 @@ class Checkpointer(Restorer):
             self._plan(step, token).write(directory)
         future = state.save(directory, self.group)
         report = SaveReport(step=step, blocked_s=time.monotonic() - started)
+        self._blocked_since = report.blocked_s
         self.agreement.saved()
         self.reports.append(report)
         self._thread = threading.Thread(target=self._finish, args=(directory, token, future, report), daemon=True,
@@ -127,10 +139,12 @@ class Checkpointer(Restorer):
         return report
 
     def wait(self) -> None:
-        """Wait for the save in flight; its failure is raised here."""
+        """Wait for the save in flight; its failure is raised here, its line logged (rank 0) once it is in."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+            if self._error is None and self.rank == 0:
+                log.info("%s", self.reports[-1].line())
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -169,8 +183,7 @@ class Checkpointer(Restorer):
             time.sleep(0.02)  # a local file: cheap to look at
         manifest = Manifest.parse((directory / MANIFEST).read_text(), str(directory / MANIFEST))
         report.upload_s, report.bytes = float(manifest.extra.get("upload_s", 0.0)), manifest.total_bytes()
-        if self.rank == 0:
-            log.info("%s objects=%d", report.line(), 2 * len(manifest.objects) if self.store else 0)
+        report.objects = 2 * len(manifest.objects) if self.store else 0
 
     def close(self) -> None:
         """Wait for the last save (its failure is raised) and release the checkpoint groups."""

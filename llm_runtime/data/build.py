@@ -7,8 +7,10 @@ starts, so a wrong URI, a seq_len mismatch or a layout that does not fit fail fi
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +23,10 @@ from .order import DataOrder, OrderError, auto_partitions
 from .shards import RecordLayout, ShardIndex
 from ..storage import StorageError, open_store
 
-__all__ = ["BundledLoader", "DataPlan", "build_loader", "global_batch_starts", "plan_data"]
+__all__ = ["BundledLoader", "DataPlan", "INDEX_COPY_ENV", "build_loader", "global_batch_starts", "host_index_copy",
+           "keep_index_copy", "plan_data"]
+
+INDEX_COPY_ENV = "LLM_RUNTIME_HOST_INDEX"  # not LLM_RUNTIME_DATA_*: that prefix sets [data] keys
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,8 @@ class DataPlan:
     index: ShardIndex | None = None
     fingerprint: str = ""
     order: DataOrder | None = None
+    text: str = ""
+    """index.json as read, for the host's workers (:func:`keep_index_copy`)."""
 
     def describe(self) -> str:
         if self.index is None:
@@ -56,9 +63,10 @@ def plan_data(config: Config, dp_size: int, paths: JobPaths | None = None,
     if location.kind == "s3" and importlib.util.find_spec("boto3") is None:
         raise ConfigError(f"data.uri={location.uri} needs boto3: pip install 'llm-runtime[s3]'")
     try:
-        if location.kind == "s3":  # a missing bucket, endpoint or credentials: one line, in seconds
-            open_store(location.uri).probe()
-        index, fingerprint = load_index(location.uri, max_attempts=data.max_attempts)
+        copy = host_index_copy(location.uri)  # the host's launcher read it: no request per rank
+        if location.kind == "s3" and copy is None:  # a missing bucket, endpoint or credentials: one line, in seconds
+            copy = open_store(location.uri).probe(read="index.json")  # the probe is the index's GET
+        index, fingerprint = load_index(location.uri, max_attempts=data.max_attempts, text=copy)
         layout = RecordLayout.for_index(index)
         for shard in index.shards:
             if shard.samples < 0 or shard.bytes < shard.samples * layout.record_bytes:
@@ -84,7 +92,38 @@ def plan_data(config: Config, dp_size: int, paths: JobPaths | None = None,
         raise ConfigError(f"each DataLoader worker would stream {streams} partitions at once but "
                           f"data.max_open_shards={data.max_open_shards}; raise it, add data.num_workers, "
                           "or lower data.num_partitions")
-    return DataPlan(location, index, fingerprint, order)
+    return DataPlan(location, index, fingerprint, order, text=copy if copy is not None else index.to_json())
+
+
+def host_index_copy(uri: str, env=None) -> str | None:
+    """index.json as the host's launcher read it (``LLM_RUNTIME_HOST_INDEX`` names the file), when it
+    is of ``uri``; else None. At 1,024 hosts x 8 ranks, one read per host keeps the data root under
+    half of S3's per-prefix request rates (benchmarks/s3_scale.py)."""
+    path = (os.environ if env is None else env).get(INDEX_COPY_ENV, "")
+    if not path:
+        return None
+    try:
+        body = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None  # gone or torn: read it from the source
+    return body.get("text") if isinstance(body, dict) and body.get("uri") == uri else None
+
+
+def keep_index_copy(plan: DataPlan | None, env, directory: str = "") -> None:
+    """The launcher's side: write the index it read where this host's workers find it
+    (``$TMPDIR/llm_runtime/``, named by the URI and the shards, so a copy is never another job's)."""
+    if plan is None or plan.index is None or not plan.text:
+        return
+    import hashlib
+    import tempfile
+
+    name = hashlib.sha256(f"{plan.location.uri}\n{plan.fingerprint}".encode()).hexdigest()[:16]
+    path = Path(directory or Path(tempfile.gettempdir()) / "llm_runtime") / f"data-index-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"uri": plan.location.uri, "text": plan.text}))
+    tmp.replace(path)
+    env[INDEX_COPY_ENV] = str(path)
 
 
 def global_batch_starts(seed: int, step: int, batch_size: int, num_tokens: int, seq_len: int) -> np.ndarray:

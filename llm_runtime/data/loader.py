@@ -27,9 +27,11 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-def load_index(uri: str, *, max_attempts: int = 8) -> tuple[ShardIndex, str]:
-    """index.json at ``uri`` (checked: names stay under it) and its fingerprint."""
-    text = open_store(uri, max_attempts=max_attempts).read_text("index.json")
+def load_index(uri: str, *, max_attempts: int = 8, text: str | None = None) -> tuple[ShardIndex, str]:
+    """index.json at ``uri`` (checked: names stay under it) and its fingerprint; ``text``: its
+    content as already read (the host launcher's copy), so no request is made."""
+    if text is None:
+        text = open_store(uri, max_attempts=max_attempts).read_text("index.json")
     if text is None:
         raise StorageError(f"{uri}/index.json does not exist")
     index = read_index(text, f"{uri}/index.json")

@@ -162,6 +162,11 @@ def _tokenize_file(task: tuple[str, int, str, str]) -> tuple[str, int, int]:
     return out, count, len(tokens)
 
 
+DEFAULT_PREFIXES = 16
+"""``prepare-data --prefixes``: shards spread over p00/..p15/, so 1,024 hosts x 8 ranks opening
+their data at once stay under half of S3's per-prefix GET rate (benchmarks/s3_scale.py)."""
+
+
 def prepare(inputs: Sequence[str], output: str, *, seq_len: int, shard_size: int = 256 * 10**6, workers: int = 0,
             tokenizer: str = "byte", host_index: int = 0, num_hosts: int = 1, text_field: str = "text",
             prefixes: int = 1, merge_timeout_s: float = 3600.0, progress: bool | None = None) -> PrepareSummary:

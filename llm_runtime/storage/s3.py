@@ -41,7 +41,25 @@ def s3_client(*, max_attempts: int = 8, pool: int = 32, connect_timeout: float =
     config = Config(retries={"mode": "standard", "total_max_attempts": max(1, max_attempts)},
                     max_pool_connections=pool, connect_timeout=connect_timeout, read_timeout=read_timeout,
                     tcp_keepalive=True)
-    return boto3.session.Session().client("s3", endpoint_url=endpoint(), config=config)
+    return boto3.session.Session(botocore_session=_botocore_session()).client("s3", endpoint_url=endpoint(),
+                                                                              config=config)
+
+
+_LOADER = None
+
+
+def _botocore_session():
+    """A new session (credentials and settings are read afresh each time) sharing one loader, so
+    botocore parses its service models once per process, not once per client (0.15 s each)."""
+    global _LOADER
+    import botocore.loaders
+    import botocore.session
+
+    session = botocore.session.Session()
+    if _LOADER is None:
+        _LOADER = botocore.loaders.create_loader()
+    session.register_component("data_loader", _LOADER)
+    return session
 
 
 class S3Store(Store):
@@ -146,22 +164,35 @@ class S3Store(Store):
         except Exception as err:  # noqa: BLE001
             raise wrap(err, "LIST", f"s3://{self.bucket}/{base}", self.max_attempts) from None
 
-    def probe(self) -> None:
+    def probe(self, read: str = "") -> str | None:
         """Fail in seconds, with one line, when the bucket is missing, the endpoint unreachable or
-        no credentials are found (a client of few attempts and short timeouts, one LIST)."""
+        no credentials are found (a client of few attempts and short timeouts, one LIST). With
+        ``read``, the one request is a GET of that object instead, whose text is returned: None
+        when it does not exist or the endpoint answered with a transient error (read it again,
+        with the job's retries)."""
         from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 
         client = s3_client(max_attempts=PROBE_ATTEMPTS, pool=1, connect_timeout=PROBE_TIMEOUT_S,
                            read_timeout=PROBE_TIMEOUT_S * 3)
         where = client.meta.endpoint_url
         try:
+            if read:
+                response = client.get_object(Bucket=self.bucket, Key=self.key(read))
+                try:
+                    body = response["Body"].read()
+                except Exception:  # noqa: BLE001 - the endpoint answered; a body cut short is read again
+                    return None
+                self.stats.add(read=len(body))
+                return body.decode()
             client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
         except (NoCredentialsError, PartialCredentialsError):
             raise StorageError(f"{self.uri}: {NO_CREDENTIALS}") from None
         except Exception as err:  # noqa: BLE001
             code = error_code(err)
+            if read and code in ("NoSuchKey", "404"):
+                return None
             if code is not None and kind_of(err) == "transient":
-                return  # the endpoint answered (throttling, a server error): the job's own retries cope
+                return None  # the endpoint answered (throttling, a server error): the job's own retries cope
             if code == "NoSuchBucket":
                 raise StorageError(f"{self.uri}: bucket {self.bucket!r} does not exist at {where}") from None
             if code is None and kind_of(err) == "transient":

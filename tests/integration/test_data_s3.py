@@ -177,6 +177,24 @@ def test_train_streams_from_s3_through_faults_and_tp_peers_get_identical_batches
     assert "retries=" in proc.stdout + proc.stderr
 
 
+def test_each_host_reads_the_index_once_and_its_workers_make_no_request_for_it(dataset, s3_proxy, tmp_path):
+    # At 1,024 hosts x 8 ranks, a LIST and an index GET per rank would put one prefix over S3's
+    # rate (benchmarks/s3_scale.py): the launcher's one GET of index.json is also its storage probe,
+    # and it hands its workers the copy.
+    _, remote = dataset
+    env = clean_env(**s3_proxy.env(), LLM_RUNTIME_DATA_URI=remote, LLM_RUNTIME_TRAIN_SEQ_LEN="16",
+                    LLM_RUNTIME_TRAIN_BATCH_SIZE="4", TMPDIR=str(tmp_path))
+    s3_proxy.reset_counts()
+    proc = run([str(BIN / "llm-runtime"), "train", "--nproc-per-node", "2", "--model.dim=32", "--model.layers=1",
+                "--train.steps=2", "--train.log_every=1", "--data.num_workers=0"], env=env, timeout=180)
+    index_gets = [p for m, p in s3_proxy.paths if m == "GET" and p.split("?")[0].endswith("/tokens/index.json")]
+    lists = [p for m, p in s3_proxy.paths if m == "GET" and "list-type=2" in p]
+    assert len(index_gets) == 1 and len(lists) == 0, (s3_proxy.paths, proc.stderr)
+    shard_gets = [p for m, p in s3_proxy.paths if m == "GET" and ".tar" in p]
+    assert shard_gets, s3_proxy.paths  # the workers did read the data, only not the index
+    assert list((tmp_path / "llm_runtime").glob("data-index-*.json")), "the host's copy is where workers look"
+
+
 def test_a_stream_cut_again_and_again_completes_while_each_resume_makes_progress(dataset, s3_proxy):
     local, remote = dataset
     clean, _ = read_all(config(local, num_partitions=1), dp=1, steps=15)

@@ -21,6 +21,10 @@ def test_a_jobs_metrics_reach_the_log_the_jsonl_tensorboard_and_the_report_with_
     assert [r["step"] for r in records] == [2, 4, 6]
     assert all(0 < r["mfu"] < 1 and r["memory_gb"] > 0 and r["step_time_s"] > 0 for r in records)
     assert records[1]["checkpoint_blocked_s"] > 0  # the step-2 save fell in the second interval
+    assert all(r["checkpoint_slowdown_s"] >= 0 and r["overhead_s"] >= 0 for r in records)
+    saves = re.findall(r"checkpoint step=(\d+) blocked_s=([0-9.]+) slowdown_s=([0-9.]+) upload_s=[0-9.]+ bytes=\d+ "
+                       r"objects=\d+", proc.stdout + proc.stderr)
+    assert [int(step) for step, *_ in saves] == [2, 4, 6], proc.stdout + proc.stderr  # each save's line, once
 
     # SageMaker's metric definitions, as the CLI prints them, read every value back from the real log.
     definitions = json.loads(run([str(BIN / "llm-runtime"), "metric-definitions", "--json"], timeout=60).stdout)

@@ -261,8 +261,9 @@ def test_two_hosts_upload_one_object_each_per_checkpoint_plus_a_report_and_the_m
     for step in (2, 4):
         mine = [k for k in keys if f"/step-{step:09d}/" in k]
         assert len(mine) == 2 * 2, mine  # 2 x nodes
-        assert sorted(re.sub(r"-[0-9a-f]{8}\.", ".", k.split(f"/step-{step:09d}/")[1]) for k in mine) == \
-            ["manifest.json", "nodes/node-00001.json", "s00/node-00000.tar", "s01/node-00001.tar"]
+        assert sorted(re.sub(r"-[0-9a-f]{8}\.", ".", k.split("/", 2)[2]) for k in mine) == \
+            ["s00/step-%09d/node-00000.tar" % step, "s01/step-%09d/node-00001.tar" % step,
+             "step-%09d/manifest.json" % step, "step-%09d/nodes/node-00001.json" % step]  # the spread prefix first
         manifest = json.loads(s3.client.get_object(Bucket=s3.bucket, Key=[k for k in mine
                                                                            if k.endswith("manifest.json")][0])["Body"].read())
         assert manifest["world_size"] == 4 and manifest["num_nodes"] == 2

@@ -93,6 +93,19 @@ def test_a_missing_bucket_is_named_in_one_line(s3):
     assert "\n" not in str(err.value)
 
 
+def test_a_probe_that_reads_an_object_names_the_same_problems_and_returns_its_text(s3, monkeypatch):
+    # The data loader's probe is its index.json GET: one request, the same one-line errors.
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        open_store("s3://no-such-bucket/x").probe(read="index.json")
+    s3.client.put_object(Bucket=s3.bucket, Key="d/index.json", Body=b'{"x": 1}')
+    assert open_store(s3.url("d")).probe(read="index.json") == '{"x": 1}'
+    assert open_store(s3.url("d")).probe(read="nothing.json") is None  # the caller says it is missing
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    with pytest.raises(StorageError, match=f"cannot reach the S3 endpoint {endpoint}"):
+        open_store("s3://some-bucket/x").probe(read="index.json")
+
+
 def test_an_unreachable_endpoint_is_named_after_a_few_quick_attempts(monkeypatch):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)

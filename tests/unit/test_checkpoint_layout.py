@@ -4,7 +4,7 @@ import json
 import pytest
 
 from llm_runtime.checkpoint.layout import (Manifest, ManifestError, Member, NodeObject, due, node_key, resume_order,
-                                           retention, steps_in, run_id_for, step_dir)
+                                           retention, steps_in, run_id_for, step_dir, step_of_key)
 
 
 def test_run_id_is_stable_for_a_uri_and_never_a_timestamp():
@@ -20,13 +20,25 @@ def test_a_run_id_that_could_escape_its_prefix_is_refused(bad):
 
 
 @pytest.mark.parametrize("step,node,spread,token,key", [
-    (5, 0, 8, "", "step-000000005/s00/node-00000.tar"),
-    (5, 9, 8, "", "step-000000005/s01/node-00009.tar"),
-    (120, 3, 1, "", "step-000000120/s00/node-00003.tar"),
-    (120, 3, 1, "9f3a", "step-000000120/s00/node-00003-9f3a.tar"),  # a save of its own: never overwrites
+    (5, 0, 8, "", "s00/step-000000005/node-00000.tar"),
+    (5, 9, 8, "", "s01/step-000000005/node-00009.tar"),
+    (120, 3, 1, "", "s00/step-000000120/node-00003.tar"),
+    (120, 3, 1, "9f3a", "s00/step-000000120/node-00003-9f3a.tar"),  # a save of its own: never overwrites
+    (7, 17, 16, "", "s01/step-000000007/node-00017.tar"),
 ])
-def test_node_objects_are_spread_over_key_prefixes_and_named_per_save(step, node, spread, token, key):
+def test_node_objects_are_spread_over_key_prefixes_that_come_before_the_step(step, node, spread, token, key):
+    # The spread prefix first: every checkpoint's tars reuse the same prefixes S3 has partitioned.
     assert node_key(step, node, spread, token) == key
+    assert step_of_key(key) == step
+
+
+@pytest.mark.parametrize("key,step", [
+    ("step-000000005/s00/node-00000.tar", 5),  # the older, step-first layout still reads
+    ("step-000000005/manifest.json", 5), ("s03/step-000000009/node-00003.tar", 9),
+    ("s03/manifest.json", None), ("sx/step-000000009/node.tar", None), ("other/step-000000001/x", None),
+])
+def test_the_step_of_a_key_is_read_from_either_layout(key, step):
+    assert step_of_key(key) == step
 
 
 def manifest(**changes):
@@ -54,6 +66,7 @@ def test_a_manifest_round_trips_and_finds_members():
 @pytest.mark.parametrize("changes,needle", [
     ({"objects.0.key": "../other-run/step-000000005/x.tar"}, "is not under step-000000005/"),
     ({"objects.0.key": "step-000000006/s00/node-00000.tar"}, "is not under step-000000005/"),
+    ({"objects.0.key": "s00/step-000000006/node-00000.tar"}, "is not under step-000000005/"),
     ({"objects.0.members.0.name": "../../etc/passwd"}, "is not a plain relative path"),
     ({"objects.0.members.0.name": "/abs"}, "is not a plain relative path"),
     ({"objects.0.members.0.name": "ds/../../../../tmp/evil"}, "is not a plain relative path"),
@@ -108,8 +121,9 @@ def test_retention_drops_newer_steps_only_once_the_user_names_the_checkpoint_to_
 
 def test_steps_are_complete_only_with_their_manifest():
     keys = ["step-000000002/s00/node-00000-ab.tar", "step-000000002/manifest.json", "step-000000004/s00/x.tar",
-            "step-000000004/nodes/manifest.json", "other/manifest.json"]
-    assert steps_in(keys) == {2: True, 4: False}
+            "step-000000004/nodes/manifest.json", "other/manifest.json", "s01/step-000000006/node-00001.tar",
+            "s00/step-000000006/manifest.json", "step-000000008/manifest.json", "s00/step-000000008/node-00000.tar"]
+    assert steps_in(keys) == {2: True, 4: False, 6: False, 8: True}
 
 
 def test_resume_tries_newest_first_and_can_stop_at_a_step():

@@ -10,14 +10,14 @@ from llm_runtime.progress import bar
 
 RECORD = {"step": 120, "loss": 3.14159, "lr": 2.5e-4, "tokens_per_s": 51234.4, "tokens_per_s_per_device": 6404.3,
           "step_time_s": 0.6401, "mfu": 0.41234, "grad_norm": 0.81234, "memory_gb": 61.2, "data_wait_s": 0.00123,
-          "checkpoint_blocked_s": 0.0, "overhead_s": 0.00041}
+          "checkpoint_blocked_s": 0.0, "checkpoint_slowdown_s": 0.0123, "overhead_s": 0.00041}
 
 
 def test_the_metrics_line_has_every_field_in_its_fixed_order():
     assert format_line(RECORD) == (
         "metrics: step=120 loss=3.1416 lr=2.500e-04 tokens_per_s=51234 tokens_per_s_per_device=6404 "
         "step_time_s=0.640 mfu=0.412 grad_norm=0.8123 memory_gb=61.20 data_wait_s=0.0012 checkpoint_blocked_s=0.000 "
-        "overhead_s=0.0004")
+        "checkpoint_slowdown_s=0.012 overhead_s=0.0004")
     assert "mfu=nan" in format_line({**RECORD, "mfu": float("nan")})
 
 

@@ -122,3 +122,27 @@ def test_a_proposal_some_rank_is_already_past_is_aborted_and_made_again_further_
 def test_no_rank_acts_when_nothing_was_requested(server):
     acted = _run_ranks(server, 2, 30)
     assert acted == {0: [], 1: []}
+
+
+def test_a_checkpointers_step_boundary_runs_no_collective_when_no_save_is_due(tmp_path, monkeypatch):
+    # The hot path of a job with checkpoints on: a lock and a lookup, never a collective (a plain
+    # loop has none). One real gloo process group of one rank; every collective is made to fail.
+    from llm_runtime.checkpoint.manager import Checkpointer
+    from llm_runtime.config import load_config
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        config = load_config(cli=[("checkpoint.local_dir", str(tmp_path)), ("checkpoint.every_steps", "1000"),
+                                  ("checkpoint.every_minutes", "60"), ("train.steps", "100")])
+        checkpointer = Checkpointer(config, rank=0, world_size=1, local_rank=0, node_rank=0, num_nodes=1,
+                                    backend="fsdp", local_dir=str(tmp_path))
+        called = []
+        for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list",
+                     "barrier", "reduce", "gather", "scatter", "all_to_all"):
+            monkeypatch.setattr(dist, name, lambda *a, _name=name, **k: called.append(_name))
+        decisions = [checkpointer.step_boundary(step, 100) for step in range(1, 51)]
+        monkeypatch.undo()
+        assert decisions == [(False, False)] * 50 and called == []
+        checkpointer.close()
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,45 @@
+"""benchmarks/s3_scale.py: the paper model of S3 request rates per prefix holds the defaults to its target."""
+import numpy as np
+import pytest
+
+from benchmarks.s3_scale import INSTANCES, checkpoint_peaks, compare, peak_per_second, worst_at
+
+
+@pytest.mark.parametrize("times,expected", [
+    (np.linspace(0, 0.5, 10), 10),         # a burst inside one second
+    (np.linspace(0, 9.99, 100), 10),       # 10 per second, evenly
+    (np.array([]), 0),
+])
+def test_the_peak_is_the_most_requests_in_any_one_second_window(times, expected):
+    assert peak_per_second([(times, np.ones(len(times)))]) == pytest.approx(expected, abs=1)
+
+
+def test_the_default_settings_keep_every_prefix_under_half_its_rate_at_1024_nodes():
+    before, now = compare()
+    assert worst_at(now, 1024) <= 0.5, [row for row in now if row[2] == 1024]
+    assert worst_at(before, 1024) > 1.0  # step-first keys, an index read per rank: over the limit
+
+
+def test_step_first_keys_put_a_whole_checkpoint_on_one_unsplit_prefix():
+    p5 = INSTANCES[1]
+    kwargs = dict(part_mb=64, concurrency=8, spread=16)
+    step_first = checkpoint_peaks(1024, 70e9, p5, spread_first=False, **kwargs)
+    spread_first = checkpoint_peaks(1024, 70e9, p5, spread_first=True, **kwargs)
+    assert step_first / spread_first == pytest.approx(16, rel=0.2)
+
+
+def test_the_results_table_keeps_the_newest_value_of_each_claim_and_says_if_it_meets_its_target(tmp_path):
+    from benchmarks.common import met, refresh_current
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nintro\n\n## a (1)\n\n```\nRESULT x value=1 baseline=2 ratio=0.5 "
+                       "target=>=0.98\n```\n\n## b (2)\n\n```\nRESULT x value=2 baseline=2 ratio=1 target=>=0.98\n"
+                       "RESULT y value=3 baseline=1 ratio=3 target=report\n```\n")
+    refresh_current(results)
+    refresh_current(results)  # idempotent: one table, the history untouched
+    text = results.read_text()
+    assert text.count("## Current") == 1 and text.count("RESULT x") == 2
+    assert "| x | 2 | 2 | 1 | >=0.98 | yes | b (2) |" in text and "| y | 3 | 1 | 3 | report | - | b (2) |" in text
+    assert text.index("## Current") < text.index("## a (1)")
+    assert [met("0.5", ">=0.98"), met("0.005", "<=0.01"), met("2", "<1"), met("1", "value<100")] == \
+        ["no", "yes", "no", "-"]
