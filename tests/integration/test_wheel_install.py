@@ -135,7 +135,9 @@ def test_a_two_process_job_with_checkpoints_runs_and_resumes_from_the_installed_
     assert steps == [1, 2, 3, 4]
     manifests = sorted(p.relative_to(uri).as_posix() for p in uri.rglob("manifest.json"))
     assert [m.split("/")[-2] for m in manifests] == ["step-000000002", "step-000000004"], manifests
-    assert all(list((uri / m).parent.rglob("*.tar")) for m in manifests), manifests  # each step's node object
+    for m in manifests:  # each step's node object, under the spread prefix: <run>/s00/step-N/node-00000-<t>.tar
+        run_dir, step = m.split("/")[:2]
+        assert list((uri / run_dir / "s00" / step).glob("node-00000-*.tar")), sorted(uri.rglob("*"))
     assert (tmp_path / "first" / "model" / "model.safetensors.index.json").is_file()
 
     steps, out = train("resumed", 6)

