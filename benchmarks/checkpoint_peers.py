@@ -13,7 +13,7 @@ Measured per method: ``blocked_s`` (the training thread inside the save call), `
 steps run while the save was in flight, less the median of the clean steps before it: the hidden
 cost), the tokens/s ratio of those steps to the clean ones, and the time until durable. Raw s5cmd
 copies the same bytes with nothing else running (the upload baseline).
-usage: python benchmarks/checkpoint_peers.py [--dim 512] [--layers 8] [--no-record]
+usage: python benchmarks/checkpoint_peers.py [--dim 256] [--layers 4] [--methods a,b] [--no-record]
 """
 from __future__ import annotations
 
@@ -49,7 +49,10 @@ def costs(times: list[float], in_flight: list[bool], save_at: int) -> dict:
 def run_worker(method: str, work: Path, env: dict, ns) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, method,
            str(work / method), str(ns.dim), str(ns.layers), str(SAVE_AT)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=ns.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within {ns.timeout:g} s"}
     if proc.returncode:
         errors = [line for line in proc.stderr.splitlines() if "Error" in line]
         return {"error": (errors or proc.stderr.splitlines() or ["?"])[-1][-300:]}
@@ -86,8 +89,9 @@ def raw_s5cmd(directory: Path, endpoint: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per method")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--no-record", action="store_true")
     ns = parser.parse_args()
