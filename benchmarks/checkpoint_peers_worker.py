@@ -122,7 +122,11 @@ def main() -> None:
 
 
 def _save(method: str, state, work: Path, rt, checkpointer):
+    """Start the save; the DCP methods get a gloo group of their own, as async_save needs: its
+    background collectives must not interleave with training's on the default group."""
     import torch.distributed.checkpoint as dcp
+
+    group = None if method == "ours" else dist.new_group(backend="gloo")
 
     if method == "ours":
         return checkpointer.save(1, state, _Position())
@@ -136,12 +140,13 @@ def _save(method: str, state, work: Path, rt, checkpointer):
         config = S3ClientConfig(force_path_style=True)
         writer.fs = S3FileSystem("us-east-1", s3_client=S3Client("us-east-1", endpoint=os.environ["AWS_ENDPOINT_URL_S3"],
                                                                   s3client_config=config))
-        return dcp.async_save(state.dcp_state(), storage_writer=writer)
+        return dcp.async_save(state.dcp_state(), storage_writer=writer, process_group=group)
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
     kind = AsyncCheckpointerType.PROCESS if method == "dcp_process_s5cmd" else AsyncCheckpointerType.THREAD
     directory = work / method / "step-1"
-    future = dcp.async_save(state.dcp_state(), checkpoint_id=str(directory), async_checkpointer_type=kind)
+    future = dcp.async_save(state.dcp_state(), checkpoint_id=str(directory), async_checkpointer_type=kind,
+                            process_group=group)
     return _Upload(future, directory, f"s3://bench/{method}/step-1", leader=rt.local_rank == 0)
 
 
