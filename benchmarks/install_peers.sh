@@ -14,4 +14,9 @@ pip_q() { python -m pip install -q "$@" 2>&1 | grep -v "^WARNING: Location" || t
 pip_q --no-deps "mosaicml-streaming==0.13.0" "litdata==0.2.76"
 pip_q "xxhash>=3,<4" "zstd>=1.5" "Brotli>=1.0.9" "python-snappy>=0.6" "catalogue>=2" "lightning-utilities>=0.11" \
       "obstore>=0.4" "filelock" "s3torchconnector==1.5.0"
-python -c "import streaming, litdata, s3torchconnector; print('peers:', streaming.__version__, litdata.__version__, s3torchconnector.__version__)"
+# streaming/__init__ imports streaming.vision (torchvision): stand it in, as data_peers.py does.
+python -c "
+import sys, types
+sys.modules['streaming.vision'] = types.ModuleType('streaming.vision')
+import streaming, litdata, s3torchconnector
+print('peers:', streaming.__version__, litdata.__version__, s3torchconnector.__version__)"

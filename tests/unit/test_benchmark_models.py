@@ -50,6 +50,18 @@ def test_a_saves_hidden_cost_is_the_in_flight_steps_time_above_the_clean_median(
 
     times = [5.0, 5.0, 5.0] + [1.0] * 11 + [1.0, 1.5, 2.0, 1.0]  # warm-up, clean, the save, two slowed steps
     flight = [False] * 15 + [True, True, False]
-    got = costs(times, flight, save_at=15)
+    got = costs(times, flight, at=15, since=4)
     assert got["clean_step_s"] == 1.0 and got["steps_in_flight"] == 2
     assert got["slowdown_s"] == pytest.approx(0.5 + 1.0) and got["speed_in_flight"] == pytest.approx(1 / 1.75)
+
+
+def test_the_second_save_is_measured_against_the_clean_steps_after_the_first():
+    from benchmarks.checkpoint_peers import save_costs
+
+    # warm-up 3, clean 1.0 s x 12 (steps 4-15), save 1 after step 15: 2 steps in flight at 3 s,
+    # clean 2.0 s x 5 (steps 18-22: another rate, as after a warm-up), save 2 after step 22: 1 step at 2.5 s
+    times = [5.0] * 3 + [1.0] * 12 + [3.0, 3.0] + [2.0] * 5 + [2.5, 2.0]
+    flight = [False] * 15 + [True, True] + [False] * 5 + [True, False]
+    first, second = save_costs({"times": times, "in_flight": flight, "saves": [{"at": 15}, {"at": 22}]})
+    assert (first["clean_step_s"], first["steps_in_flight"], first["slowdown_s"]) == (1.0, 2, pytest.approx(4.0))
+    assert (second["clean_step_s"], second["steps_in_flight"], second["slowdown_s"]) == (2.0, 1, pytest.approx(0.5))
