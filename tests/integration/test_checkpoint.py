@@ -355,12 +355,14 @@ def test_a_stuck_upload_fails_the_job_at_its_own_deadline(tmp_path, s3_proxy):
 
 
 def test_time_based_saves_are_agreed_by_every_rank(tmp_path, s3):
-    # Rank 0's clock decides; the ranks agree through the store on a step a margin ahead (at least 2
-    # steps), so a save due after step N lands on the same later step on every rank.
+    # Rank 0's clock decides; the ranks agree through the store on a step a margin ahead (0.2 s of
+    # steps, at least 2), so a save due after step N lands on the same later step on every rank.
+    # At ~0.03 s a step the margin is ~7 steps: 24 steps leave room for a second save after the
+    # first (12 did not once the save stopped blocking for 0.16 s: the second proposal had no step).
     ck = ["--checkpoint.uri=s3://test-bucket/ck", f"--checkpoint.local_dir={tmp_path / 'local'}",
           "--checkpoint.every_minutes=0.0005", "--checkpoint.keep=100", "--checkpoint.at_end=false"]
-    run_metrics, proc = train(tmp_path, "timed", *ck, steps=12, timeout=120)
-    assert [m["step"] for m in run_metrics] == list(range(1, 13))
+    run_metrics, proc = train(tmp_path, "timed", *ck, steps=24, timeout=120)
+    assert [m["step"] for m in run_metrics] == list(range(1, 25))
     out = proc.stdout + proc.stderr
     assert len(manifests(s3)) >= 2, out
     agreed = [int(m) for m in re.findall(r"agreed: save after step (\d+) \(every_minutes\)", out)]
