@@ -157,7 +157,8 @@ def run(rt: Runtime) -> dict[str, float]:
     per_replica = micro * accumulation
     if config.data.mode == "stage":  # ranks wait for their host's copy up to data.stage_timeout_s
         rt.watchdog.beat(0, "start", timeout_s=max(config.watchdog.first_timeout_s, config.data.stage_timeout_s + 300))
-    loader = build_loader(config, rt.dims, dp_rank=rt.dp_rank, local_rank=rt.local_rank, paths=rt.paths, plan=plan)
+    loader = build_loader(config, rt.dims, dp_rank=rt.dp_rank, local_rank=rt.local_rank, paths=rt.paths, plan=plan,
+                          last_step=train.steps - 1)
     try:
         return _train(rt, model_config, loader, per_replica, accumulation)
     finally:

@@ -106,12 +106,17 @@ class NodeObject:
     node: int
     size: int
     sha256: str
+    """The whole object's sha256 (objects written before 2026-12-02; "" since: see ``tree_sha256``)."""
     members: tuple[Member, ...]
+    tree_sha256: str = ""
+    """sha256 of the object with each member's data replaced by that member's raw sha256: headers
+    and padding are covered as they are, and the data is hashed once, not twice."""
 
     @classmethod
     def from_json(cls, body: dict) -> "NodeObject":
         return cls(key=body["key"], node=int(body["node"]), size=int(body["size"]), sha256=str(body["sha256"]),
-                   members=tuple(Member(**m) for m in body["members"]))
+                   members=tuple(Member(**m) for m in body["members"]),
+                   tree_sha256=str(body.get("tree_sha256", "")))
 
 
 @dataclass

@@ -174,9 +174,12 @@ class BundledLoader:
 
 
 def build_loader(config: Config, dims, *, dp_rank: int, local_rank: int = 0, paths: JobPaths | None = None,
-                 plan: DataPlan | None = None,
-                 state: dict | None = None) -> ShardLoader | BundledLoader:
+                 plan: DataPlan | None = None, state: dict | None = None,
+                 last_step: int | None = None) -> ShardLoader | BundledLoader:
     """This rank's loader: its data-parallel replica's rows of every global batch.
+
+    ``last_step`` (from 0: ``train.steps - 1`` for a training job) ends the token shards' stream
+    there: nothing is read or prefetched past it, so a run makes no GET it does not use.
 
     ``state`` (a saved ``state_dict()``) resumes at its position; with ``data.num_partitions``
     left at auto, the saved run's partition count is kept, so the order continues unchanged.
@@ -200,7 +203,8 @@ def build_loader(config: Config, dims, *, dp_rank: int, local_rank: int = 0, pat
     spec = LoaderSpec(uri=uri, names=tuple(s.name for s in plan.index.shards), order=plan.order,
                       layout=RecordLayout.for_index(plan.index), dp_rank=dp_rank, dp_size=dims.dp_size,
                       num_workers=data.num_workers, threads=1 if sequential else data.max_open_shards,
-                      max_attempts=data.max_attempts, read_size=(8 if sequential else 1) << 20)
+                      max_attempts=data.max_attempts, read_size=(8 if sequential else 1) << 20,
+                      last_step=last_step)
     loader = ShardLoader(spec, fingerprint=plan.fingerprint, location=plan.location.describe(),
                          timeout_s=data.timeout_s, auto_partitions=not data.num_partitions,
                          max_open_shards=data.max_open_shards)

@@ -54,13 +54,16 @@ class LoaderSpec:
     threads: int
     max_attempts: int
     read_size: int
+    last_step: int | None = None  # the run's last step (from 0): nothing is prefetched past it
 
 
 class _Partition:
     """One partition's samples, block by block, with the next block loading in the background."""
 
-    def __init__(self, spec: LoaderSpec, source, partition: int, pool: ThreadPoolExecutor):
+    def __init__(self, spec: LoaderSpec, source, partition: int, pool: ThreadPoolExecutor,
+                 last_key: tuple[int, int] | None = None):
         self.spec, self.source, self.partition, self.pool = spec, source, partition, pool
+        self.last_key = last_key  # (epoch, block) of the run's last sample: no prefetch past it
         self.stream = None
         self.stream_at: tuple[int, int, int] | None = None  # (epoch, shard, next sample)
         self.block: tuple[tuple[int, int], np.ndarray] | None = None
@@ -75,7 +78,9 @@ class _Partition:
             else:
                 data = self._load(key)
             self.block, self.pending = (key, data), None
-            self.pending = (self._next(key), self.pool.submit(self._load, self._next(key)))
+            following = self._next(key)
+            if self.last_key is None or following <= self.last_key:
+                self.pending = (following, self.pool.submit(self._load, following))
         return self.block[1][local % self.spec.order.shuffle_block]
 
     def _next(self, key: tuple[int, int]) -> tuple[int, int]:
@@ -125,6 +130,16 @@ class _Partition:
         self.stream, self.stream_at = None, None
 
 
+def last_block(order: DataOrder, last_step: int | None, partition: int,
+               rows: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """(epoch, block) holding ``partition``'s last sample at ``last_step``; None: no last step."""
+    if last_step is None:
+        return None
+    epoch, inner = order.locate(last_step)
+    local = inner * order.per_step + max((i for p, i in rows if p == partition), default=order.per_step - 1)
+    return epoch, local // order.shuffle_block
+
+
 class ShardDataset(torch.utils.data.IterableDataset):
     """Yields (step, worker, rows, stats) forever from ``start_step``: one chunk per step per worker."""
 
@@ -140,11 +155,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         rows = [(p, i) for j, (p, i) in enumerate(order.replica_rows(spec.dp_rank, spec.dp_size))
                 if j % workers == worker]
         pool = ThreadPoolExecutor(max_workers=spec.threads, thread_name_prefix="shard-prefetch")
-        readers = {p: _Partition(spec, source, p, pool)
+        readers = {p: _Partition(spec, source, p, pool, last_block(order, spec.last_step, p, rows))
                    for p in order.worker_partitions(spec.dp_rank, spec.dp_size, worker, workers)}
         try:
             step = self.start_step
-            while True:
+            while spec.last_step is None or step <= spec.last_step:
                 epoch, inner = order.locate(step)
                 chunk = np.stack([readers[p].sample(epoch, inner * order.per_step + i) for p, i in rows])
                 yield step, worker, chunk, source.stats.as_dict()
@@ -197,6 +212,10 @@ class ShardLoader:
         for expected in range(workers):
             try:
                 step, worker, chunk, stats = next(self._iterator)
+            except StopIteration:
+                self.close()
+                raise StopIteration(f"data loader ({self.location}): past its last step {self.spec.last_step} "
+                                    "(from 0)") from None
             except BaseException as err:
                 self.close()  # half a step was taken: the next call starts afresh from self.step
                 if isinstance(err, (StorageError, ValueError)):

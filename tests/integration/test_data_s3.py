@@ -63,6 +63,33 @@ def test_local_s3_streamed_and_staged_reads_give_the_same_samples(dataset, tmp_p
     assert stats["requests"] <= 2 * (len(SIZES) + 4) * 2
 
 
+def test_a_loader_ending_at_the_last_step_gets_nothing_it_does_not_use(dataset, s3_proxy):
+    # 15 steps make one epoch. Left open-ended, the loader prefetches the next epoch's first blocks
+    # when it reaches the last ones; told the run's last step, it makes only the GETs it reads,
+    # counted on the wire, with a DataLoader worker running ahead of the consumer.
+    local, remote = dataset
+    clean, _ = read_all(config(local), dp=1, steps=15)
+    plan = plan_data(config(remote, num_workers=2), 1)
+
+    def gets(last_step):
+        s3_proxy.reset_counts()
+        with build_loader(config(remote, num_workers=2), Dims(1), dp_rank=0, plan=plan, last_step=last_step) as loader:
+            ids = [sample_ids(loader.next_batch()) for _ in range(15)]
+            ended = None
+            if last_step is not None:
+                with pytest.raises(StopIteration, match="past its last step 14") as ended:
+                    loader.next_batch()
+        return ids, s3_proxy.methods.get("GET", 0), ended
+
+    bounded, bounded_gets, ended = gets(14)
+    open_ended, open_gets, _ = gets(None)
+    assert bounded == open_ended == clean and ended is not None
+    order = plan.order
+    touched = {(seg.shard, p) for p in range(4) for seg in order.segments(0, p, 0, order.partition_len)}
+    assert bounded_gets == len(touched)  # one streaming GET per (shard, partition) of the epoch
+    assert open_gets > bounded_gets
+
+
 def test_streaming_through_thirty_percent_faults_gives_identical_samples(dataset, s3_proxy):
     local, remote = dataset
     clean, _ = read_all(config(local))

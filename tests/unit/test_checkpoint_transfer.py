@@ -8,7 +8,7 @@ import pytest
 from llm_runtime.checkpoint.layout import Manifest
 from llm_runtime.storage import open_store
 from llm_runtime.checkpoint.layout import NodeObject
-from llm_runtime.checkpoint.transfer import CorruptCheckpoint, TarStream, ensure_member
+from llm_runtime.checkpoint.transfer import CorruptCheckpoint, TarStream, ensure_member, verify_object
 
 NAMES = ["dcp/.metadata", "dcp/__0_0.distcp", "rank-00000.json"]
 
@@ -32,10 +32,21 @@ def node(tmp_path):
     return root
 
 
+def tree_digest(raw: bytes, members) -> str:
+    """The reference: the tar's bytes with each member's data replaced by its raw sha256."""
+    out, position = hashlib.sha256(), 0
+    for member in sorted(members, key=lambda m: m.offset):
+        out.update(raw[position:member.offset])
+        out.update(hashlib.sha256(raw[member.offset:member.offset + member.size]).digest())
+        position = member.offset + member.size
+    out.update(raw[position:])
+    return out.hexdigest()
+
+
 def test_a_node_tar_records_where_each_member_lies_and_its_checksum(node, tmp_path):
     obj = build_node_tar(node, NAMES, tmp_path / "node.tar", "step-000000005/s00/node-00000.tar", 0)
     raw = (tmp_path / "node.tar").read_bytes()
-    assert obj.sha256 == hashlib.sha256(raw).hexdigest() and obj.size == len(raw)
+    assert obj.tree_sha256 == tree_digest(raw, obj.members) and obj.size == len(raw) and obj.sha256 == ""
     with tarfile.open(tmp_path / "node.tar") as tar:  # what a tar reader sees agrees with the manifest
         assert [(m.name, m.offset_data, m.size) for m in tar.getmembers()] == \
             [(m.name, m.offset, m.size) for m in obj.members]
@@ -96,7 +107,52 @@ def test_a_node_tar_streams_to_s3_in_parts_without_a_local_copy(node, s3, tmp_pa
     store.write_stream("step-000000001/s00/node-00000.tar", stream)
     obj = stream.node_object("step-000000001/s00/node-00000.tar", 0)
     body = s3.client.get_object(Bucket="test-bucket", Key="ck/run-x/step-000000001/s00/node-00000.tar")["Body"].read()
-    assert hashlib.sha256(body).hexdigest() == obj.sha256 and len(body) == obj.size
+    assert tree_digest(body, obj.members) == obj.tree_sha256 and len(body) == obj.size
     assert store.stats.counts == {"POST": 2, "PUT": 3}  # create, 3 parts, complete (counted on the wire)
     for member in obj.members:
         assert body[member.offset:member.offset + member.size] == (node / member.name).read_bytes()
+
+
+@pytest.mark.parametrize("where", ["a header", "member data", "the end-of-archive padding"])
+def test_verify_names_an_object_changed_anywhere_even_outside_its_members(uploaded, where):
+    store, manifest = uploaded
+    obj = manifest.objects[0]
+    assert verify_object(store, obj) == []
+    data = sorted(obj.members, key=lambda m: m.offset)[1]
+    at = {"a header": data.offset - 100, "member data": data.offset + 10, "the end-of-archive padding": obj.size - 1}
+    path = store.root / obj.key
+    raw = bytearray(path.read_bytes())
+    raw[at[where]] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    problems = verify_object(store, obj)
+    assert f"{obj.key}: object checksum does not match the manifest" in problems
+    assert (f"{obj.key}: member {data.name} does not match the manifest" in problems) == (where == "member data")
+
+
+def test_an_object_recorded_with_a_whole_object_sha256_still_verifies(uploaded, tmp_path):
+    # manifests written before the tree digest carry the whole object's sha256 instead
+    import dataclasses
+
+    store, manifest = uploaded
+    obj = manifest.objects[0]
+    raw = (store.root / obj.key).read_bytes()
+    old = dataclasses.replace(obj, sha256=hashlib.sha256(raw).hexdigest(), tree_sha256="")
+    assert verify_object(store, old) == []
+    assert verify_object(store, dataclasses.replace(old, sha256="0" * 64)) == \
+        [f"{obj.key}: object checksum does not match the manifest"]
+
+
+def test_verify_reads_an_object_in_blocks_that_split_members_and_empty_ones(tmp_path, monkeypatch):
+    import llm_runtime.checkpoint.transfer as transfer
+
+    root = tmp_path / "n"
+    root.mkdir()
+    (root / "a").write_bytes(os.urandom(1500))
+    (root / "empty").write_bytes(b"")
+    (root / "z").write_bytes(os.urandom(5000))
+    obj = build_node_tar(root, ["a", "empty", "z"], tmp_path / "n.tar", "k.tar", 0)
+    store = open_store(str(tmp_path / "store"))
+    store.write_file("k.tar", tmp_path / "n.tar")
+    for block in (1, 7, 512, 1536, 4096):
+        monkeypatch.setattr(transfer, "BLOCK", block)
+        assert verify_object(store, obj) == [], block
