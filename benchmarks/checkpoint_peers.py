@@ -1,9 +1,10 @@
 """Checkpoints side by side: what a save costs training, for the runtime and for what users would
 pick instead, on the same state, machine and S3 server (moto on 127.0.0.1), in one run.
 
-Each method trains an FSDP2 Llama on 2 ranks, saves twice, SAVE_AT clean steps before each, and
-keeps training while each save becomes durable in S3; the second save is reported (the steady
-state of a long run: the first pays one-time allocations) (benchmarks/checkpoint_peers_worker.py):
+Each method trains an FSDP2 Llama on 2 ranks, saves SAVES times, SAVE_AT clean steps before each,
+and keeps training while each save becomes durable in S3; the mean over the saves after the first
+is reported (the steady state of a long run: the first pays one-time allocations). Then it restores
+the last save from a fresh disk its own way (benchmarks/checkpoint_peers_worker.py):
 * ours: the runtime's Checkpointer in a plain torchrun job (local rank 0's thread commits);
 * ours, launched: `llm-runtime train`, where the host's launcher commits in its own process;
 * dcp_s5cmd: DCP ``async_save`` to local disk (thread executor), then s5cmd uploads the directory;
@@ -35,7 +36,7 @@ from benchmarks.common import record, result_line, start_moto  # noqa: E402
 
 WORKER = str(Path(__file__).with_name("checkpoint_peers_worker.py"))
 METHODS = ("ours", "dcp_s5cmd", "dcp_process_s5cmd", "s3torchconnector")
-SAVE_AT, WARMUP = 15, 3
+SAVE_AT, WARMUP, SAVES = 15, 3, 4  # SAVES as in the worker
 
 
 def costs(times: list[float], in_flight: list[bool], at: int, since: int) -> dict:
@@ -76,14 +77,23 @@ def run_worker(method: str, work: Path, env: dict, ns) -> dict:
     result = json.loads(next(line.split(" ", 1)[1] for line in proc.stdout.splitlines()
                              if line.startswith("PEER_RESULT ")))
     saves = save_costs(result)
-    return {**saves[-1], "first": saves[0], "bytes": result["bytes"]}  # the steady state: the last save
+    return {**steady_mean(saves), "first": saves[0], "bytes": result["bytes"], "restore_s": result["restore_s"],
+            "restored_exactly": result["restored_exactly"]}
+
+
+def steady_mean(saves: list[dict]) -> dict:
+    """The mean of each figure over the saves after the first (the steady state; pure)."""
+    steady = saves[1:] or saves
+    keys = ("blocked_s", "slowdown_s", "durable_s", "upload_s", "steps_in_flight", "speed_in_flight")
+    return {key: statistics.mean(save[key] for save in steady) for key in keys if all(key in s for s in steady)} | \
+        {"saves": len(steady)}
 
 
 def run_launched(work: Path, env: dict, ns) -> dict:
     """`llm-runtime train` with the same model and batch: its own checkpoint line reports both costs."""
     cmd = [sys.executable, "-m", "llm_runtime", "train", "--nproc-per-node", "2", f"--model.dim={ns.dim}",
            f"--model.layers={ns.layers}", f"--model.heads={ns.dim // 64}", "--train.seq_len=128",
-           "--train.batch_size=4", f"--train.steps={SAVE_AT + 120}", "--train.log_every=1",
+           "--train.batch_size=4", f"--train.steps={SAVE_AT * SAVES + 10}", "--train.log_every=1",
            "--parallel.mixed_precision=fp32", "--checkpoint.uri=s3://bench/launched",
            f"--checkpoint.local_dir={work / 'launched'}", f"--checkpoint.every_steps={SAVE_AT}",
            "--checkpoint.at_end=false", "--checkpoint.resume=never", f"--metrics.jsonl={work / 'launched.jsonl'}"]
@@ -91,11 +101,11 @@ def run_launched(work: Path, env: dict, ns) -> dict:
     out = proc.stdout + proc.stderr
     matches = list(re.finditer(r"checkpoint step=(\d+) blocked_s=([0-9.]+) slowdown_s=([0-9.]+) upload_s=([0-9.]+) "
                                r"bytes=(\d+)", out))
-    match = matches[1] if len(matches) > 1 else None  # the second save: the steady state, as for the others
-    if proc.returncode or not match:
+    steady = matches[1:SAVES]  # the saves after the first: the steady state, as for the others
+    if proc.returncode or not steady:
         return {"error": (out.strip().splitlines() or ["?"])[-1][-300:]}
-    return {"blocked_s": float(match.group(2)), "slowdown_s": float(match.group(3)),
-            "upload_s": float(match.group(4)), "bytes": int(match.group(5))}
+    return steady_mean([{"blocked_s": float(m.group(2)), "slowdown_s": float(m.group(3)),
+                         "upload_s": float(m.group(4))} for m in steady]) | {"bytes": int(steady[0].group(5))}
 
 
 def raw_s5cmd(directory: Path, endpoint: str) -> float:
@@ -141,9 +151,11 @@ def main() -> None:
 
 def report(results: dict, raw_s: float, raw_bytes: int, ns) -> None:
     details = [f"FSDP2 Llama dim {ns.dim}, {ns.layers} layers, fp32 + AdamW, 2 ranks on 2 cores, batch 2 x 128 "
-               f"per rank; two saves, {SAVE_AT} clean steps before each; training goes on while each becomes durable "
-               "in S3 (moto on the same cores). Figures are the second save's (the steady state: the first pays "
-               "one-time allocations); a save's clean step is the median of the steps before it"]
+               f"per rank; {SAVES} saves, {SAVE_AT} clean steps before each; training goes on while each becomes "
+               "durable in S3 (moto on the same cores). Figures are the mean over the saves after the first (the "
+               "steady state: the first pays one-time allocations); a save's clean step is the median of the "
+               "steps before it. Restore: the last save, from a fresh disk, each method its own way, into the "
+               "live model and optimizer, checked equal to the state saved"]
     for method, r in results.items():
         if "error" in r:
             details.append(f"{method}: could not run: {r['error']}")
@@ -154,8 +166,10 @@ def report(results: dict, raw_s: float, raw_bytes: int, ns) -> None:
         rate = f", upload {mb / r['upload_s']:.0f} MB/s" if r.get("upload_s") else ""
         first = (f" (first save: blocked {r['first']['blocked_s']:.3f} s, slowdown {r['first']['slowdown_s']:.2f} s)"
                  if "first" in r else "")
+        restore = (f"; restore {r['restore_s']:.2f} s ({mb / r['restore_s']:.0f} MB/s"
+                   f"{'' if r['restored_exactly'] else ', NOT the state saved'})" if "restore_s" in r else "")
         details.append(f"{method}: {mb:.0f} MB, blocked {r['blocked_s']:.3f} s, slowdown {r['slowdown_s']:.2f} s"
-                       f"{flight}{rate}{first}")
+                       f"{flight}{rate}{first}{restore}")
     details.append(f"raw s5cmd cp of the same {raw_bytes / 1e6:.0f} MB, nothing else running: {raw_s:.2f} s "
                    f"({raw_bytes / 1e6 / raw_s:.0f} MB/s)")
     ok = {m: r for m, r in results.items() if "error" not in r}
@@ -171,6 +185,12 @@ def report(results: dict, raw_s: float, raw_bytes: int, ns) -> None:
                 claim = "checkpoint_slowdown_s_vs_least_peer" + ("_launched" if "launched" in name else "")
                 lines.append(result_line(claim, max(ok[name]["slowdown_s"], 1e-3), max(peers[least]["slowdown_s"], 1e-3),
                                          "<=1.0") + f" (least: {least})")
+    restored = {m: r for m, r in peers.items() if r.get("restored_exactly")}
+    if ok.get("ours", {}).get("restored_exactly") and restored:
+        fastest = min(restored, key=lambda m: restored[m]["restore_s"])
+        lines.append(result_line("checkpoint_restore_mb_s_vs_fastest_peer", ok["ours"]["bytes"] / 1e6 / ok["ours"]["restore_s"],
+                                 restored[fastest]["bytes"] / 1e6 / restored[fastest]["restore_s"], ">=0.9")
+                     + f" (fastest: {fastest}; the storage issue's restore target)")
     if "ours" in ok and ok.get("dcp_s5cmd", {}).get("upload_s"):  # both while training, on the same cores
         lines.append(result_line("checkpoint_upload_mb_s_while_training_vs_s5cmd_while_training",
                                  ok["ours"]["bytes"] / 1e6 / ok["ours"]["upload_s"],

@@ -5,7 +5,9 @@ METHOD: ours (the runtime's Checkpointer; under plain torchrun local rank 0's th
 dcp_s5cmd (DCP async_save to local disk, thread executor, then one s5cmd upload per node),
 dcp_process_s5cmd (the same with DCP's process executor), s3torchconnector (DCP async_save
 straight to S3 through its S3StorageWriter).
-Saves twice (SAVE_AT clean steps before each); each save's steps in flight are marked.
+Saves SAVES times (SAVE_AT clean steps before each); each save's steps in flight are marked. Then
+restores the last save from a fresh disk the method's own way, timed, and checks that the state it
+loaded is the state that was saved (a float64 sum of every local tensor).
 usage (under torchrun): checkpoint_peers_worker.py METHOD WORKDIR DIM LAYERS SAVE_AT
 """
 from __future__ import annotations
@@ -29,12 +31,15 @@ from llm_runtime.parallel.tensor import llama_root_tp_plan, llama_tp_plan  # noq
 
 MAX_STEPS = 400
 AFTER = 5  # clean steps after the last save is durable
-SAVES = 2  # the first save of a run pays one-time costs (allocations); the second is the steady state
+SAVES = 4  # the first save of a run pays one-time costs (allocations); the later ones are the steady state
 
 
 class _Position:
     def state_dict(self):
         return {"step": 1}
+
+    def load_state_dict(self, state):
+        pass
 
 
 class _Upload:
@@ -118,15 +123,20 @@ def main() -> None:
         if len(saves) == SAVES and "durable_s" in saves[-1] and step >= next_save:
             break
         if step == next_save and len(saves) < SAVES:
+            saved_sum = _state_sum(state)  # what the restore must bring back (outside the timed step)
             started = time.perf_counter()
             background = _save(method, state, work, rt, checkpointer, len(saves) + 1)
             saves.append({"at": step, "started": started, "blocked_s": time.perf_counter() - started})
         last = time.perf_counter()
     state_bytes = torch.tensor([_state_bytes(state)])
     dist.all_reduce(state_bytes)
+    restore_s = _restore(method, state, work, rt, checkpointer, len(saves))
+    matches = torch.tensor([int(abs(_state_sum(state) - saved_sum) <= 1e-9 * max(1.0, abs(saved_sum)))])
+    dist.all_reduce(matches, op=dist.ReduceOp.MIN)
     if rt.rank == 0:
         print("PEER_RESULT " + json.dumps({"method": method, "times": times, "in_flight": in_flight_steps,
-                                           "saves": saves, "bytes": int(state_bytes.item())}), flush=True)
+                                           "saves": saves, "bytes": int(state_bytes.item()), "restore_s": restore_s,
+                                           "restored_exactly": bool(matches.item())}), flush=True)
     rt.shutdown()
 
 
@@ -157,6 +167,61 @@ def _save(method: str, state, work: Path, rt, checkpointer, step: int):
     future = dcp.async_save(state.dcp_state(), checkpoint_id=str(directory), async_checkpointer_type=kind,
                             process_group=group)
     return _Upload(future, directory, f"s3://bench/{method}/step-{step}", leader=rt.local_rank == 0)
+
+
+def _restore(method: str, state, work: Path, rt, checkpointer, step: int) -> float:
+    """Seconds from a fresh disk to the last save loaded into ``state``, each method its own way:
+    ours through Checkpointer.restore (manifest, ranged GETs of the node tar, sha256 checked);
+    dcp_* by s5cmd copying the directory down (one per node), then dcp.load; s3torchconnector by
+    dcp.load through its S3StorageReader."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    dist.barrier()
+    fresh = work / f"restore-{method}"
+    if rt.local_rank == 0:  # the node's disk is replaced: nothing of the save is left on it
+        shutil.rmtree(work / "ours" if method == "ours" else work / method, ignore_errors=True)
+    dist.barrier()
+    started = time.perf_counter()
+    if method == "ours":
+        restored = checkpointer.restore(state, _Position())
+        if restored != step:
+            raise RuntimeError(f"restored step {restored}, not the last save {step}")
+    else:
+        loaded = state.dcp_state()
+        if method == "s3torchconnector":
+            from s3torchconnector import S3ClientConfig
+            from s3torchconnector._s3client import S3Client
+            from s3torchconnector.dcp import S3StorageReader
+            from s3torchconnector.dcp.s3_file_system import S3FileSystem
+
+            reader = S3StorageReader(region="us-east-1", path=f"s3://bench/s3torchconnector/step-{step}")
+            reader.fs = S3FileSystem("us-east-1", s3_client=S3Client(
+                "us-east-1", endpoint=os.environ["AWS_ENDPOINT_URL_S3"], s3client_config=S3ClientConfig(
+                    force_path_style=True)))
+            dcp.load(loaded, storage_reader=reader)
+        else:
+            if rt.local_rank == 0:
+                s5cmd = Path(sys.executable).with_name("s5cmd")
+                subprocess.run([str(s5cmd), "--endpoint-url", os.environ["AWS_ENDPOINT_URL_S3"], "cp",
+                                f"s3://bench/{method}/step-{step}/*", f"{fresh}/"], check=True, capture_output=True,
+                               timeout=900)
+            dist.barrier()
+            dcp.load(loaded, checkpoint_id=str(fresh))
+        state.load_dcp(loaded)
+    dist.barrier()
+    return time.perf_counter() - started
+
+
+def _state_sum(state) -> float:
+    """A float64 sum of every local tensor of the model and optimizer state (this rank's shards)."""
+    total = 0.0
+    for value in _leaves(state.dcp_state()):
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            total += float(local.detach().double().sum())
+    return total
 
 
 def _all(group, flag: bool) -> bool:

@@ -65,3 +65,13 @@ def test_the_second_save_is_measured_against_the_clean_steps_after_the_first():
     first, second = save_costs({"times": times, "in_flight": flight, "saves": [{"at": 15}, {"at": 22}]})
     assert (first["clean_step_s"], first["steps_in_flight"], first["slowdown_s"]) == (1.0, 2, pytest.approx(4.0))
     assert (second["clean_step_s"], second["steps_in_flight"], second["slowdown_s"]) == (2.0, 1, pytest.approx(0.5))
+
+
+def test_the_reported_checkpoint_cost_is_the_mean_of_the_saves_after_the_first():
+    from benchmarks.checkpoint_peers import steady_mean
+
+    saves = [{"blocked_s": 9.0, "slowdown_s": 9.0}, {"blocked_s": 0.02, "slowdown_s": 0.3},
+             {"blocked_s": 0.04, "slowdown_s": 0.5}]
+    got = steady_mean(saves)
+    assert got == {"blocked_s": pytest.approx(0.03), "slowdown_s": pytest.approx(0.4), "saves": 2}
+    assert steady_mean(saves[:1])["blocked_s"] == 9.0  # a single save is all there is
