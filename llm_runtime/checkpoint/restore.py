@@ -217,11 +217,15 @@ class Restorer:
             state.prefetch(manifest, root, store, self.local_rank)
         except Exception as err:  # noqa: BLE001 - sorted by verdict(); every rank must agree first
             error = err
-        self._agree(error)
-        try:  # the data position first: a layout it cannot continue is a clear error, not a fallback
-            loader.load_state_dict(extras["loader"])
-        except ValueError as err:
-            raise ResumeMismatch(f"checkpoint step {manifest.step}: {err}") from None
+        try:
+            self._agree(error)
+            try:  # the data position first: a layout it cannot continue is a clear error, not a fallback
+                loader.load_state_dict(extras["loader"])
+            except ValueError as err:
+                raise ResumeMismatch(f"checkpoint step {manifest.step}: {err}") from None
+        except BaseException:
+            state.discard_prefetch()  # no load follows: stop what prefetch() started
+            raise
         error = None
         try:
             state.load(manifest, root, store, self.group)

@@ -10,6 +10,7 @@ Both states offer one protocol to the manager:
 - ``save(directory, group)``: write this rank's files; a future when the write finishes later;
 - ``prefetch(manifest, root, store, local_rank)``: verify (and fetch) what must be checked
   before anything is read, the files a pickle loader opens included;
+- ``discard_prefetch()``: stop what ``prefetch`` started in the background when no load follows;
 - ``load(manifest, root, store, group)``: read the state back; ``failure`` keeps this rank's
   own storage or checksum error (DCP wraps every rank's errors into one on all ranks);
 - ``json_state()`` / ``load_json_state(state)``.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .transfer import ensure_member, fetch_members, verifying_reader
+from .transfer import Prefetch, ensure_member, fetch_members, own_dcp_files, verifying_reader
 
 __all__ = ["DeepSpeedState", "TorchState", "restore_rng", "rng_state"]
 
@@ -56,6 +57,7 @@ class TorchState:
         self.parts, self.optimizers, self.schedulers = list(parts), list(optimizers), list(schedulers)
         self.failure: BaseException | None = None
         self._stager = None
+        self._prefetch: Prefetch | None = None
 
     def save(self, directory: Path, group):
         """DCP's async save (its own gloo group, so training never shares a collective with it),
@@ -77,18 +79,33 @@ class TorchState:
         return self._stager
 
     def prefetch(self, manifest, root: Path, store, local_rank: int) -> None:
-        ensure_member(manifest, "dcp/.metadata", root, store)  # DCP unpickles it: verified first
+        """.metadata verified now (DCP unpickles it); on the layout that saved it, this rank's own data
+        files start fetching in the background, so the download overlaps DCP's planning."""
+        self.discard_prefetch()
+        import torch.distributed as dist
+
+        if manifest.world_size == dist.get_world_size():
+            own = own_dcp_files(manifest.member_names(), dist.get_rank())
+            self._prefetch = Prefetch(manifest, own, root, store) if own else None
+        ensure_member(manifest, "dcp/.metadata", root, store)
+
+    def discard_prefetch(self) -> None:
+        """Stop (and wait for) the background fetches of :meth:`prefetch` when no load follows."""
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
 
     def load(self, manifest, root: Path, store, group) -> None:
         import torch.distributed.checkpoint as dcp
 
         self.failure = None
         loaded = self.dcp_state()
-        reader = verifying_reader(str(root / "dcp"), manifest, root, store)
+        reader = verifying_reader(str(root / "dcp"), manifest, root, store, self._prefetch)
         try:
             dcp.load(loaded, storage_reader=reader, process_group=group)  # errors reach every rank
         finally:
             self.failure = reader.failure
+            self.discard_prefetch()
         self.load_dcp(loaded)
 
     def _options(self):
@@ -145,6 +162,9 @@ class DeepSpeedState:
 
         world = dist.get_world_size() if dist.is_initialized() else 1
         return manifest.world_size != world and self.engine.zero_optimization_stage() > 0
+
+    def discard_prefetch(self) -> None:
+        pass  # prefetch() runs in the foreground here
 
     def prefetch(self, manifest, root: Path, store, local_rank: int) -> None:
         """DeepSpeed reads files by its own names: local rank 0 fetches them all, verified, and drops

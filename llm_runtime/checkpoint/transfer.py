@@ -19,8 +19,8 @@ from ..progress import bar
 from ..storage import ObjectMissing
 from .layout import Manifest, Member, NodeObject
 
-__all__ = ["CorruptCheckpoint", "TarStream", "ensure_member", "fetch_members", "local_members", "run_with_deadline",
-           "sha256_file", "verify_object", "verifying_reader"]
+__all__ = ["CorruptCheckpoint", "Prefetch", "TarStream", "ensure_member", "fetch_members", "local_members",
+           "own_dcp_files", "run_with_deadline", "sha256_file", "verify_object", "verifying_reader"]
 
 BLOCK = 8 << 20  # what a fetch or a verify holds in memory at once
 FETCH_THREADS = 4
@@ -245,9 +245,35 @@ def fetch_members(manifest: Manifest, names: list[str], root: Path, store) -> No
             shown.update(size)
 
 
-def verifying_reader(path: str, manifest: Manifest, root: Path, store):
+def own_dcp_files(names: list[str], rank: int) -> list[str]:
+    """The DCP data files rank ``rank`` wrote (FileSystemWriter names them ``__<rank>_<i>.distcp``):
+    what the same rank reads back when the layout is unchanged (pure)."""
+    return [name for name in names if name.startswith(f"dcp/__{rank}_") and name.endswith(".distcp")]
+
+
+class Prefetch:
+    """Members fetched and verified in the background (``FETCH_THREADS`` at a time) while the ranks
+    agree and plan the load; :meth:`take` waits for the ones it holds and returns the others."""
+
+    def __init__(self, manifest: Manifest, names: list[str], root: Path, store):
+        self._pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="checkpoint-prefetch")
+        self._futures = {name: self._pool.submit(ensure_member, manifest, name, root, store) for name in names}
+
+    def take(self, names: list[str]) -> list[str]:
+        """Wait for the prefetched ``names`` (their fetch or checksum error is raised); the rest."""
+        for name in names:
+            if name in self._futures:
+                self._futures[name].result()
+        return [name for name in names if name not in self._futures]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def verifying_reader(path: str, manifest: Manifest, root: Path, store, prefetched: Prefetch | None = None):
     """DCP's FileSystemReader over the node's step dir: every file is checked against the manifest
-    (and fetched with one ranged GET when absent) before DCP opens it, .metadata (a pickle) included."""
+    (and fetched with one ranged GET when absent) before DCP opens it, .metadata (a pickle) included;
+    files ``prefetched`` holds were checked there."""
 
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -257,6 +283,8 @@ def verifying_reader(path: str, manifest: Manifest, root: Path, store):
 
         def _checked(self, names: list[str]) -> None:
             try:
+                if prefetched is not None:
+                    names = prefetched.take(names)
                 fetch_members(manifest, names, root, store)
             except BaseException as err:
                 self.failure = err

@@ -156,3 +156,31 @@ def test_verify_reads_an_object_in_blocks_that_split_members_and_empty_ones(tmp_
     for block in (1, 7, 512, 1536, 4096):
         monkeypatch.setattr(transfer, "BLOCK", block)
         assert verify_object(store, obj) == [], block
+
+
+def test_a_rank_prefetches_only_the_dcp_files_it_wrote():
+    from llm_runtime.checkpoint.transfer import own_dcp_files
+
+    names = ["dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "dcp/__1_1.distcp", "dcp/__10_0.distcp",
+             "rank-00001.json"]
+    assert own_dcp_files(names, 1) == ["dcp/__1_0.distcp", "dcp/__1_1.distcp"]
+    assert own_dcp_files(names, 10) == ["dcp/__10_0.distcp"] and own_dcp_files(names, 3) == []
+
+
+def test_prefetched_members_are_fetched_once_verified_and_a_bad_one_is_raised_where_it_is_taken(uploaded, tmp_path):
+    from llm_runtime.checkpoint.transfer import Prefetch
+
+    store, manifest = uploaded
+    prefetch = Prefetch(manifest, ["dcp/__0_0.distcp"], tmp_path / "fresh", store)
+    assert prefetch.take(["dcp/.metadata", "dcp/__0_0.distcp"]) == ["dcp/.metadata"]
+    prefetch.close()
+    assert (tmp_path / "fresh" / "dcp" / "__0_0.distcp").stat().st_size == 70000
+    assert store.stats.counts["GET"] == 1
+    obj = manifest.objects[0]
+    raw = bytearray((store.root / obj.key).read_bytes())
+    raw[manifest.member("rank-00000.json")[1].offset] ^= 0xFF
+    (store.root / obj.key).write_bytes(bytes(raw))
+    prefetch = Prefetch(manifest, ["rank-00000.json"], tmp_path / "other", store)
+    with pytest.raises(CorruptCheckpoint, match="rank-00000.json"):
+        prefetch.take(["rank-00000.json"])
+    prefetch.close()
