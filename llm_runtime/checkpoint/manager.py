@@ -12,6 +12,7 @@ waits for the previous one, so memory never grows with a slow upload. Restoring 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from ..storage import open_store
 from ..workerenv import commit_agent, stop_file
 from .agree import StepAgreement
 from .commit import SavePlan, commit_failure, commit_with_deadline, committed_token, marker, open_run_store
-from .layout import MANIFEST, Manifest, due, parse_resume, run_id_for, step_dir
+from .layout import MANIFEST, Manifest, due, parse_resume, parse_step_dir, run_id_for, step_dir
 from .restore import Restorer, config_json
 from .slowdown import SlowdownMeter
 from .state import rng_state
@@ -55,6 +56,12 @@ class SaveReport:
                 f"upload_s={self.upload_s:.2f} bytes={self.bytes} objects={self.objects}")
 
 
+def save_token(prefix: str, step: int, count: int) -> str:
+    """The name of one save (in its objects' keys): unique per launch (``prefix`` is drawn by rank 0
+    once per Checkpointer), per step and per save of this Checkpointer; the same on every rank (pure)."""
+    return hashlib.sha256(f"{prefix}:{step}:{count}".encode()).hexdigest()[:8]
+
+
 class Checkpointer(Restorer):
     def __init__(self, config, *, rank: int, world_size: int, local_rank: int, node_rank: int, num_nodes: int,
                  backend: str, local_dir: str, on_stall=None, model_fingerprint: str = ""):
@@ -77,8 +84,14 @@ class Checkpointer(Restorer):
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=ck.upload_timeout_s + 300))
         self.nodes = [int(n) for n in gather_json(node_rank, self.group)]  # rank -> node
         self.stop_file = stop_file()
+        # One gather: rank 0's run prefix (the agreement's keys, the saves' tokens) and the step
+        # directories the node leaders find left on their disks (a save there cleans up first).
+        found = sorted(filter(None, map(parse_step_dir, os.listdir(self.local_root)))) \
+            if local_rank == 0 and self.local_root.is_dir() else []
+        shared = gather_json([secrets.token_hex(4) if rank == 0 else None, found], self.group)
+        prefix = shared[0][0]
+        self._prefix, self._leftovers = prefix, {step for _, steps in shared for step in steps}
         # Time-based saves and stop requests are agreed on through the job's store, not a per-step collective.
-        prefix = gather_json(secrets.token_hex(4) if rank == 0 else None, self.group)[0]
         self.agreement = StepAgreement(
             dist.PrefixStore(f"llm_runtime/agree/{prefix}/", dist.distributed_c10d._get_default_store()),
             rank=rank, world_size=world_size, last_step=config.train.steps, every_minutes=ck.every_minutes,
@@ -118,10 +131,12 @@ class Checkpointer(Restorer):
         self.wait()  # one save in flight at most
         started = time.monotonic()
         directory = self.local_root / step_dir(step)
-        if self.local_rank == 0 and directory.exists():
-            shutil.rmtree(directory)  # a leftover of an unfinished save of this step
-        # The save's token (its objects' names), shared; also every rank waits for the cleanup above.
-        token = gather_json(secrets.token_hex(4) if self.rank == 0 else None, self.group)[0]
+        if step in self._leftovers:  # the same set on every rank: all of them wait for the cleanup
+            if self.local_rank == 0 and directory.exists():
+                shutil.rmtree(directory)  # a leftover of an unfinished save of this step
+            gather_json(None, self.group)
+        self._leftovers.add(step)  # saving a step again (not done by the loop) cleans up first too
+        token = save_token(self._prefix, step, len(self.reports))  # no collective: the same on every rank
         directory.mkdir(parents=True, exist_ok=True)
         extras = {"step": step, "world_size": self.world_size, "loader": loader.state_dict(),
                   "rng": rng_state(), **state.json_state()}
