@@ -214,14 +214,16 @@ def _restore(method: str, state, work: Path, rt, checkpointer, step: int) -> flo
     return time.perf_counter() - started
 
 
-def _state_sum(state) -> float:
-    """A float64 sum of every local tensor of the model and optimizer state (this rank's shards)."""
-    total = 0.0
+def _local_tensors(state):
+    """This rank's shards of every model and optimizer tensor, as every method saves them."""
     for value in _leaves(state.dcp_state()):
         if isinstance(value, torch.Tensor):
-            local = value.to_local() if hasattr(value, "to_local") else value
-            total += float(local.detach().double().sum())
-    return total
+            yield value.to_local() if hasattr(value, "to_local") else value
+
+
+def _state_sum(state) -> float:
+    """A float64 sum of every local tensor: equal before a save and after its restore."""
+    return sum(float(local.detach().double().sum()) for local in _local_tensors(state))
 
 
 def _all(group, flag: bool) -> bool:
@@ -257,13 +259,8 @@ def _upload_s(method, checkpointer, background) -> float:
 
 
 def _state_bytes(state) -> int:
-    """This rank's bytes of model and optimizer state (its shards), as every method saves them."""
-    total = 0
-    for value in _leaves(state.dcp_state()):
-        if isinstance(value, torch.Tensor):
-            local = value.to_local() if hasattr(value, "to_local") else value
-            total += local.numel() * local.element_size()
-    return total
+    """This rank's bytes of model and optimizer state (its shards)."""
+    return sum(local.numel() * local.element_size() for local in _local_tensors(state))
 
 
 def _leaves(tree):

@@ -86,8 +86,8 @@ class Checkpointer(Restorer):
         self.stop_file = stop_file()
         # One gather: rank 0's run prefix (the agreement's keys, the saves' tokens) and the step
         # directories the node leaders find left on their disks (a save there cleans up first).
-        found = sorted(filter(None, map(parse_step_dir, os.listdir(self.local_root)))) \
-            if local_rank == 0 and self.local_root.is_dir() else []
+        names = os.listdir(self.local_root) if local_rank == 0 and self.local_root.is_dir() else []
+        found = sorted(step for step in map(parse_step_dir, names) if step is not None)
         shared = gather_json([secrets.token_hex(4) if rank == 0 else None, found], self.group)
         prefix = shared[0][0]
         self._prefix, self._leftovers = prefix, {step for _, steps in shared for step in steps}
