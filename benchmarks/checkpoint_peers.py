@@ -72,12 +72,14 @@ def run_worker(method: str, work: Path, env: dict, ns) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish within {ns.timeout:g} s"}
     if proc.returncode:
-        errors = [line for line in proc.stderr.splitlines() if "Error" in line]
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line and "ChildFailedError" not in line]
+        print(f"{method} failed; the end of its log:", *proc.stderr.splitlines()[-30:], sep="\n", file=sys.stderr)
         return {"error": (errors or proc.stderr.splitlines() or ["?"])[-1][-300:]}
     result = json.loads(next(line.split(" ", 1)[1] for line in proc.stdout.splitlines()
                              if line.startswith("PEER_RESULT ")))
     saves = save_costs(result)
     return {**steady_mean(saves), "first": saves[0], "bytes": result["bytes"], "restore_s": result["restore_s"],
+            "restores": result.get("restores", []),
             "restored_exactly": result["restored_exactly"]}
 
 
@@ -166,7 +168,8 @@ def report(results: dict, raw_s: float, raw_bytes: int, ns) -> None:
         rate = f", upload {mb / r['upload_s']:.0f} MB/s" if r.get("upload_s") else ""
         first = (f" (first save: blocked {r['first']['blocked_s']:.3f} s, slowdown {r['first']['slowdown_s']:.2f} s)"
                  if "first" in r else "")
-        restore = (f"; restore {r['restore_s']:.2f} s ({mb / r['restore_s']:.0f} MB/s"
+        restore = (f"; restore median {r['restore_s']:.2f} s of {', '.join(f'{x:.2f}' for x in r['restores'])} "
+                   f"({mb / r['restore_s']:.0f} MB/s"
                    f"{'' if r['restored_exactly'] else ', NOT the state saved'})" if "restore_s" in r else "")
         details.append(f"{method}: {mb:.0f} MB, blocked {r['blocked_s']:.3f} s, slowdown {r['slowdown_s']:.2f} s"
                        f"{flight}{rate}{first}{restore}")

@@ -208,13 +208,13 @@ class Restorer:
         error, extras = None, {}
         try:
             self._check_compatible(manifest)
+            state.prefetch(manifest, root, store, self.local_rank)  # the big files first, in the background
             same_world = manifest.world_size == self.world_size
             name = f"rank-{self.rank:05d}.json" if same_world else "rank-00000.json"
             extras = json.loads(ensure_member(manifest, name, root, store).read_text())
             if not same_world:
                 extras.pop("rng", None)  # another world: RNG streams do not map rank to rank
             extras["loader"]  # noqa: B018 - a verified state without it is corrupt
-            state.prefetch(manifest, root, store, self.local_rank)
         except Exception as err:  # noqa: BLE001 - sorted by verdict(); every rank must agree first
             error = err
         try:

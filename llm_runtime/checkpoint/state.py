@@ -79,15 +79,15 @@ class TorchState:
         return self._stager
 
     def prefetch(self, manifest, root: Path, store, local_rank: int) -> None:
-        """.metadata verified now (DCP unpickles it); on the layout that saved it, this rank's own data
-        files start fetching in the background, so the download overlaps DCP's planning."""
+        """Start fetching, in the background, .metadata and (on the layout that saved it) this rank's
+        own data files, so the download overlaps the rank state, the agreement and DCP's planning;
+        the reader waits for each (and its checksum) before DCP opens it."""
         self.discard_prefetch()
         import torch.distributed as dist
 
-        if manifest.world_size == dist.get_world_size():
-            own = own_dcp_files(manifest.member_names(), dist.get_rank())
-            self._prefetch = Prefetch(manifest, own, root, store) if own else None
-        ensure_member(manifest, "dcp/.metadata", root, store)
+        own = own_dcp_files(manifest.member_names(), dist.get_rank()) \
+            if manifest.world_size == dist.get_world_size() else []
+        self._prefetch = Prefetch(manifest, ["dcp/.metadata", *own], root, store)
 
     def discard_prefetch(self) -> None:
         """Stop (and wait for) the background fetches of :meth:`prefetch` when no load follows."""

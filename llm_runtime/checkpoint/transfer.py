@@ -1,7 +1,7 @@
 """Moving checkpoint files: node tars with member offsets, verified fetches, deadlines.
 
 The node tar is plain (no compression) with fixed attributes; each member's data offset is
-recorded so a reader fetches exactly that member with one ranged GET and checks its sha256
+recorded so a reader fetches exactly that member with ranged GETs and checks its sha256
 before anything reads (or unpickles) it. Fetches and verifies stream: they hash while reading
 and hold one block, never a whole member.
 """
@@ -24,6 +24,8 @@ __all__ = ["CorruptCheckpoint", "Prefetch", "TarStream", "ensure_member", "fetch
 
 BLOCK = 8 << 20  # what a fetch or a verify holds in memory at once
 FETCH_THREADS = 4
+PART = 8 << 20  # a member larger than this is fetched as parallel ranged GETs of about this size
+PART_THREADS = 4
 
 
 class CorruptCheckpoint(ValueError):
@@ -110,8 +112,8 @@ def local_members(root: Path, names: list[str], key: str, node: int) -> NodeObje
 
 
 def ensure_member(manifest: Manifest, name: str, local_root: Path, store) -> Path:
-    """``local_root/name`` verified against the manifest; fetched (one ranged, streamed GET, hashed
-    while it is written) when absent or wrong. A mismatch is CorruptCheckpoint; a store that fails
+    """``local_root/name`` verified against the manifest; fetched (ranged GETs, hashed as it is
+    written) when absent or wrong. A mismatch is CorruptCheckpoint; a store that fails
     (its retries spent) raises its StorageError: transient is not corrupt."""
     try:
         obj, member = manifest.member(name)
@@ -139,22 +141,67 @@ def ensure_member(manifest: Manifest, name: str, local_root: Path, store) -> Pat
 
 
 def _fetch(store, key: str, offset: int, size: int, dest: Path, step: int) -> str:
-    """Bytes ``[offset, offset + size)`` of ``key`` streamed to ``dest``; their sha256."""
+    """Bytes ``[offset, offset + size)`` of ``key`` written to ``dest``; their sha256. A member
+    larger than one part is fetched as ``PART``-sized ranged GETs in parallel (one stream runs at
+    a fraction of what S3 serves a node), each written at its place while the parts before it are
+    hashed in order from the page cache: memory stays at one block per stream."""
+    parts = part_ranges(offset, size, PART)
     digest = hashlib.sha256()
     try:
-        stream = store.open_range(key, offset, size)
-    except ObjectMissing:
-        raise CorruptCheckpoint(f"step {step}: {store.url(key)}, listed in the manifest, does not exist") from None
-    try:
         with open(dest, "wb") as sink:
-            for block in iter(lambda: stream.read(BLOCK), b""):
-                digest.update(block)
-                sink.write(block)
+            sink.truncate(size)
+        if len(parts) == 1:
+            _fetch_part(store, key, offset, size, dest, 0, digest)
+            return digest.hexdigest()
+        with ThreadPoolExecutor(max_workers=min(PART_THREADS, len(parts)),
+                                thread_name_prefix="checkpoint-part") as pool:
+            futures = [pool.submit(_fetch_part, store, key, start, length, dest, start - offset)
+                       for start, length in parts]
+            try:
+                with open(dest, "rb", buffering=0) as written:  # no read-ahead into parts not yet written
+                    for future, (start, length) in zip(futures, parts):
+                        future.result()
+                        for block in _blocks(written, start - offset, length):
+                            digest.update(block)
+            finally:
+                for future in futures:
+                    future.cancel()
     except ObjectMissing:
         raise CorruptCheckpoint(f"step {step}: {store.url(key)}, listed in the manifest, does not exist") from None
+    return digest.hexdigest()
+
+
+def _blocks(handle, at: int, length: int):
+    """``length`` bytes of ``handle`` from ``at``, a block at a time."""
+    handle.seek(at)
+    while length > 0:
+        block = handle.read(min(BLOCK, length))
+        if not block:
+            raise OSError(f"{handle.name}: ended {length} bytes early")
+        length -= len(block)
+        yield block
+
+
+def part_ranges(offset: int, size: int, part: int) -> list[tuple[int, int]]:
+    """(start, length) of the ranged GETs that fetch ``[offset, offset + size)`` (pure); a tail
+    shorter than half a part joins the part before it."""
+    count = max(1, size // part + (size % part >= part // 2))
+    bounds = [offset + size * i // count for i in range(count + 1)] if count > 1 else [offset, offset + size]
+    return [(a, b - a) for a, b in zip(bounds, bounds[1:])]
+
+
+def _fetch_part(store, key: str, start: int, length: int, dest: Path, at: int, digest=None) -> None:
+    """One ranged GET streamed into ``dest`` at ``at`` (hashed on the way when ``digest`` is given)."""
+    stream = store.open_range(key, start, length)
+    try:
+        with open(dest, "r+b") as sink:
+            sink.seek(at)
+            for block in iter(lambda: stream.read(BLOCK), b""):
+                if digest is not None:
+                    digest.update(block)
+                sink.write(block)
     finally:
         stream.close()
-    return digest.hexdigest()
 
 
 class _ObjectHasher:
@@ -272,7 +319,7 @@ class Prefetch:
 
 def verifying_reader(path: str, manifest: Manifest, root: Path, store, prefetched: Prefetch | None = None):
     """DCP's FileSystemReader over the node's step dir: every file is checked against the manifest
-    (and fetched with one ranged GET when absent) before DCP opens it, .metadata (a pickle) included;
+    (and fetched with ranged GETs when absent) before DCP opens it, .metadata (a pickle) included;
     files ``prefetched`` holds were checked there."""
 
     from torch.distributed.checkpoint import FileSystemReader

@@ -184,3 +184,24 @@ def test_prefetched_members_are_fetched_once_verified_and_a_bad_one_is_raised_wh
     with pytest.raises(CorruptCheckpoint, match="rank-00000.json"):
         prefetch.take(["rank-00000.json"])
     prefetch.close()
+
+
+def test_a_member_larger_than_a_part_is_fetched_as_parallel_ranged_gets_and_verified(s3, tmp_path):
+    from llm_runtime.checkpoint import transfer
+
+    data = os.urandom(3 * transfer.PART + 12345)
+    store = open_store("s3://test-bucket/ck")
+    (tmp_path / "obj").write_bytes(b"h" * 512 + data + b"t" * 100)
+    store.write_file("obj", tmp_path / "obj")
+    digest = transfer._fetch(store, "obj", 512, len(data), tmp_path / "out", 7)
+    assert digest == hashlib.sha256(data).hexdigest() and (tmp_path / "out").read_bytes() == data
+    assert store.stats.counts["GET"] == len(transfer.part_ranges(512, len(data), transfer.PART)) == 3
+
+
+@pytest.mark.parametrize("size,part,expected", [
+    (0, 8, [(100, 0)]), (5, 8, [(100, 5)]), (11, 8, [(100, 11)]), (12, 8, [(100, 6), (106, 6)]),
+    (24, 8, [(100, 8), (108, 8), (116, 8)])])
+def test_part_ranges_cover_the_member_exactly_with_no_short_tail(size, part, expected):
+    from llm_runtime.checkpoint.transfer import part_ranges
+
+    assert part_ranges(100, size, part) == expected
