@@ -79,7 +79,7 @@ def run_worker(method: str, work: Path, env: dict, ns) -> dict:
                              if line.startswith("PEER_RESULT ")))
     saves = save_costs(result)
     return {**steady_mean(saves), "first": saves[0], "bytes": result["bytes"], "restore_s": result["restore_s"],
-            "restores": result.get("restores", []),
+            "restores": result["restores"],
             "restored_exactly": result["restored_exactly"]}
 
 

@@ -6,8 +6,8 @@ dcp_s5cmd (DCP async_save to local disk, thread executor, then one s5cmd upload 
 dcp_process_s5cmd (the same with DCP's process executor), s3torchconnector (DCP async_save
 straight to S3 through its S3StorageWriter).
 Saves SAVES times (SAVE_AT clean steps before each); each save's steps in flight are marked. Then
-restores the last save RESTORES times, each from a fresh disk the method's own way, timed, and checks that the state it
-loaded is the state that was saved (a float64 sum of every local tensor).
+restores the last save RESTORES times, each from a fresh disk the method's own way, timed, and
+checks that the state it loaded is the state that was saved (a float64 sum of every local tensor).
 usage (under torchrun): checkpoint_peers_worker.py METHOD WORKDIR DIM LAYERS SAVE_AT
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .transfer import Prefetch, ensure_member, fetch_members, own_dcp_files, verifying_reader
+from .transfer import Prefetch, fetch_members, own_dcp_files, verifying_reader
 
 __all__ = ["DeepSpeedState", "TorchState", "restore_rng", "rng_state"]
 

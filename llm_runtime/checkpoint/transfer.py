@@ -186,7 +186,7 @@ def part_ranges(offset: int, size: int, part: int) -> list[tuple[int, int]]:
     """(start, length) of the ranged GETs that fetch ``[offset, offset + size)`` (pure); a tail
     shorter than half a part joins the part before it."""
     count = max(1, size // part + (size % part >= part // 2))
-    bounds = [offset + size * i // count for i in range(count + 1)] if count > 1 else [offset, offset + size]
+    bounds = [offset + size * i // count for i in range(count + 1)]
     return [(a, b - a) for a, b in zip(bounds, bounds[1:])]
 
 
