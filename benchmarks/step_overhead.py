@@ -3,7 +3,8 @@ processes and data (target >= 0.98, the mean of pairs in ABBA order with its 95%
 through rt.parallelize vs a plain FSDP2 loop, and the DeepSpeed backend (ZeRO-3) vs a plain
 deepspeed.initialize loop; the runtime's own time per step, measured inside its loop (the
 metrics' ``overhead_s``), is at most 1% of the step (target <= 0.01). Ours runs with the
-watchdog, the metrics and checkpoints on: a cadence that does not save within the timed steps.
+watchdog, the metrics, straggler detection and checkpoints on: a cadence that does not save
+within the timed steps.
 On a GPU it also reports MFU (model FLOPs per second / the GPU's peak).
 
 usage: python benchmarks/step_overhead.py [--repeats N] [--nproc N] [--dim D] [--layers L] ...
@@ -40,14 +41,28 @@ def ours(args, log_every: int, extra: tuple[str, ...] = (), overheads: list | No
                "--train.lr_schedule=constant", "--train.warmup_steps=0", f"--metrics.jsonl={path}",
                # checkpoints on, with a cadence that does not save within the run
                f"--checkpoint.local_dir={tmp}/ck", f"--checkpoint.every_steps={10 * args.steps}",
-               "--checkpoint.at_end=false", "--checkpoint.resume=never", *extra]
+               "--checkpoint.at_end=false", "--checkpoint.resume=never",
+               # straggler detection on, judging a window every 10 steps (the default is every 50)
+               "--watchdog.straggler_every=10", *extra]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-    steady = [r for r in rows if r["step"] > args.warmup]  # windows after the warm-up steps
     if overheads is not None:
-        overheads += [r["overhead_s"] / r["step_time_s"] for r in steady]
-    tokens_per_step = args.batch * args.seq
-    return statistics.mean(r["tokens_per_s"] for r in steady) / tokens_per_step
+        overheads += [r["overhead_s"] / r["step_time_s"] for r in rows if r["step"] > args.warmup]
+    return steady_rate(rows, args.warmup, args.batch * args.seq)
+
+
+def steady_rate(rows: list[dict], warmup: int, tokens_per_step: int) -> float:
+    """Steps/s over the windows after the warm-up: their steps over their summed time, as the
+    baseline times its loop (a mean of per-window rates would weigh a fast window more)."""
+    steps = seconds = 0.0
+    previous = 0
+    for row in rows:
+        window = row["step"] - previous
+        previous = row["step"]
+        if row["step"] > warmup:
+            steps += window
+            seconds += window * tokens_per_step / row["tokens_per_s"]
+    return steps / seconds
 
 
 def baseline(args, worker: str = BASELINE, extra: tuple[str, ...] = ()) -> float:
@@ -81,6 +96,7 @@ def main() -> None:
                           ("batch", 8), ("steps", 100), ("warmup", 10)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed row")
+    parser.add_argument("--no-record", action="store_true", help="print, do not append to RESULTS.md")
     args = parser.parse_args()
     overheads: list[float] = []
     base, mine = pairs(args.repeats, lambda: baseline(args), lambda: ours(args, log_every=args.warmup,
@@ -93,8 +109,10 @@ def main() -> None:
              f"target=<=0.01"]
     details = [f"{args.nproc} workers, Llama dim={args.dim} layers={args.layers} heads={args.heads}, "
                f"seq {args.seq}, global batch {args.batch}, steps {args.warmup + 1}-{args.steps} timed, "
-               f"mean of {args.repeats} pairs in ABBA order; ours with the watchdog, metrics and checkpoints on "
-               f"(every_steps={10 * args.steps}: no save in the run)",
+               f"mean of {args.repeats} pairs in ABBA order; ours with the watchdog, metrics, straggler detection "
+               f"(a window every 10 steps) and checkpoints on (every_steps={10 * args.steps}: no save in the run); "
+               "ours' rate is its timed steps over their summed time, as the baseline's (before 2026-12-03: the "
+               "mean of per-window rates)",
                f"llm-runtime train: {', '.join(f'{v:.3f}' for v in mine)} steps/s",
                f"plain FSDP2 loop: {', '.join(f'{v:.3f}' for v in base)} steps/s",
                f"pairwise ratio: mean {ratio:.4f}, 95% interval {ratio - half:.4f}..{ratio + half:.4f}",
@@ -129,6 +147,9 @@ def main() -> None:
         details.append(f"device: {name}; model FLOPs/token {flops:.3g}; per GPU {achieved / 1e12:.2f} TFLOP/s")
         if peak:
             lines.append(f"RESULT mfu value={achieved / peak:.4g} baseline=1 ratio={achieved / peak:.4g} target=report")
+    if args.no_record:
+        print("\n".join(details + lines))
+        return
     record("step_overhead", lines, details)
 
 

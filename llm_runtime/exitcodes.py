@@ -20,7 +20,8 @@ STALLED = 86
 """The watchdog saw no progress within a phase's timeout, a collective timed out, or a checkpoint
 upload passed its deadline. The failure record names the rank, phase and step."""
 BAD_NODE = 87
-"""The health check found a node that computes wrong results or cannot allocate memory."""
+"""The health check found a node that computes wrong results or cannot allocate memory, or (with
+``watchdog.stragglers=fail``) a rank was named a straggler during training; the record names the host."""
 NETWORK_FALLBACK = 88
 """``netenv.verify_efa=require``: EFA devices are present, but NCCL did not use them."""
 STOPPED = 143
@@ -28,7 +29,7 @@ STOPPED = 143
 
 DOCUMENTED = {
     STALLED: "stalled: no progress within the watchdog timeout, or a collective/upload deadline passed",
-    BAD_NODE: "bad node: the health check failed on this node",
+    BAD_NODE: "bad node: the health check failed on this node, or a straggler was named (watchdog.stragglers=fail)",
     NETWORK_FALLBACK: "network fallback: EFA present but NCCL chose another transport",
 }
 

@@ -4,15 +4,18 @@
 
 - ``hang``: sleep, as a stuck rank would (the watchdog and the collective timeouts must end it);
 - ``kill``: SIGKILL this process, as a crashed host would;
-- ``slow`` / ``corrupt`` (phase ``health`` only): the health check's matmul runs 10x slower /
-  returns a wrong result on that rank, as a degraded / broken GPU would.
+- ``slow`` / ``corrupt`` (phase ``health``): the health check's matmul runs 10x slower /
+  returns a wrong result on that rank, as a degraded / broken GPU would;
+- ``slow`` with phase ``step`` and ``factor=F``: that rank's training step computes F x as long
+  (it is busy, not asleep: a slow GPU or a throttled host), for the straggler detection.
 
 Keys: ``rank`` (default: every rank), ``step`` (default: any step), ``phase`` (where it fires:
 ``step`` (default, at the start of the forward/backward), ``data`` (while waiting for the batch),
 ``checkpoint`` (in the node's background checkpoint upload, so on a local rank 0), ``health``, or
 ``launch`` (in each host's launcher before any worker starts; ``rank`` is then the node rank)),
-and ``restart`` (the elastic restart it fires in, default 0: a restarted job runs clean).
-Example: ``LLM_RUNTIME_FAULT=hang:rank=1,step=3,phase=data``.
+``restart`` (the elastic restart it fires in, default 0: a restarted job runs clean), and
+``factor`` (``slow`` at phase ``step`` only, > 1).
+Examples: ``LLM_RUNTIME_FAULT=hang:rank=1,step=3,phase=data``, ``slow:rank=1,factor=3,phase=step``.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 from .workerenv import restart_count
 
-__all__ = ["Fault", "FaultError", "active", "inject", "parse_faults"]
+__all__ = ["Fault", "FaultError", "active", "inject", "parse_faults", "slowdown"]
 
 log = logging.getLogger(__name__)
 KINDS = ("hang", "kill", "slow", "corrupt")
@@ -44,6 +47,7 @@ class Fault:
     step: int | None = None
     phase: str = "step"
     restart: int = 0
+    factor: float = 0.0
 
     def fires(self, rank: int, step: int | None, phase: str = "step", restart: int = 0) -> bool:
         return ((self.rank is None or self.rank == rank) and (self.step is None or self.step == step)
@@ -63,15 +67,43 @@ def parse_faults(text: str) -> list[Fault]:
                 values[key] = value
             elif key in _INT_KEYS and eq and value.lstrip("-").isdigit():
                 values[key] = int(value)
+            elif key == "factor" and eq and _number(value) > 1:
+                values[key] = float(value)
             else:
-                raise FaultError(f"LLM_RUNTIME_FAULT={text!r}: {pair!r} is not rank=N, step=N, restart=N "
-                                 f"or phase={'|'.join(PHASES)}")
+                raise FaultError(f"LLM_RUNTIME_FAULT={text!r}: {pair!r} is not rank=N, step=N, restart=N, "
+                                 f"factor=F (> 1) or phase={'|'.join(PHASES)}")
         fault = Fault(kind, **values)
-        if (kind in ("slow", "corrupt")) != (fault.phase == "health"):
-            raise FaultError(f"LLM_RUNTIME_FAULT={text!r}: slow and corrupt apply to phase=health only, "
-                             "and phase=health takes only slow or corrupt")
+        problem = _mismatch(fault)
+        if problem:
+            raise FaultError(f"LLM_RUNTIME_FAULT={text!r}: {problem}")
         faults.append(fault)
     return faults
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
+def _mismatch(fault: Fault) -> str:
+    """Why ``fault``'s kind, phase and factor do not go together ('' when they do; pure)."""
+    slow_step = fault.kind == "slow" and fault.phase == "step"
+    if fault.factor and not slow_step:
+        return "factor=F applies to slow at phase=step only"
+    if slow_step:
+        return "" if fault.factor else "slow at phase=step needs factor=F (> 1)"
+    if (fault.kind in ("slow", "corrupt")) != (fault.phase == "health"):
+        return ("slow and corrupt apply to phase=health (slow also to phase=step with factor=F), and "
+                "phase=health takes only slow or corrupt")
+    return ""
+
+
+def slowdown(rank: int, step: int, env: Mapping[str, str] | None = None) -> float:
+    """The ``slow`` drill's factor for this rank's training step (1.0: none)."""
+    factors = [fault.factor for fault in active(rank, step, "step", env) if fault.kind == "slow"]
+    return max(factors, default=1.0)
 
 
 def active(rank: int, step: int | None, phase: str, env: Mapping[str, str] | None = None) -> list[Fault]:

@@ -5,7 +5,8 @@ The line (rank 0, every ``train.log_every`` steps), fields always in this order:
 
 ``metrics: step=120 loss=3.1416 lr=2.500e-04 tokens_per_s=51234 tokens_per_s_per_device=6404
 step_time_s=0.640 mfu=0.412 grad_norm=0.8123 memory_gb=61.20 data_wait_s=0.0012 checkpoint_blocked_s=0.000
-checkpoint_slowdown_s=0.000 overhead_s=0.0004``
+checkpoint_slowdown_s=0.000 overhead_s=0.0004``, and while a slow rank is named (stragglers.py)
+``straggler=algo-2:rank3 slow_s=0.2100`` at the end.
 
 ``tokens_per_s`` is the whole job's; ``step_time_s``, ``data_wait_s``, ``checkpoint_blocked_s``,
 ``checkpoint_slowdown_s`` and ``overhead_s`` are per-step means over the interval; ``memory_gb`` is the peak allocated GPU memory (the peak
@@ -46,6 +47,12 @@ FIELDS = (
      "seconds per step lost to saves running in the background, over and above checkpoint_blocked_s"),
     ("overhead_s", ".4f", "train:overhead_s",
      "seconds per step outside the model's step and saves: the runtime's own cost, data hand-off included"),
+)
+
+#: Fields that appear only when they apply, after the fixed ones.
+OPTIONAL = (
+    ("slow_s", ".4f", "train:straggler_slow_s",
+     "seconds per step the named straggler (straggler=host:rankN) is slower than the other ranks' median"),
 )
 
 #: Dense bf16 tensor-core peak TFLOP/s per device (vendor datasheets), most specific name first.
@@ -92,12 +99,14 @@ def format_line(record: Mapping[str, float]) -> str:
             parts.append(f"{key}=nan")
         else:
             parts.append(f"{key}={format(value, spec)}")
+    if record.get("straggler"):  # only while a rank is named (stragglers.py)
+        parts.append(f"straggler={record['straggler']} slow_s={record.get('slow_s', float('nan')):.4f}")
     return " ".join(parts)
 
 
 def metric_definitions() -> list[dict[str, str]]:
     """SageMaker ``MetricDefinitions``: one regex per field, reading the value from the line."""
-    return [{"Name": name, "Regex": rf"{PREFIX} .*\b{key}={_NUMBER}"} for key, _, name, _ in FIELDS
+    return [{"Name": name, "Regex": rf"{PREFIX} .*\b{key}={_NUMBER}"} for key, _, name, _ in FIELDS + OPTIONAL
             if key != "step"]
 
 

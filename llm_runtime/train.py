@@ -20,11 +20,12 @@ from .parallel.pipeline import parse_split_points, split_layers
 from .parallel.tensor import check_tensor_parallel
 from .checkpoint.export import bundled_spec, export_model
 from .data.build import DataPlan, build_loader, global_batch_starts
-from .faults import inject
+from .faults import inject, slowdown
 from .hf_job import check_hf_model, data_vocab
 from .metrics import memory_gb, metrics_for_run
 from .paths import JobPaths
 from .runtime import Runtime, run_worker
+from .stragglers import monitor_for_run, slow_drill
 from .trainers import TorchTrainer, deepspeed_batching, deepspeed_trainer, lr_factor
 
 __all__ = ["batch_layout", "check_job", "deepspeed_batching", "global_batch_starts", "lr_factor", "main", "run"]
@@ -236,6 +237,7 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
         watchdog.beat(0, "checkpoint")
         start = checkpointer.restore(state, loader)
     window, sink = metrics_for_run(rt, model_config)
+    stragglers = monitor_for_run(rt)
     try:
         metrics: dict[str, float] = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}
         for step in range(start + 1, train.steps + 1):
@@ -243,17 +245,26 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
             inject(rt.rank, step, "data")
             waited = time.perf_counter()
             rows = loader.next_batch().to(rt.device)
-            window.data_wait_s += time.perf_counter() - waited
+            wait_s = time.perf_counter() - waited
+            window.data_wait_s += wait_s
             watchdog.beat(step, "step")
             inject(rt.rank, step, "step")
-            computing = time.perf_counter()
+            computing, cpu_started = time.perf_counter(), time.thread_time()
+            stragglers.start()
             local_loss, grad_norm = trainer.step(rows[:, :-1], rows[:, 1:], accumulation)
+            factor = slowdown(rt.rank, step)
+            if factor > 1:
+                slow_drill(factor, cpu_started, computing, rt.device.type == "cuda")
+            stragglers.stop(step, wait_s)
             window.steps += 1
             if step % train.log_every == 0 or step == train.steps:
                 loss, grad_norm = trainer.global_loss(local_loss), float(grad_norm)  # a plain loop's too
                 window.compute_s += time.perf_counter() - computing
                 metrics = window.close(step=step, loss=loss, lr=trainer.last_lr(), grad_norm=grad_norm,
                                        memory=memory_gb(rt.device))
+                named = stragglers.latest
+                if named is not None:
+                    metrics.update(straggler=named.name, slow_s=named.slow_s)
                 if sink is not None:
                     sink.write(metrics)
             else:
@@ -271,6 +282,7 @@ def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_c
                     return metrics
         return _finish(rt, trainer, loader, model_config, metrics, start)
     finally:
+        stragglers.close()
         if sink is not None:
             sink.close()  # TensorBoard's writer, also when training fails
 

@@ -80,3 +80,20 @@ def no_leaked_threads():
     leaked = [t for t in leaked if t.is_alive()]
     if leaked:
         pytest.fail(f"test leaked threads: {[t.name for t in leaked]}")
+
+
+@pytest.fixture(autouse=True)
+def no_straggler_named(request):
+    """Fail a test whose jobs (started with tests.procs.clean_env) named a straggler, unless it is
+    marked ``stragglers_expected``: a clean run on two busy cores must raise no false alarm."""
+    from tests.procs import STRAGGLERS
+
+    before = STRAGGLERS.stat().st_size if STRAGGLERS.exists() else 0
+    yield
+    if not STRAGGLERS.exists() or STRAGGLERS.stat().st_size <= before:
+        return
+    with open(STRAGGLERS) as rows:
+        rows.seek(before)
+        named = rows.read()
+    if request.node.get_closest_marker("stragglers_expected") is None:
+        pytest.fail(f"a job of this test named a straggler (no drill slowed any rank):\n{named[:2000]}")

@@ -14,6 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(PYTHON).parent
 
 
+STRAGGLERS = Path(os.environ.get("TMPDIR") or "/tmp") / f"llm-runtime-test-stragglers-{os.getpid()}.jsonl"
+"""Every job started with :func:`clean_env` judges stragglers every ``STRAGGLER_EVERY`` steps (with
+the default factor and floor) and appends any rank it names here; tests/conftest.py fails a test
+whose jobs named one unless it is marked ``stragglers_expected``."""
+STRAGGLER_EVERY = 5
+
+
 def free_port(span: int = 1) -> int:
     """A port P with P .. P+span-1 all free now (a launcher may use MASTER_PORT + 1 too)."""
     for _ in range(50):
@@ -49,6 +56,8 @@ def clean_env(*, loopback: bool = True, **extra: str) -> dict[str, str]:
     env["OMPI_MCA_btl_tcp_if_include"] = "lo"
     if loopback:
         env["GLOO_SOCKET_IFNAME"] = "lo"
+    env["LLM_RUNTIME_WATCHDOG_STRAGGLER_EVERY"] = str(STRAGGLER_EVERY)
+    env["LLM_RUNTIME_WATCHDOG_STRAGGLER_FILE"] = str(STRAGGLERS)
     env.update(extra)
     return env
 

@@ -197,6 +197,20 @@ class WatchdogConfig:
     background upload has its own deadline (checkpoint.upload_timeout_s)."""
     exchange_s: Annotated[float, ge(0)] = 10.0
     """After a stall, how long a rank waits for the other stalled ranks' records to name a suspect."""
+    stragglers: Literal["warn", "fail", "off"] = "warn"
+    """Slow ranks found during training (stragglers.py): ``warn`` names them in the metrics line,
+    the JSONL and a warning; ``fail`` also ends the job with exit code 87 and a record naming the host."""
+    straggler_every: Annotated[int, ge(0)] = 50
+    """Steps per window of the comparison (the ranks' times go through the job's store from a
+    background thread); 0 = off."""
+    straggler_factor: Annotated[float, ge(1)] = 1.5
+    """A rank is named when its own time per step (compute + data wait) exceeds this multiple of the
+    other ranks' median..."""
+    straggler_min_s: Annotated[float, ge(0)] = 0.05
+    """...and exceeds it by at least this many seconds (keeps oversubscribed cores from false alarms)."""
+    straggler_file: str = ""
+    """Rank 0 appends each named straggler here as a JSON line; empty = ``stragglers.jsonl`` beside
+    the metrics JSONL (uploaded with the job's output on SageMaker); ``none`` = off."""
 
 
 @dataclass

@@ -153,3 +153,22 @@ def test_a_sigterm_before_any_worker_starts_exits_143_in_one_line(tmp_path):
     text = path.read_text()
     assert code == 143, text
     assert text.count("SIGTERM before the workers started") == 1 and "[rank 0]" not in text, text
+
+
+@pytest.mark.stragglers_expected
+def test_a_straggler_with_stragglers_fail_ends_the_job_87_with_a_record_naming_its_host(tmp_path):
+    out = tmp_path / "out"
+    argv = [str(BIN / "llm-runtime"), "train", "--nproc-per-node", "2", "--model.dim=256", "--model.layers=4",
+            "--model.heads=8", "--train.seq_len=128", "--train.batch_size=4", "--train.log_every=5",
+            "--train.steps=200", "--watchdog.stragglers=fail", "--watchdog.straggler_every=5",
+            f"--train.output_dir={out}"]
+    env = clean_env(LLM_RUNTIME_FAULT="slow:rank=1,factor=4,phase=step")
+    proc = run(argv, timeout=240, env=env, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == exitcodes.BAD_NODE, log
+    failure = (out / "failure").read_text()
+    assert failure.startswith("llm-runtime straggler: host=") and "rank=1 " in failure, failure
+    assert "watchdog.stragglers=fail" in failure, failure
+    record = json.loads((out / "failures" / "rank-00000.json").read_text())  # rank 0 judged and wrote it
+    assert (record["kind"], record["rank"]) == ("straggler", 1)
+    assert record["step"] < 200 and record["step"] % 5 == 0

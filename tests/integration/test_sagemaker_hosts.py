@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import BIN, REPO, clean_env, free_port, kill_tree, metrics, read_rank_reports
+from tests.procs import BIN, REPO, STRAGGLERS, clean_env, free_port, kill_tree, metrics, read_rank_reports
 
 pytestmark = pytest.mark.slow
 
@@ -219,6 +219,44 @@ def test_a_rank_hung_in_a_collective_on_the_second_host_stops_both_hosts_with_co
         assert "host=algo-2 rank=2 step=3 phase=step" in failure and "suspect_ranks=2" in failure, failure
     waiting = json.loads((tmp_path / "algo-1" / "output" / "failures" / "rank-00000.json").read_text())
     assert waiting["in_collective"] and waiting["suspects"] == [2]
+
+
+# A step long enough (tens of ms of compute per rank) that 3x clears the default floor
+# (watchdog.straggler_min_s=0.05); the judgement uses the default factor and floor.
+STRAGGLER_JOB = {**TINY, "model.dim": 256, "model.layers": 4, "model.heads": 8, "train.seq_len": 128,
+                 "train.steps": 20, "watchdog.straggler_every": 5, "metrics.jsonl": "/opt/ml/output/metrics.jsonl"}
+
+
+@pytest.mark.stragglers_expected
+def test_a_rank_slowed_3x_in_compute_is_named_alone_with_its_host_within_20_steps(cluster_factory, tmp_path):
+    # Rank 1 (algo-1) computes 3x as long; the others wait for it inside FSDP's collectives, so every
+    # rank's step time is the same: only the ranks' own compute times, traded through the store, tell.
+    cluster = cluster_factory(STRAGGLER_JOB)
+    for host in HOSTS:
+        cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", "train",
+                      LLM_RUNTIME_FAULT="slow:rank=1,factor=3,phase=step")
+    codes = cluster.wait_all(timeout=240)
+    assert codes == {"algo-1": 0, "algo-2": 0}, cluster.logs()
+    rows = metrics(tmp_path / "algo-1" / "output" / "metrics.jsonl")
+    named = [(r["step"], r["straggler"], r["slow_s"]) for r in rows if r.get("straggler")]
+    assert named and {name for _, name, _ in named} == {"algo-1:rank1"}, rows
+    assert named[0][0] <= 20 and all(slow >= 0.05 for _, _, slow in named), named
+    assert "straggler=algo-1:rank1 slow_s=" in cluster.output("algo-1")  # the metrics line
+    assert "straggler: algo-1:rank1 is slower than the other ranks" in cluster.output("algo-1")  # the warning
+    recorded = [json.loads(line) for line in STRAGGLERS.read_text().splitlines()[-len(named):]]
+    assert {(r["host"], r["rank"]) for r in recorded} == {("algo-1", 1)}
+
+
+def test_a_clean_four_rank_run_with_stragglers_fail_names_nobody_and_finishes(cluster_factory, tmp_path):
+    # The same job without the drill, where any false alarm would end it with exit 87.
+    cluster = cluster_factory({**STRAGGLER_JOB, "watchdog.stragglers": "fail"})
+    for host in HOSTS:
+        cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", "train")
+    codes = cluster.wait_all(timeout=240)
+    assert codes == {"algo-1": 0, "algo-2": 0}, cluster.logs()
+    rows = metrics(tmp_path / "algo-1" / "output" / "metrics.jsonl")
+    assert [r["step"] for r in rows][-1] == 20 and not any(r.get("straggler") for r in rows)
+    assert "straggler=" not in cluster.logs() and "straggler: " not in cluster.logs()
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI's mpirun is not installed")

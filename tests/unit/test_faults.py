@@ -1,7 +1,7 @@
 """LLM_RUNTIME_FAULT: the drill language parses strictly and fires only where it says."""
 import pytest
 
-from llm_runtime.faults import Fault, FaultError, active, parse_faults
+from llm_runtime.faults import Fault, FaultError, active, parse_faults, slowdown
 
 
 @pytest.mark.parametrize("text,faults", [
@@ -14,6 +14,8 @@ from llm_runtime.faults import Fault, FaultError, active, parse_faults
     ("kill:rank=0,step=5,restart=1", [Fault("kill", 0, 5, "step", 1)]),
     ("slow:rank=1,phase=health;corrupt:rank=0,phase=health",
      [Fault("slow", 1, None, "health"), Fault("corrupt", 0, None, "health")]),
+    ("slow:rank=1,factor=3,phase=step", [Fault("slow", 1, None, "step", factor=3.0)]),
+    ("slow:rank=2,factor=1.5", [Fault("slow", 2, None, "step", factor=1.5)]),
 ])
 def test_fault_specs_name_a_kind_rank_step_and_phase(text, faults):
     assert parse_faults(text) == faults
@@ -24,7 +26,12 @@ def test_fault_specs_name_a_kind_rank_step_and_phase(text, faults):
     ("hang:rank=one", "'rank=one' is not rank=N"),
     ("hang:host=2", "'host=2' is not rank=N"),
     ("hang:phase=lunch", "'phase=lunch' is not"),
-    ("slow:rank=1", "slow and corrupt apply to phase=health only"),
+    ("slow:rank=1", "slow at phase=step needs factor=F"),
+    ("slow:rank=1,phase=data", "slow and corrupt apply to phase=health"),
+    ("slow:rank=1,factor=1", "'factor=1' is not rank=N, step=N, restart=N, factor=F"),
+    ("slow:rank=1,factor=fast", "'factor=fast' is not"),
+    ("hang:rank=1,factor=2", "factor=F applies to slow at phase=step only"),
+    ("slow:rank=1,factor=2,phase=health", "factor=F applies to slow at phase=step only"),
     ("hang:rank=1,phase=health", "phase=health takes only slow or corrupt"),
 ])
 def test_a_malformed_fault_spec_is_quoted(text, needle):
@@ -47,3 +54,11 @@ def test_a_fault_fires_in_the_first_attempt_only_unless_told_otherwise():
     env = {"LLM_RUNTIME_FAULT": "kill:rank=0,step=5,restart=1", "TORCHELASTIC_RESTART_COUNT": "1"}
     assert active(0, 5, "step", env) == [Fault("kill", 0, 5, "step", 1)]
     assert active(0, 5, "step", {}) == []
+
+
+def test_the_slow_drill_gives_its_factor_to_its_rank_only():
+    env = {"LLM_RUNTIME_FAULT": "slow:rank=1,factor=3,phase=step"}
+    assert slowdown(1, 7, env) == 3.0
+    assert slowdown(0, 7, env) == 1.0
+    assert slowdown(1, 7, {}) == 1.0
+    assert slowdown(1, 7, {"LLM_RUNTIME_FAULT": "slow:rank=1,phase=health"}) == 1.0

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from llm_runtime.metrics import (FIELDS, MetricsWindow, format_line,
+from llm_runtime.metrics import (FIELDS, OPTIONAL, MetricsWindow, format_line,
                                  metric_definitions, mfu, peak_tflops)
 from llm_runtime.progress import bar
 
@@ -21,14 +21,23 @@ def test_the_metrics_line_has_every_field_in_its_fixed_order():
     assert "mfu=nan" in format_line({**RECORD, "mfu": float("nan")})
 
 
+def test_a_named_straggler_ends_the_line_and_only_then():
+    named = {**RECORD, "straggler": "algo-2:rank3", "slow_s": 0.21049}
+    assert format_line(named) == format_line(RECORD) + " straggler=algo-2:rank3 slow_s=0.2105"
+    assert "straggler" not in format_line({**RECORD, "straggler": None, "slow_s": None})
+
+
 def test_each_sagemaker_regex_reads_its_value_back_from_the_line():
-    line = "[rank 0] INFO llm_runtime.metrics: " + format_line(RECORD)
+    record = {**RECORD, "straggler": "algo-2:rank3", "slow_s": 0.21049}
+    line = "[rank 0] INFO llm_runtime.metrics: " + format_line(record)
     got = {}
     for item in metric_definitions():
         match = re.search(item["Regex"], line)
         got[item["Name"]] = float(match.group(1))
-    expected = {name: float(format(RECORD[key], spec)) for key, spec, name, _ in FIELDS if key != "step"}
+    expected = {name: float(format(record[key], spec)) for key, spec, name, _ in FIELDS + OPTIONAL if key != "step"}
     assert got == expected
+    assert re.search(next(d["Regex"] for d in metric_definitions() if d["Name"] == "train:straggler_slow_s"),
+                     format_line(RECORD)) is None
     unknown = format_line({**RECORD, "mfu": float("nan")})
     assert re.search(next(d["Regex"] for d in metric_definitions() if d["Name"] == "train:mfu"), unknown) is None
     assert all(re.search(d["Regex"], "step=5 loss=1.0 tokens_per_s=9") is None for d in metric_definitions())
