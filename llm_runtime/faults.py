@@ -7,18 +7,24 @@
 - ``slow`` / ``corrupt`` (phase ``health``): the health check's matmul runs 10x slower /
   returns a wrong result on that rank, as a degraded / broken GPU would;
 - ``slow`` with phase ``step`` and ``factor=F``: that rank's training step computes F x as long
-  (it is busy, not asleep: a slow GPU or a throttled host), for the straggler detection.
+  (it is busy, not asleep: a slow GPU or a throttled host), for the straggler detection;
+- ``nan`` (phase ``step``): that step's loss is multiplied by NaN before the backward, so its
+  gradients are poisoned too, as a numeric blow-up would;
+- ``spike`` with ``factor=F`` (phase ``step``): that step's loss, and so its gradients, are
+  multiplied by F, as a bad batch would.
 
 Keys: ``rank`` (default: every rank), ``step`` (default: any step), ``phase`` (where it fires:
 ``step`` (default, at the start of the forward/backward), ``data`` (while waiting for the batch),
 ``checkpoint`` (in the node's background checkpoint upload, so on a local rank 0), ``health``, or
 ``launch`` (in each host's launcher before any worker starts; ``rank`` is then the node rank)),
 ``restart`` (the elastic restart it fires in, default 0: a restarted job runs clean), and
-``factor`` (``slow`` at phase ``step`` only, > 1).
+``factor`` (``slow`` at phase ``step``, > 1; ``spike``, > 0). ``nan`` and ``spike`` apply to
+every rank unless ``rank`` says which.
 Examples: ``LLM_RUNTIME_FAULT=hang:rank=1,step=3,phase=data``, ``slow:rank=1,factor=3,phase=step``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -28,10 +34,11 @@ from dataclasses import dataclass
 
 from .workerenv import restart_count
 
-__all__ = ["Fault", "FaultError", "active", "inject", "parse_faults", "slowdown"]
+__all__ = ["Fault", "FaultError", "active", "drilled_loss", "inject", "loss_drill", "loss_factor", "parse_faults",
+           "slowdown"]
 
 log = logging.getLogger(__name__)
-KINDS = ("hang", "kill", "slow", "corrupt")
+KINDS = ("hang", "kill", "slow", "corrupt", "nan", "spike")
 PHASES = ("step", "data", "checkpoint", "health", "launch")
 _INT_KEYS = ("rank", "step", "restart")
 
@@ -67,11 +74,11 @@ def parse_faults(text: str) -> list[Fault]:
                 values[key] = value
             elif key in _INT_KEYS and eq and value.lstrip("-").isdigit():
                 values[key] = int(value)
-            elif key == "factor" and eq and _number(value) > 1:
+            elif key == "factor" and eq and _number(value) > 0:
                 values[key] = float(value)
             else:
                 raise FaultError(f"LLM_RUNTIME_FAULT={text!r}: {pair!r} is not rank=N, step=N, restart=N, "
-                                 f"factor=F (> 1) or phase={'|'.join(PHASES)}")
+                                 f"factor=F or phase={'|'.join(PHASES)}")
         fault = Fault(kind, **values)
         problem = _mismatch(fault)
         if problem:
@@ -90,14 +97,50 @@ def _number(text: str) -> float:
 def _mismatch(fault: Fault) -> str:
     """Why ``fault``'s kind, phase and factor do not go together ('' when they do; pure)."""
     slow_step = fault.kind == "slow" and fault.phase == "step"
+    if fault.kind in ("nan", "spike"):
+        if fault.phase != "step":
+            return f"{fault.kind} applies to phase=step only"
+        if (fault.kind == "spike") != bool(fault.factor):
+            return "spike needs factor=F, and nan takes none"
+        return ""
     if fault.factor and not slow_step:
-        return "factor=F applies to slow at phase=step only"
+        return "factor=F applies to slow at phase=step and to spike only"
     if slow_step:
-        return "" if fault.factor else "slow at phase=step needs factor=F (> 1)"
+        return "" if fault.factor > 1 else "slow at phase=step needs factor=F (> 1)"
     if (fault.kind in ("slow", "corrupt")) != (fault.phase == "health"):
         return ("slow and corrupt apply to phase=health (slow also to phase=step with factor=F), and "
                 "phase=health takes only slow or corrupt")
     return ""
+
+
+def loss_factor(rank: int, step: int, env: Mapping[str, str] | None = None) -> float:
+    """What the ``nan`` / ``spike`` drills multiply this step's loss by (1.0: nothing)."""
+    factor = 1.0
+    for fault in active(rank, step, "step", env):
+        if fault.kind == "nan":
+            factor *= float("nan")
+        elif fault.kind == "spike":
+            factor *= fault.factor
+    return factor
+
+
+_LOSS_FACTOR = [1.0]
+
+
+@contextlib.contextmanager
+def loss_drill(factor: float):
+    """Within it, :func:`drilled_loss` multiplies the built-in trainer's losses by ``factor``."""
+    _LOSS_FACTOR[0] = factor
+    try:
+        yield
+    finally:
+        _LOSS_FACTOR[0] = 1.0
+
+
+def drilled_loss(loss):
+    """``loss`` as the drill in force leaves it (unchanged outside :func:`loss_drill`)."""
+    factor = _LOSS_FACTOR[0]
+    return loss if factor == 1.0 else loss * factor
 
 
 def slowdown(rank: int, step: int, env: Mapping[str, str] | None = None) -> float:

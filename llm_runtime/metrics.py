@@ -148,9 +148,14 @@ class MetricsWindow:
                   "checkpoint_blocked_s": self.checkpoint_blocked_s / steps,
                   "checkpoint_slowdown_s": self.checkpoint_slowdown_s / steps,
                   "overhead_s": max(0.0, elapsed - self.compute_s - self.checkpoint_blocked_s) / steps}
-        self.started, self.steps, self.data_wait_s, self.checkpoint_blocked_s, self.compute_s = now, 0, 0.0, 0.0, 0.0
-        self.checkpoint_slowdown_s = 0.0
+        self.reset(now)
         return record
+
+    def reset(self, now: float | None = None) -> None:
+        """Start the next interval (also after a rollback: the steps before it are dropped)."""
+        self.started = time.perf_counter() if now is None else now
+        self.steps, self.data_wait_s, self.checkpoint_blocked_s, self.compute_s = 0, 0.0, 0.0, 0.0
+        self.checkpoint_slowdown_s = 0.0
 
 
 class MetricsSink:

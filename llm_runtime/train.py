@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 import torch
 
@@ -20,12 +19,11 @@ from .parallel.pipeline import parse_split_points, split_layers
 from .parallel.tensor import check_tensor_parallel
 from .checkpoint.export import bundled_spec, export_model
 from .data.build import DataPlan, build_loader, global_batch_starts
-from .faults import inject, slowdown
+from .badbatch import parse_steps
 from .hf_job import check_hf_model, data_vocab
-from .metrics import memory_gb, metrics_for_run
 from .paths import JobPaths
 from .runtime import Runtime, run_worker
-from .stragglers import monitor_for_run, slow_drill
+from .loop import Loop
 from .trainers import TorchTrainer, deepspeed_batching, deepspeed_trainer, lr_factor
 
 __all__ = ["batch_layout", "check_job", "deepspeed_batching", "global_batch_starts", "lr_factor", "main", "run"]
@@ -49,6 +47,10 @@ def check_job(config: Config, world_size: int, *, nproc_per_node: int | None = N
     ``stage_model`` (each node's launcher) copies an s3:// model.hf_path to node-local disk.
     The model's vocabulary follows the data's tokenizer."""
     validate(config)
+    try:
+        parse_steps(config.data.skip_steps)
+    except ValueError as err:
+        raise ConfigError(f"{err}{set_by(config, ('data.skip_steps',))}") from None
     try:
         if config.parallel.backend == "deepspeed":
             model_config, dims = _check_deepspeed(config, world_size, report)
@@ -230,61 +232,12 @@ def _checkpointer(rt: Runtime, model_fingerprint: str = ""):
 
 
 def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_config) -> dict[str, float]:
-    train, watchdog = rt.config.train, rt.watchdog
-    start = 0
-    state = trainer.checkpoint_state() if checkpointer is not None else None
-    if checkpointer is not None:
-        watchdog.beat(0, "checkpoint")
-        start = checkpointer.restore(state, loader)
-    window, sink = metrics_for_run(rt, model_config)
-    stragglers = monitor_for_run(rt)
+    loop = Loop(rt, trainer, loader, accumulation, checkpointer, model_config)
     try:
-        metrics: dict[str, float] = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}
-        for step in range(start + 1, train.steps + 1):
-            watchdog.beat(step, "data")
-            inject(rt.rank, step, "data")
-            waited = time.perf_counter()
-            rows = loader.next_batch().to(rt.device)
-            wait_s = time.perf_counter() - waited
-            window.data_wait_s += wait_s
-            watchdog.beat(step, "step")
-            inject(rt.rank, step, "step")
-            computing, cpu_started = time.perf_counter(), time.thread_time()
-            stragglers.start()
-            local_loss, grad_norm = trainer.step(rows[:, :-1], rows[:, 1:], accumulation)
-            factor = slowdown(rt.rank, step)
-            if factor > 1:
-                slow_drill(factor, cpu_started, computing, rt.device.type == "cuda")
-            stragglers.stop(step, wait_s)
-            window.steps += 1
-            if step % train.log_every == 0 or step == train.steps:
-                loss, grad_norm = trainer.global_loss(local_loss), float(grad_norm)  # a plain loop's too
-                window.compute_s += time.perf_counter() - computing
-                metrics = window.close(step=step, loss=loss, lr=trainer.last_lr(), grad_norm=grad_norm,
-                                       memory=memory_gb(rt.device))
-                named = stragglers.latest
-                if named is not None:
-                    metrics.update(straggler=named.name, slow_s=named.slow_s)
-                if sink is not None:
-                    sink.write(metrics)
-            else:
-                window.compute_s += time.perf_counter() - computing
-            if checkpointer is not None:
-                save, stop = checkpointer.step_boundary(step, train.steps)  # the same on every rank, no collective
-                window.checkpoint_slowdown_s += checkpointer.last_lost
-                stop = stop and step < train.steps
-                if save or stop:
-                    watchdog.beat(step, "checkpoint")
-                    window.checkpoint_blocked_s += checkpointer.save(step, state, loader).blocked_s
-                if stop:
-                    log.info("stop requested by the launcher: saved step %d, stopping", step)
-                    watchdog.beat(step, "checkpoint")
-                    return metrics
-        return _finish(rt, trainer, loader, model_config, metrics, start)
+        metrics = loop.run()
+        return metrics if loop.stopped else _finish(rt, trainer, loader, model_config, metrics, loop.start)
     finally:
-        stragglers.close()
-        if sink is not None:
-            sink.close()  # TensorBoard's writer, also when training fails
+        loop.close()
 
 
 def _finish(rt: Runtime, trainer, loader, model_config, metrics: dict, start: int) -> dict:

@@ -55,6 +55,9 @@ class TorchTrainer:
     def global_loss(self, local_loss) -> float:
         return self.model.global_loss(local_loss)
 
+    def global_losses(self, local_losses) -> list[float]:
+        return self.model.global_losses(local_losses)
+
     def last_lr(self) -> float:
         return self.schedulers[0].get_last_lr()[0]
 
@@ -73,6 +76,9 @@ class DeepSpeedTrainer:
 
     def global_loss(self, local_loss) -> float:
         return self.engine.global_loss(local_loss)
+
+    def global_losses(self, local_losses) -> list[float]:
+        return self.engine.global_losses(local_losses)
 
     def last_lr(self) -> float:
         return self.engine.last_lr()

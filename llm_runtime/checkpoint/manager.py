@@ -33,6 +33,7 @@ from .agree import StepAgreement
 from .commit import SavePlan, commit_failure, commit_with_deadline, committed_token, marker, open_run_store
 from .layout import MANIFEST, Manifest, due, parse_resume, parse_step_dir, run_id_for, step_dir
 from .restore import Restorer, config_json
+from .skips import Skips
 from .slowdown import SlowdownMeter
 from .state import rng_state
 
@@ -97,6 +98,7 @@ class Checkpointer(Restorer):
             rank=rank, world_size=world_size, last_step=config.train.steps, every_minutes=ck.every_minutes,
             stop_file=self.stop_file, timeout_s=config.comm.train_timeout_s)
         self.abandon_later = self.resume is not None  # the user named the checkpoint to continue from
+        self.skips = Skips()  # the run's skipped_batches.json, read at each restore
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.reports: list[SaveReport] = []

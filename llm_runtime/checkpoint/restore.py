@@ -19,11 +19,13 @@ import time
 
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..badbatch import BadBatchError
 from ..gather import gather_json
 from ..storage import StorageError
 from .commit import (CLAIM, SavePlan, abandon_incomplete, commit_with_deadline, markers_missing, open_run_store,
                      pending_steps, store_steps)
 from .layout import MANIFEST, Manifest, ManifestError, resume_order, step_dir
+from .skips import SKIPS, Skips, read_skips, rollback_target, with_rollback, write_skips
 from .state import restore_rng
 from .transfer import CorruptCheckpoint, ensure_member
 from .universal import UniversalError, resume_mode
@@ -129,7 +131,8 @@ class Restorer:
                 return []
             where = "store" if self.store is not None else "local"
             steps = store_steps(self.store or self.local)
-            found = [(where, s) for s in resume_order([s for s, ok in steps.items() if ok])]
+            poisoned = set(self.skips.poisoned)
+            found = [(where, s) for s in resume_order([s for s, ok in steps.items() if ok and s not in poisoned])]
             newest = max((s for _, s in found), default=-1)
             for step in sorted(s for s, ok in steps.items() if not ok and s > newest):
                 log.warning("checkpoint step %d has no manifest (its save never completed): skipped", step)
@@ -155,9 +158,39 @@ class Restorer:
             raise CorruptCheckpoint(f"the manifest of step {step} describes step {manifest.step}")
         return manifest
 
+    def load_skips(self) -> Skips:
+        """The run's ``skipped_batches.json`` (rank 0 reads it, every rank gets it)."""
+        text = self._rank0(lambda: read_skips(self.store or self.local).to_json())
+        return Skips.parse(text, SKIPS)
+
+    def roll_back(self, bad_step: int, reason: str, state, loader) -> int:
+        """Record bad step ``bad_step`` in skipped_batches.json (skipped from now on; checkpoints at or
+        after it poisoned), then restore the newest clean checkpoint before it; returns its step."""
+        self.wait()  # a save in flight (of a clean step) commits first
+
+        def record() -> dict:
+            store = self.store or self.local
+            skips = read_skips(store)
+            committed = [s for s, ok in store_steps(store).items() if ok]
+            target = rollback_target(skips, bad_step, committed)
+            if target:
+                write_skips(store, with_rollback(skips, bad_step, reason, committed))
+            return {"target": target, "url": store.url(SKIPS)}
+
+        recorded = self._rank0(record)
+        if not recorded["target"]:
+            raise BadBatchError(f"step {bad_step}: {reason}; there is no clean checkpoint before it to roll back to "
+                                "(save more often: checkpoint.every_steps)")
+        if self.rank == 0:
+            log.warning("step %d: %s: rolling back to checkpoint step %d and skipping that batch from now on "
+                        "(recorded in %s)", bad_step, reason, recorded["target"], recorded["url"])
+        return self.restore(state, loader)
+
     def restore(self, state, loader) -> int:
-        """Load the newest usable checkpoint into ``state`` and ``loader``; returns its step (0: none)."""
+        """Load the newest usable checkpoint into ``state`` and ``loader``; returns its step (0: none).
+        Checkpoints poisoned by a bad batch are passed over; ``self.skips`` holds the run's skips."""
         self._settle_pending()
+        self.skips = self.load_skips()
         candidates = self._candidates()
         for where, step in candidates:
             store = self.store if where == "store" else None

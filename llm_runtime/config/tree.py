@@ -45,6 +45,15 @@ class TrainConfig:
     index); empty = SageMaker's model dir (SM_MODEL_DIR, /opt/ml/model) on SageMaker, else none."""
     model_shard_mb: Annotated[int, ge(1)] = 5000
     """Largest safetensors file of the final model, in MB (a bigger tensor gets a file of its own)."""
+    spike_sigma: Annotated[float, ge(0)] = 6.0
+    """A loss above the mean + this many standard deviations of the last ``spike_window`` steps is a
+    bad batch, like a loss that is not finite (badbatch.py): rolled back and skipped; 0 = only
+    non-finite losses count."""
+    spike_window: Annotated[int, ge(2)] = 100
+    """Steps of loss history a spike is judged against (none is judged before it is full)."""
+    max_rollbacks: Annotated[int, ge(0)] = 3
+    """Rollbacks to the last clean checkpoint a run may make (over all its attempts); past that the
+    job fails with a record saying why."""
 
 
 @dataclass
@@ -132,6 +141,9 @@ class DataConfig:
     """Attempts per S3 request or interrupted body before the error names the object."""
     timeout_s: Annotated[float, gt(0)] = 900.0
     """Longest wait for one batch from a DataLoader worker."""
+    skip_steps: str = ""
+    """Global steps whose batches are read and dropped (no optimizer step, no LR advance), as
+    ``7,12,30-32``; added to the run's skipped_batches.json, which a rollback writes."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from .fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp, mix
 from .materialize import InitFn, has_meta, materialize
 from .pipeline import build_schedule, build_stage_modules, split_layers, stage_indices
 from .tensor import apply_tensor_parallel
+from ..faults import drilled_loss
 
 __all__ = ["ParallelModel", "build_mesh", "cross_entropy", "parallelize"]
 
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    """The built-in trainer's loss (a ``nan`` / ``spike`` drill, when one is in force, scales it)."""
+    return drilled_loss(nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()))
 
 
 def build_mesh(dims: ParallelDims, device_type: str):
@@ -121,13 +123,17 @@ class ParallelModel:
 
     def global_loss(self, local_loss: torch.Tensor) -> float:
         """The step's loss over the global batch: mean over replicas, from the last stage."""
+        return self.global_losses(local_loss.reshape(1))[0]
+
+    def global_losses(self, local_losses: torch.Tensor) -> list[float]:
+        """:meth:`global_loss` of several steps' local losses (a vector) in one all-reduce."""
         if self.dims.world_size == 1:
-            return local_loss.item()
+            return local_losses.tolist()
         coords = self.dims.coords(self.rank)
-        mine = local_loss if (self.has_last_stage and coords["tp"] == 0) else torch.zeros_like(local_loss)
+        mine = local_losses if (self.has_last_stage and coords["tp"] == 0) else torch.zeros_like(local_losses)
         total = mine.detach().clone()
         dist.all_reduce(total)
-        return total.item() / self.dims.dp_size
+        return [value / self.dims.dp_size for value in total.tolist()]
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the global gradient norm (across shards, tensor and pipeline ranks); returns it.

@@ -231,12 +231,16 @@ class DeepSpeedModel:
         return float(norm) if norm is not None else float("nan")  # NaN: not kept (ZeRO-0 pipeline)
 
     def global_loss(self, local_loss: torch.Tensor) -> float:
+        return self.global_losses(local_loss.reshape(1))[0]
+
+    def global_losses(self, local_losses: torch.Tensor) -> list[float]:
+        """Several steps' global losses (a vector of local ones) in one all-reduce."""
         if self.pipeline:
-            return local_loss.item()  # the pipeline engine already averaged over replicas
-        total = local_loss.detach().clone()
+            return local_losses.tolist()  # the pipeline engine already averaged over replicas
+        total = local_losses.detach().clone()
         if dist.get_world_size() > 1:
             dist.all_reduce(total)
-        return total.item() / self.layout.dp
+        return [value / self.layout.dp for value in total.tolist()]
 
     def last_lr(self) -> float:
         return self.engine.get_lr()[0]

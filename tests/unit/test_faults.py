@@ -28,10 +28,11 @@ def test_fault_specs_name_a_kind_rank_step_and_phase(text, faults):
     ("hang:phase=lunch", "'phase=lunch' is not"),
     ("slow:rank=1", "slow at phase=step needs factor=F"),
     ("slow:rank=1,phase=data", "slow and corrupt apply to phase=health"),
-    ("slow:rank=1,factor=1", "'factor=1' is not rank=N, step=N, restart=N, factor=F"),
+    ("slow:rank=1,factor=1", "slow at phase=step needs factor=F \\(> 1\\)"),
+    ("slow:rank=1,factor=0", "'factor=0' is not rank=N, step=N, restart=N, factor=F"),
     ("slow:rank=1,factor=fast", "'factor=fast' is not"),
-    ("hang:rank=1,factor=2", "factor=F applies to slow at phase=step only"),
-    ("slow:rank=1,factor=2,phase=health", "factor=F applies to slow at phase=step only"),
+    ("hang:rank=1,factor=2", "factor=F applies to slow at phase=step and to spike only"),
+    ("slow:rank=1,factor=2,phase=health", "factor=F applies to slow at phase=step and to spike only"),
     ("hang:rank=1,phase=health", "phase=health takes only slow or corrupt"),
 ])
 def test_a_malformed_fault_spec_is_quoted(text, needle):
