@@ -179,7 +179,8 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hype
     if plan.action == "torchrun" and target.module == "llm_runtime" and target.args[:1] == ("train",):
         from .checkpoint.agent import start_agent
 
-        agent = start_agent(config, job_paths(config, info.kind, os.environ), max(0, info.node_rank))
+        agent = start_agent(config, job_paths(config, info.kind, os.environ), max(0, info.node_rank),
+                            num_nodes=max(1, info.num_nodes), host=info.current_host or "")
     return execute(plan, info, mpi_wait_timeout_s=config.launch.mpi_wait_timeout_s,
                    stop_deadline_s=config.launch.stop_deadline_s, agent=agent)
 

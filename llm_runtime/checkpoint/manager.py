@@ -134,8 +134,12 @@ class Checkpointer(Restorer):
         started = time.monotonic()
         directory = self.local_root / step_dir(step)
         if step in self._leftovers:  # the same set on every rank: all of them wait for the cleanup
-            if self.local_rank == 0 and directory.exists():
-                shutil.rmtree(directory)  # a leftover of an unfinished save of this step
+            if self.local_rank == 0 and directory.exists():  # a leftover of an earlier save of this step:
+                # renamed away first, so the node's commit agent, which scans the step directories,
+                # never sees it half deleted (its plan without its manifest: "pending") and claims it
+                doomed = directory.with_name(f".{directory.name}.deleting-{os.getpid()}")
+                directory.rename(doomed)
+                shutil.rmtree(doomed)
             gather_json(None, self.group)
         self._leftovers.add(step)  # saving a step again (not done by the loop) cleans up first too
         token = save_token(self._prefix, step, len(self.reports))  # no collective: the same on every rank

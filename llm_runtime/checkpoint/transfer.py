@@ -18,6 +18,7 @@ from ..data.shards import sha256_file
 from ..progress import bar
 from ..storage import ObjectMissing
 from .layout import Manifest, Member, NodeObject
+from .replica import peer_fetch
 
 __all__ = ["CorruptCheckpoint", "Prefetch", "TarStream", "ensure_member", "fetch_members", "local_members",
            "own_dcp_files", "run_with_deadline", "sha256_file", "verify_object", "verifying_reader"]
@@ -128,6 +129,8 @@ def ensure_member(manifest: Manifest, name: str, local_root: Path, store) -> Pat
         raise CorruptCheckpoint(f"step {manifest.step}: local {path} is missing or does not match the manifest, "
                                 "and there is no checkpoint.uri to fetch it from")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if manifest.num_nodes > 1 and peer_fetch(manifest, obj, member, path, store):  # the job's network first
+        return path
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         digest = _fetch(store, obj.key, member.offset, member.size, tmp, manifest.step)

@@ -176,6 +176,12 @@ class CheckpointConfig:
     prefix_spread: Annotated[int, ge(1)] = 16
     """Node tars are spread over this many key prefixes, ``sK/`` ahead of the step (S3's request
     rates are per partitioned prefix; 16 keeps 1,024 nodes under half of them: benchmarks/s3_scale.py)."""
+    replicate: bool = True
+    """With several nodes and checkpoint.uri, node i's tier-1 files are also copied to node
+    (i + 1) mod N over the job's network (checkpoint/replica.py): a replaced host restores from its
+    peer before S3."""
+    replica_min_free_mb: Annotated[int, ge(0)] = 1024
+    """A peer refuses a replica that would leave less free disk than this."""
 
 
 @dataclass

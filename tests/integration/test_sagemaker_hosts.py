@@ -310,6 +310,67 @@ def test_two_hosts_upload_one_object_each_per_checkpoint_plus_a_report_and_the_m
         ranks_by_node = {o["node"]: sorted(m["name"] for m in o["members"] if m["name"].startswith("rank-"))
                          for o in manifest["objects"]}
         assert ranks_by_node == {0: ["rank-00000.json", "rank-00001.json"], 1: ["rank-00002.json", "rank-00003.json"]}
-    # Each object is small (< one part): one PUT per object, 4 per checkpoint, nothing per rank.
-    assert s3_proxy.methods.get("PUT", 0) == 2 * 4, s3_proxy.methods
+    # Each object is small (< one part): one PUT per object, 4 per checkpoint, nothing per rank; the
+    # peer replicas add only their small records (each node's server, and which steps its peer holds).
+    puts = [path for method, path in s3_proxy.paths if method == "PUT"]
+    assert len([p for p in puts if "/replicas/" not in p]) == 2 * 4, puts
+    assert {p.split("/replicas/")[1].split("?")[0] for p in puts if "/replicas/" in p} == {
+        "servers/node-00000.json", "servers/node-00001.json", "node-00000.json", "node-00001.json"}
     assert "checkpoint step=4 blocked_s=" in cluster.output("algo-1")
+
+
+def _tar_gets(proxy, node: int) -> int:
+    """Ranged GETs of node ``node``'s checkpoint tars, counted at the proxy."""
+    return sum(1 for method, path in proxy.paths if method == "GET" and f"/node-{node:05d}" in path
+               and ".tar" in path.split("?")[0])
+
+
+def test_a_replaced_host_restores_from_its_peers_replica_with_no_s3_reads_of_checkpoint_data(cluster_factory, tmp_path,
+                                                                                         s3_proxy, s3):
+    # Each host has a disk of its own (LLM_RUNTIME_CHECKPOINT_LOCAL_DIR). algo-2 (node 1) is "replaced"
+    # between attempts: its disk is wiped. Its files come back from algo-1, which holds its replica.
+    cluster = cluster_factory({**TINY, "train.steps": 6, "checkpoint.uri": "s3://test-bucket/ck",
+                               "checkpoint.every_steps": 2, "checkpoint.keep": 5,
+                               "metrics.jsonl": "/opt/ml/output/metrics.jsonl"})
+    disks = {host: tmp_path / f"disk-{host}" for host in HOSTS}
+
+    def attempt() -> list[dict]:
+        for host in HOSTS:
+            cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", "train",
+                          LLM_RUNTIME_CHECKPOINT_LOCAL_DIR=str(disks[host]))
+        codes = cluster.wait_all(timeout=240)
+        assert codes == {"algo-1": 0, "algo-2": 0}, cluster.logs()
+        return metrics(tmp_path / "algo-1" / "output" / "metrics.jsonl")
+
+    def forget_step_6() -> None:  # step 6's manifest goes: the next attempt resumes from step 4
+        keys = [o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="ck/")["Contents"]]
+        (manifest,) = [k for k in keys if k.endswith("step-000000006/manifest.json")]
+        s3.client.delete_object(Bucket=s3.bucket, Key=manifest)
+        for host in HOSTS:
+            (tmp_path / host / "output" / "metrics.jsonl").unlink(missing_ok=True)
+
+    full = attempt()
+    assert [r["step"] for r in full] == [1, 2, 3, 4, 5, 6]
+    (held,) = list(disks["algo-1"].glob("*/replicas/node-00001"))
+    assert sorted(p.name for p in held.iterdir()) == ["step-000000002", "step-000000004", "step-000000006"]
+    assert list(held.glob("step-000000004/dcp/__2_0.distcp"))
+
+    forget_step_6()
+    shutil.rmtree(disks["algo-2"])
+    s3_proxy.reset_counts()
+    resumed = attempt()
+    assert "resumed from checkpoint step 4" in cluster.output("algo-1"), cluster.logs()
+    gets = "\n".join(p for m, p in s3_proxy.paths if m == "GET")
+    # No checkpoint data from S3 at all: node 1's files came from algo-1's replica, node 0's (the
+    # .metadata and the tensors DCP keeps once, which node 1's ranks read too) from algo-1's own disk.
+    assert _tar_gets(s3_proxy, 0) == 0 and _tar_gets(s3_proxy, 1) == 0, gets
+    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in full[4:]]
+
+    # The replica is gone too (both copies of node 1's files): those come from S3, still exact.
+    forget_step_6()
+    shutil.rmtree(disks["algo-2"])
+    shutil.rmtree(held)
+    s3_proxy.reset_counts()
+    fallback = attempt()
+    assert _tar_gets(s3_proxy, 1) > 0
+    assert [(r["step"], r["loss"]) for r in fallback] == [(r["step"], r["loss"]) for r in full[4:]]
