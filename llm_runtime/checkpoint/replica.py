@@ -252,8 +252,12 @@ def peer_fetch(manifest: Manifest, obj: NodeObject, member: Member, dest: Path, 
         try:
             _fetch(f"{url}/r/{obj.node}/{manifest.step}/{member.name}", dest, member.sha256)
             return True
+        except urllib.error.HTTPError as err:  # the server is there; it does not have this file
+            tried.append(f"node {node}: HTTP {err.code}")
         except (OSError, ValueError) as err:
             tried.append(f"node {node}: {err}")
+            if isinstance(err, (urllib.error.URLError, TimeoutError)):  # gone (a replaced host, an old
+                _SERVERS[(store.url(), node)] = ""  # attempt's port): not asked again by this process
     if tried:
         log.info("checkpoint step %d: %s is on no peer (%s); reading it from the store", manifest.step, member.name,
                  "; ".join(tried))
