@@ -59,8 +59,13 @@ class Loop:
             save, stop = self._boundary(step)
             if self.pending and (step % self.train.log_every == 0 or step == self.train.steps or save or stop):
                 bad = self._check(step)
-                if bad is not None:
-                    step = self._roll_back(bad)
+                restored = self._roll_back(bad) if bad is not None else None
+                if restored is not None:
+                    step = restored
+                    if stop:  # the stop stands: the next attempt resumes from the restored step, skipping
+                        log.info("stop requested by the launcher: stopping at the rolled-back step %d", step)
+                        self.stopped = True
+                        break
                     continue
             if save or stop:
                 self.rt.watchdog.beat(step, "checkpoint")
@@ -137,9 +142,10 @@ class Loop:
             self.sink.write(self.metrics)
         return None
 
-    def _roll_back(self, bad: BadBatch) -> int:
+    def _roll_back(self, bad: BadBatch) -> int | None:
         """Back to the newest clean checkpoint before ``bad``; its step. Without checkpoints, or past
-        train.max_rollbacks, a BadBatchError (the failure record says why)."""
+        train.max_rollbacks, a BadBatchError (the failure record says why); a finite spike with no
+        checkpoint before it is a warning (None: training goes on)."""
         if self.ck is None:
             raise BadBatchError(f"step {bad.step}: {bad.reason}; there are no checkpoints to roll back to "
                                 "(set checkpoint.every_steps)")
@@ -148,7 +154,13 @@ class Loop:
             raise BadBatchError(f"step {bad.step}: {bad.reason}; this run already rolled back {made} time(s), "
                                 f"train.max_rollbacks={self.train.max_rollbacks}")
         self.rt.watchdog.beat(bad.step, "checkpoint")
-        restored = self.ck.roll_back(bad.step, bad.reason, self.state, self.loader)
+        try:
+            restored = self.ck.roll_back(bad.step, bad.reason, self.state, self.loader)
+        except BadBatchError as err:
+            if not math.isfinite(bad.loss) or "no clean checkpoint" not in str(err):
+                raise
+            log.warning("%s: training on", err)  # a spike before the first save: nothing to roll back to
+            return None
         self.guard.forget_after(restored)
         self.window.reset()
         self.rt.watchdog.pause()

@@ -135,6 +135,8 @@ class StragglerMonitor:
         self.world_size = world_size
         self.every = cfg.straggler_every if cfg.stragglers != "off" and world_size > 1 and store is not None else 0
         self.cuda = getattr(device, "type", "cpu") == "cuda"
+        self.device = device
+        self._windows = 0  # windows handed off: the same count on every rank (all ranks roll back alike)
         self.latest: Straggler | None = None
         """Rank 0: the slowest rank named in the last judged window (None: none)."""
         self._compute: list = []
@@ -176,7 +178,8 @@ class StragglerMonitor:
         self._data.append(data_wait_s)
         self._started = None
         if step % self.every == 0:
-            window = (step // self.every, step, self._compute, self._data)
+            self._windows += 1  # not step // every: a rollback replays steps, and their keys must not repeat
+            window = (self._windows, step, self._compute, self._data)
             self._compute, self._data = [], []
             try:
                 self._queue.put_nowait(window)
@@ -190,6 +193,10 @@ class StragglerMonitor:
 
     # ---- the thread ------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.cuda:  # this thread's CUDA calls on this rank's device (not a context on GPU 0)
+            import torch
+
+            torch.cuda.set_device(self.device)
         while not self._closed.is_set():
             try:
                 window, step, compute, data = self._queue.get(timeout=POLL_S)
@@ -224,8 +231,11 @@ class StragglerMonitor:
             if self._closed.is_set():
                 return None
             if time.monotonic() > deadline:
-                log.warning("straggler detection: not every rank posted its times for the window ending at "
-                            "window %d within %.0f s; skipped", window, GATHER_TIMEOUT_S)
+                log.warning("straggler detection: not every rank posted its times for window %d within %.0f s; "
+                            "skipped", window, GATHER_TIMEOUT_S)
+                for key in keys:
+                    if self.store.check([key]):
+                        self.store.delete_key(key)
                 return None
             time.sleep(POLL_S)
         times = [RankTimes(**json.loads(self.store.get(key))) for key in keys]

@@ -116,11 +116,15 @@ class Replicas:
         self.holder = holder_of(node, num_nodes)
         self._thread: threading.Thread | None = None
         log.info("checkpoint replicas: node %d holds node %d's files at %s; node %d holds this node's", node,
-                 (node - 1) % num_nodes, self.server.url, self.holder)
+                 (node - 1) % num_nodes, self.server.address, self.holder)
 
     def start_push(self, directory: Path, manifest, keep: int) -> None:
-        """Copy this node's files of ``manifest`` to the holder, in the background (one at a time)."""
-        self.finish(self.timeout_s)
+        """Copy this node's files of ``manifest`` to the holder, in the background: one at a time, and
+        never waited for here (the commits go on; a step whose push could not start keeps S3 alone)."""
+        if self._thread is not None and self._thread.is_alive():
+            log.warning("checkpoint step %d: the previous replica push is still running; this step's files "
+                        "are not replicated (the S3 copy stands)", manifest.step)
+            return
         self._thread = threading.Thread(target=self._push, args=(directory, manifest, keep), daemon=True,
                                         name=f"checkpoint-replica-{manifest.step}")
         self._thread.start()

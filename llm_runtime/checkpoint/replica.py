@@ -20,10 +20,12 @@ its peers keep theirs; without a replica every replaced host re-downloads from S
 from __future__ import annotations
 
 import hashlib
+import http.client
 import http.server
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import threading
@@ -68,7 +70,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _target(self) -> tuple[Path, str] | None:
         """(the step directory, the member name) of ``/r/<node>/<step>/<name>``; None: refused."""
-        parts = self.path.split("?")[0].lstrip("/").split("/", 3)
+        path = self.path.split("?")[0]
+        if not path.startswith(f"/{self.server.token}/"):  # the token is in the job's store, not guessable
+            self.send_error(403, "not this job's replica server")
+            return None
+        parts = path[len(self.server.token) + 2:].split("/", 3)
         if len(parts) != 4 or parts[0] != "r" or not (parts[1].isdigit() and parts[2].isdigit()) \
                 or not _safe(parts[3]):
             self.send_error(400, "expected /r/<node>/<step>/<name>")
@@ -116,9 +122,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if name == RESERVE:  # asked before any byte is sent: a refusal costs the sender nothing
             directory.parent.mkdir(parents=True, exist_ok=True)
             wanted, free = int(self.headers.get("X-Replica-Bytes", "0")), shutil.disk_usage(directory.parent).free
-            if free - wanted < self.server.min_free:
+            if free - wanted - self.server.own_latest_bytes() < self.server.min_free:  # its own next save first
                 self.send_error(507, f"{free >> 20} MB free, {wanted >> 20} MB offered, "
-                                     f"{self.server.min_free >> 20} MB kept free (checkpoint.replica_min_free_mb)")
+                                     f"{self.server.min_free >> 20} MB kept free (checkpoint.replica_min_free_mb) "
+                                     "beside room for this node's own next save")
             else:
                 self._reply(204)
             return
@@ -158,6 +165,12 @@ class _Server(http.server.ThreadingHTTPServer):
     keep: int
     own_node: int
     own_dir: Path
+    token: str
+
+    def own_latest_bytes(self) -> int:
+        """The size of this node's newest step directory: room its own next save needs."""
+        steps = sorted(self.own_dir.glob("step-*")) if self.own_dir.is_dir() else []
+        return sum(p.stat().st_size for p in steps[-1].rglob("*") if p.is_file()) if steps else 0
 
     def server_bind(self):  # HTTPServer's own looks the address up in DNS
         self.socket.bind(self.server_address)
@@ -183,7 +196,10 @@ class ReplicaServer:
         self._server = _Server((address, 0), _Handler)
         self._server.root, self._server.keep, self._server.min_free = Path(root), keep, min_free_mb << 20
         self._server.own_node, self._server.own_dir = own_node, Path(own_dir) if own_dir else Path("/nonexistent")
-        self.url = f"http://{address}:{self._server.server_address[1]}"
+        self._server.token = secrets.token_hex(16)
+        self.address = f"{address}:{self._server.server_address[1]}"
+        self.url = f"http://{self.address}/{self._server.token}"
+        """With the job's token: only what can read the run's store (the record) can use it."""
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="checkpoint-replica-server", daemon=True)
         self._thread.start()
@@ -218,11 +234,11 @@ def push(directory: Path, manifest: Manifest, node: int, holder_url: str, deadli
         return True
     except urllib.error.HTTPError as err:
         reason = "refused: the peer's disk is short" if err.code == 507 else f"HTTP {err.code}"
-        log.warning("checkpoint step %d: node %d's replica on %s %s (%s); the S3 copy stands", manifest.step, node,
-                    holder_url, reason, err.reason)
-    except (OSError, TimeoutError) as err:
-        log.warning("checkpoint step %d: node %d's replica on %s failed (%s); the S3 copy stands", manifest.step,
-                    node, holder_url, err)
+        log.warning("checkpoint step %d: node %d's replica on its peer %s (%s); the S3 copy stands", manifest.step,
+                    node, reason, err.reason)
+    except (OSError, TimeoutError, http.client.HTTPException) as err:
+        log.warning("checkpoint step %d: node %d's replica on its peer failed (%s); the S3 copy stands",
+                    manifest.step, node, type(err).__name__ if isinstance(err, urllib.error.URLError) else err)
     return False
 
 
@@ -254,8 +270,8 @@ def peer_fetch(manifest: Manifest, obj: NodeObject, member: Member, dest: Path, 
             return True
         except urllib.error.HTTPError as err:  # the server is there; it does not have this file
             tried.append(f"node {node}: HTTP {err.code}")
-        except (OSError, ValueError) as err:
-            tried.append(f"node {node}: {err}")
+        except (OSError, ValueError, http.client.HTTPException) as err:
+            tried.append(f"node {node}: {err if isinstance(err, ValueError) else type(err).__name__}")
             if isinstance(err, (urllib.error.URLError, TimeoutError)):  # gone (a replaced host, an old
                 _SERVERS[(store.url(), node)] = ""  # attempt's port): not asked again by this process
     if tried:
@@ -274,7 +290,7 @@ def _fetch(url: str, path: Path, sha256: str) -> None:
                 digest.update(block)
                 sink.write(block)
         if digest.hexdigest() != sha256:
-            raise ValueError(f"{url} does not match its sha256 in the manifest")
+            raise ValueError(f"{path.name} does not match its sha256 in the manifest")  # (no URL: its token)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -178,20 +178,25 @@ class Restorer:
             return {"target": target, "url": store.url(SKIPS)}
 
         recorded = self._rank0(record)
-        if not recorded["target"]:
+        target = recorded["target"]
+        if not target:
             raise BadBatchError(f"step {bad_step}: {reason}; there is no clean checkpoint before it to roll back to "
                                 "(save more often: checkpoint.every_steps)")
         if self.rank == 0:
             log.warning("step %d: %s: rolling back to checkpoint step %d and skipping that batch from now on "
-                        "(recorded in %s)", bad_step, reason, recorded["target"], recorded["url"])
-        return self.restore(state, loader)
+                        "(recorded in %s)", bad_step, reason, target, recorded["url"])
+        restored = self.restore(state, loader, only=target)  # whatever checkpoint.resume says
+        if restored != target:
+            raise BadBatchError(f"step {bad_step}: {reason}; the rollback to checkpoint step {target} failed")
+        return restored
 
-    def restore(self, state, loader) -> int:
+    def restore(self, state, loader, only: int | None = None) -> int:
         """Load the newest usable checkpoint into ``state`` and ``loader``; returns its step (0: none).
-        Checkpoints poisoned by a bad batch are passed over; ``self.skips`` holds the run's skips."""
+        Checkpoints poisoned by a bad batch are passed over; ``self.skips`` holds the run's skips.
+        ``only``: that step of this run (a rollback), whatever checkpoint.resume says."""
         self._settle_pending()
         self.skips = self.load_skips()
-        candidates = self._candidates()
+        candidates = [("store" if self.store is not None else "local", only)] if only else self._candidates()
         for where, step in candidates:
             store = self.store if where == "store" else None
             if where == "explicit":

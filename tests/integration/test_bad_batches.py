@@ -104,3 +104,13 @@ def test_a_nan_without_checkpoints_fails_at_once_naming_the_step(tmp_path):
     assert proc.returncode == exitcodes.FAILED, proc.stdout + proc.stderr
     failure = (out / "failure").read_text()
     assert "step 2: the loss is nan" in failure and "no checkpoints to roll back to" in failure, failure
+
+
+def test_a_spike_before_the_first_save_trains_on_and_a_later_nan_rolls_back_whatever_resume_says(tmp_path):
+    rows, log, _ = train(tmp_path, "early", "--train.log_every=1", "--checkpoint.every_steps=5",
+                         "--checkpoint.resume=never", fault="spike:step=4,factor=3;nan:step=7")
+    assert "step 4: the loss " in log and "no clean checkpoint before it to roll back to" in log
+    assert "training on" in log
+    assert "step 7: the loss is nan: rolling back to checkpoint step 5" in log  # resume=never is for starting
+    assert [r["step"] for r in rows] == [1, 2, 3, 5, 6, 6, 8, 9, 10]  # 4's line is not written; 6 ran again
+    assert skips(tmp_path, "early")["skipped"] == [7]

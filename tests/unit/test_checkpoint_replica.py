@@ -118,3 +118,19 @@ def test_the_holder_prunes_each_peers_steps_by_keep_and_refuses_paths_outside_it
             assert err.code in (400, 404)
     finally:
         server.close()
+
+
+def test_a_request_without_the_jobs_token_is_refused(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    server = ReplicaServer(tmp_path / "holder", "127.0.0.1", keep=2, min_free_mb=0)
+    try:
+        bare = server.url.rsplit("/", 1)[0]  # the address without the token from the job's store
+        try:
+            urllib.request.urlopen(f"{bare}/r/1/6/rank-00002.json", timeout=10)
+            raise AssertionError("served without the token")
+        except urllib.error.HTTPError as err:
+            assert err.code == 403
+    finally:
+        server.close()
