@@ -38,6 +38,7 @@ def test_a_fresh_disk_resume_through_slowdowns_and_cut_bodies_uses_the_newest_ch
                                   "--checkpoint.at_end=false"), steps=8, **s3.env())  # straight to moto: no faults
     assert [m.split("/")[-2] for m in manifests(s3)] == ["step-000000003", "step-000000006"]
     s3_proxy.faults, s3_proxy.fault_rate = FAULTS, 0.35
+    injected = {"truncate": 0, "slowdown": 0}
     for seed in (1, 2):
         s3_proxy.seed = seed
         s3_proxy.reset_counts()
@@ -46,9 +47,14 @@ def test_a_fresh_disk_resume_through_slowdowns_and_cut_bodies_uses_the_newest_ch
         out = proc.stdout + proc.stderr
         assert "resumed from checkpoint step 6" in out, out[-3000:]
         assert "falling back" not in out and "is corrupt" not in out
-        assert s3_proxy.faults_injected["truncate"] > 0 and s3_proxy.faults_injected["slowdown"] > 0
+        assert s3_proxy.faults_injected["truncate"] + s3_proxy.faults_injected["slowdown"] > 0
+        for kind in injected:
+            injected[kind] += s3_proxy.faults_injected[kind]
         assert_same_tail(reference, resumed, 7)
         assert [m.split("/")[-2] for m in manifests(s3)] == ["step-000000003", "step-000000006"]
+    # Both kinds, over the two draws (one seeded draw of ~15 requests can miss the rarer cut body: the
+    # skipped_batches.json read, added 2026-12-03, shifted the draws of seeds 1 and 2).
+    assert injected["truncate"] > 0 and injected["slowdown"] > 0, injected
 
 
 def _run_until_exit(tmp_path, name, *args, timeout=240, **env):
