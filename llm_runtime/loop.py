@@ -42,13 +42,13 @@ class Loop:
             self.start = checkpointer.restore(self.state, loader)
         self.window, self.sink = metrics_for_run(rt, model_config)
         self.stragglers = monitor_for_run(rt)
+        self.skipped = self._skips()  # once here and after each rollback, not at every step
         self.metrics: dict = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}
         self.stopped = False
         """A launcher's stop request ended the run early (after its save)."""
 
-    @property
-    def skipped(self) -> set[int]:
-        """data.skip_steps and the run's skipped_batches.json."""
+    def _skips(self) -> set[int]:
+        """data.skip_steps and the run's skipped_batches.json (as the last restore read it)."""
         return self.asked | set(self.ck.skips.skipped) if self.ck is not None else self.asked
 
     def run(self) -> dict:
@@ -161,6 +161,7 @@ class Loop:
                 raise
             log.warning("%s: training on", err)  # a spike before the first save: nothing to roll back to
             return None
+        self.skipped = self._skips()
         self.guard.forget_after(restored)
         self.window.reset()
         self.rt.watchdog.pause()
