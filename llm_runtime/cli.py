@@ -159,6 +159,9 @@ def _launch(info: ClusterInfo, config: Config, target: Target, flags: dict, hype
         keep_index_copy(data_plan, os.environ)  # this host's workers read the launcher's copy
         if faults:
             log.warning("LLM_RUNTIME_FAULT=%s is set: faults will be injected", os.environ["LLM_RUNTIME_FAULT"])
+        if any(fault.kind == "wipe" for fault in faults) and not config.checkpoint.uri:
+            raise UsageError(f"LLM_RUNTIME_FAULT={os.environ['LLM_RUNTIME_FAULT']!r}: wipe needs checkpoint.uri; "
+                             "without it the node-local checkpoints are the only copy and the drill would lose them")
     else:
         validate(config)  # a user program's config keys, and every launcher key
     if target.module == "llm_runtime" and not info.is_worker:

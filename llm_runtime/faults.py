@@ -11,7 +11,11 @@
 - ``nan`` (phase ``step``): that step's loss is multiplied by NaN before the backward, so its
   gradients are poisoned too, as a numeric blow-up would;
 - ``spike`` with ``factor=F`` (phase ``step``): that step's loss, and so its gradients, are
-  multiplied by F, as a bad batch would.
+  multiplied by F, as a bad batch would;
+- ``wipe`` (phase ``launch``, ``rank`` the node rank): that host's launcher removes the run's
+  node-local checkpoint directory before anything starts (its own files and the peer replicas it
+  holds), as a replaced host's fresh disk would; needs checkpoint.uri (the store keeps every
+  committed checkpoint), so the resume rehearses the recovery from the peer and S3.
 
 Keys: ``rank`` (default: every rank), ``step`` (default: any step), ``phase`` (where it fires:
 ``step`` (default, at the start of the forward/backward), ``data`` (while waiting for the batch),
@@ -20,7 +24,8 @@ Keys: ``rank`` (default: every rank), ``step`` (default: any step), ``phase`` (w
 ``restart`` (the elastic restart it fires in, default 0: a restarted job runs clean), and
 ``factor`` (``slow`` at phase ``step``, > 1; ``spike``, > 0). ``nan`` and ``spike`` apply to
 every rank unless ``rank`` says which.
-Examples: ``LLM_RUNTIME_FAULT=hang:rank=1,step=3,phase=data``, ``slow:rank=1,factor=3,phase=step``.
+Examples: ``LLM_RUNTIME_FAULT=hang:rank=1,step=3,phase=data``, ``slow:rank=1,factor=3,phase=step``,
+``wipe:rank=1,phase=launch``.
 """
 from __future__ import annotations
 
@@ -35,10 +40,10 @@ from dataclasses import dataclass
 from .workerenv import restart_count
 
 __all__ = ["Fault", "FaultError", "active", "drilled_loss", "inject", "loss_drill", "loss_factor", "parse_faults",
-           "slowdown"]
+           "slowdown", "wiped_disk"]
 
 log = logging.getLogger(__name__)
-KINDS = ("hang", "kill", "slow", "corrupt", "nan", "spike")
+KINDS = ("hang", "kill", "slow", "corrupt", "nan", "spike", "wipe")
 PHASES = ("step", "data", "checkpoint", "health", "launch")
 _INT_KEYS = ("rank", "step", "restart")
 
@@ -97,6 +102,9 @@ def _number(text: str) -> float:
 def _mismatch(fault: Fault) -> str:
     """Why ``fault``'s kind, phase and factor do not go together ('' when they do; pure)."""
     slow_step = fault.kind == "slow" and fault.phase == "step"
+    if fault.kind == "wipe":
+        ok = fault.phase == "launch" and not fault.factor and fault.step is None
+        return "" if ok else "wipe applies to phase=launch only, with rank=N (the node rank) and no step or factor"
     if fault.kind in ("nan", "spike"):
         if fault.phase != "step":
             return f"{fault.kind} applies to phase=step only"
@@ -147,6 +155,11 @@ def slowdown(rank: int, step: int, env: Mapping[str, str] | None = None) -> floa
     """The ``slow`` drill's factor for this rank's training step (1.0: none)."""
     factors = [fault.factor for fault in active(rank, step, "step", env) if fault.kind == "slow"]
     return max(factors, default=1.0)
+
+
+def wiped_disk(node_rank: int, env: Mapping[str, str] | None = None) -> bool:
+    """Whether the ``wipe`` drill takes this node's local checkpoints away at launch."""
+    return any(fault.kind == "wipe" for fault in active(node_rank, None, "launch", env))
 
 
 def active(rank: int, step: int | None, phase: str, env: Mapping[str, str] | None = None) -> list[Fault]:

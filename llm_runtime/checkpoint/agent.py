@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 
+from ..faults import wiped_disk
 from .commit import CLAIM, SavePlan, abandon_incomplete, commit_with_deadline, open_run_store, pending_steps
 from .layout import run_id_for
 from .replica import ReplicaServer, holder_of, push, replica_record, server_record
@@ -130,11 +132,15 @@ class Replicas:
         self._thread.start()
 
     def _push(self, directory: Path, manifest, keep: int) -> None:
-        deadline = time.monotonic() + self.timeout_s
+        started = time.monotonic()
+        deadline = started + self.timeout_s
         try:
             server = json.loads(self.store.read_text(server_record(self.holder)) or "{}")
             if "url" not in server or not push(directory, manifest, self.node, server["url"], deadline):
                 return
+            size = sum(m.size for o in manifest.objects if o.node == self.node for m in o.members)
+            log.info("checkpoint step %d: replica of node %d on node %d: %.1f MB in %.2fs", manifest.step, self.node,
+                     self.holder, size / 1e6, time.monotonic() - started)
             old = json.loads(self.store.read_text(replica_record(self.node)) or "{}")
             steps = sorted({*old.get("steps", ()), manifest.step} if old.get("held_by") == self.holder
                            else {manifest.step})[-max(1, keep):]  # what the holder keeps after pruning
@@ -159,10 +165,14 @@ def start_agent(config, paths, node_rank: int, num_nodes: int = 1, host: str = "
     from ..storage import open_store
 
     ck = config.checkpoint
-    if not ck.uri:
+    if not ck.uri:  # (the launcher refuses the wipe drill without one: the local copy would be the only one)
         return None
     local_dir = paths.checkpoint_dir
     run_id = run_id_for(ck.uri or os.path.abspath(local_dir), ck.run_id)
+    if wiped_disk(node_rank):  # the drill: a replaced host's fresh disk (the store keeps every committed checkpoint)
+        log.warning("LLM_RUNTIME_FAULT: wipe: removing node %d's local checkpoints %s", node_rank,
+                    Path(local_dir) / run_id)
+        shutil.rmtree(Path(local_dir) / run_id, ignore_errors=True)
     node_dir = Path(local_dir) / run_id / f"node-{node_rank:05d}"
     node_dir.mkdir(parents=True, exist_ok=True)
     store = open_run_store(ck.uri, run_id, ck)

@@ -1,6 +1,5 @@
-"""Two simulated SageMaker hosts on one machine, each a process tree with its own hostname
-(algo-1, algo-2), its own /opt/ml and hosts file (bind mounts in a private mount namespace) and
-its own loopback address (127.0.1.1, 127.0.1.2). Every byte stays on 127.0.0.0/8.
+"""Two simulated SageMaker hosts on one machine (tests/hosts.py: own hostname, own /opt/ml, own
+loopback address). Every byte stays on 127.0.0.0/8.
 
 Real: unshare, the llm-runtime launcher, torch.distributed.run, gloo, Open MPI's mpirun.
 Nothing of the launcher is mocked; only ssh is replaced (Open MPI's plm_rsh_agent) by nsenter.
@@ -14,28 +13,17 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.procs import BIN, REPO, STRAGGLERS, clean_env, free_port, kill_tree, metrics, read_rank_reports
+from tests.hosts import HOSTS, Cluster, namespaces_work
+from tests.procs import BIN, REPO, STRAGGLERS, metrics, read_rank_reports
 
 pytestmark = pytest.mark.slow
 
 WORKER = str(REPO / "tests" / "workers" / "report.py")
-HOSTS = ("algo-1", "algo-2")
 TINY = {"model.dim": 64, "model.layers": 2, "model.heads": 4, "train.seq_len": 64, "train.batch_size": 8,
         "train.log_every": 1, "train.warmup_steps": 1}
-
-ENTER_HOST = """#!/bin/sh
-# enter-host NAME HOSTS_FILE TREE CMD...: become SageMaker host NAME in this private namespace.
-set -e
-name=$1; hosts=$2; tree=$3; shift 3
-hostname "$name"
-mount --bind "$hosts" /etc/hosts
-mount --bind "$tree" /opt/ml
-exec "$@"
-"""
 
 RSH_AGENT = """#!/bin/sh
 # Open MPI calls: AGENT HOST COMMAND...; run COMMAND inside that simulated host's namespaces.
@@ -48,89 +36,11 @@ exec nsenter -t "$pid" -u -m -- env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/r
 """
 
 
-def _namespaces_work() -> str | None:
-    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
-        return "unshare/nsenter not installed"
-    probe = subprocess.run(["unshare", "--uts", "--mount", "true"], capture_output=True, text=True, timeout=10)
-    if probe.returncode != 0:
-        return f"namespaces not permitted here: {probe.stderr.strip()}"
-    try:
-        os.makedirs("/opt/ml", exist_ok=True)  # the mount point; each host binds its own tree over it
-    except OSError as err:
-        return f"cannot create the /opt/ml mount point: {err}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def namespaces():
-    reason = _namespaces_work()
+    reason = namespaces_work()
     if reason:
         pytest.skip(reason)
-
-
-class Cluster:
-    """The simulated hosts: their trees, their processes, their output."""
-
-    def __init__(self, root: Path, hyperparameters: dict, interface: str = "lo"):
-        self.root = root
-        self.port = free_port(span=2)  # MASTER_PORT, and + 1 for mpirun's exit status
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.log_files = []
-        (root / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
-            f"127.0.1.{i} {h}\n" for i, h in enumerate(HOSTS, 1)))
-        (root / "enter-host").write_text(ENTER_HOST)
-        (root / "enter-host").chmod(0o755)
-        for host in HOSTS:
-            config = root / host / "input" / "config"
-            config.mkdir(parents=True)
-            (root / host / "output").mkdir()
-            (root / host / "code").mkdir()
-            config.joinpath("resourceconfig.json").write_text(json.dumps({
-                "current_host": host, "hosts": list(HOSTS), "network_interface_name": interface,
-                "current_instance_type": "ml.c5.xlarge", "current_group_name": "homogeneousCluster",
-                "instance_groups": [{"instance_group_name": "homogeneousCluster",
-                                     "instance_type": "ml.c5.xlarge", "hosts": list(HOSTS)}]}))
-            # SageMaker writes every hyperparameter value as a JSON-encoded string.
-            config.joinpath("hyperparameters.json").write_text(json.dumps(
-                {k: json.dumps(v) for k, v in hyperparameters.items()}))
-            config.joinpath("inputdataconfig.json").write_text("{}")
-
-    def start(self, host: str, *command: str, **env: str) -> subprocess.Popen:
-        log = open(self.root / f"{host}.log", "w")
-        self.log_files.append(log)
-        proc = subprocess.Popen(
-            ["unshare", "--uts", "--mount", "--propagation", "private", "--", str(self.root / "enter-host"),
-             host, str(self.root / "hosts"), str(self.root / host), *command],
-            env=clean_env(loopback=False, MASTER_PORT=str(self.port), **env), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        self.procs[host] = proc
-        return proc
-
-    def output(self, host: str) -> str:
-        return (self.root / f"{host}.log").read_text()
-
-    def wait_all(self, timeout: float) -> dict[str, int]:
-        deadline = time.monotonic() + timeout
-        codes = {}
-        for host, proc in self.procs.items():
-            try:
-                codes[host] = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        if len(codes) < len(self.procs):
-            self.stop()
-            raise AssertionError(f"hosts did not exit within {timeout}s (exited: {codes})\n" + self.logs())
-        return codes
-
-    def logs(self) -> str:
-        return "\n".join(f"----- {h} -----\n{self.output(h)}" for h in self.procs)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            kill_tree(proc)
-            proc.wait(timeout=30)
-        for log in self.log_files:
-            log.close()
 
 
 @pytest.fixture
@@ -337,10 +247,10 @@ def test_a_replaced_host_restores_from_its_peers_replica_with_no_s3_reads_of_che
                                "metrics.jsonl": "/opt/ml/output/metrics.jsonl"})
     disks = {host: tmp_path / f"disk-{host}" for host in HOSTS}
 
-    def attempt() -> list[dict]:
+    def attempt(**env: str) -> list[dict]:
         for host in HOSTS:
             cluster.start(host, str(BIN / "llm-runtime"), "launch", "--nproc-per-node", "2", "train",
-                          LLM_RUNTIME_CHECKPOINT_LOCAL_DIR=str(disks[host]))
+                          LLM_RUNTIME_CHECKPOINT_LOCAL_DIR=str(disks[host]), **env)
         codes = cluster.wait_all(timeout=240)
         assert codes == {"algo-1": 0, "algo-2": 0}, cluster.logs()
         return metrics(tmp_path / "algo-1" / "output" / "metrics.jsonl")
@@ -359,10 +269,13 @@ def test_a_replaced_host_restores_from_its_peers_replica_with_no_s3_reads_of_che
     assert list(held.glob("step-000000004/dcp/__2_0.distcp"))
 
     forget_step_6()
-    shutil.rmtree(disks["algo-2"])
+    (marker,) = [run / "marker" for run in disks["algo-2"].iterdir()]
+    marker.write_text("gone once the drill wipes the run's directory")
     s3_proxy.reset_counts()
-    resumed = attempt()
+    resumed = attempt(LLM_RUNTIME_FAULT="wipe:rank=1,phase=launch")  # the drill: algo-2 (node 1) gets a fresh disk
     assert "resumed from checkpoint step 4" in cluster.output("algo-1"), cluster.logs()
+    assert "LLM_RUNTIME_FAULT: wipe: removing node 1's local checkpoints" in cluster.output("algo-2")
+    assert not marker.exists() and "removing node" not in cluster.output("algo-1")  # node 0 keeps its disk
     gets = "\n".join(p for m, p in s3_proxy.paths if m == "GET")
     # No checkpoint data from S3 at all: node 1's files came from algo-1's replica, node 0's (the
     # .metadata and the tensors DCP keeps once, which node 1's ranks read too) from algo-1's own disk.

@@ -53,6 +53,18 @@ def test_impossible_parallel_layout_is_refused_with_its_factors_before_any_worke
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, no traceback, no workers
 
 
+def test_the_wipe_drill_without_a_checkpoint_uri_is_refused_before_any_worker_and_deletes_nothing(tmp_path):
+    local = tmp_path / "ck"
+    (local / "run").mkdir(parents=True)
+    (local / "run" / "keep.txt").write_text("the only copy")
+    proc = run([str(BIN / "llm-runtime"), "train", "--nproc-per-node", "1", *TINY, f"--checkpoint.local_dir={local}",
+                "--checkpoint.every_steps=2"], env=clean_env(LLM_RUNTIME_FAULT="wipe:rank=0,phase=launch"), timeout=60,
+               check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "LLM_RUNTIME_FAULT='wipe:rank=0,phase=launch': wipe needs checkpoint.uri" in proc.stderr
+    assert "torch.distributed.run" not in proc.stderr and (local / "run" / "keep.txt").exists()
+
+
 def test_demo_script_trains_the_bundled_model_to_completion(tmp_path):
     env = clean_env(LLM_RUNTIME_VENV=str(BIN.parent))
     proc = run([str(REPO / "scripts" / "demo.sh")], env=env, timeout=600)

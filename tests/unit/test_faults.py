@@ -1,7 +1,7 @@
 """LLM_RUNTIME_FAULT: the drill language parses strictly and fires only where it says."""
 import pytest
 
-from llm_runtime.faults import Fault, FaultError, active, parse_faults, slowdown
+from llm_runtime.faults import Fault, FaultError, active, parse_faults, slowdown, wiped_disk
 
 
 @pytest.mark.parametrize("text,faults", [
@@ -16,6 +16,7 @@ from llm_runtime.faults import Fault, FaultError, active, parse_faults, slowdown
      [Fault("slow", 1, None, "health"), Fault("corrupt", 0, None, "health")]),
     ("slow:rank=1,factor=3,phase=step", [Fault("slow", 1, None, "step", factor=3.0)]),
     ("slow:rank=2,factor=1.5", [Fault("slow", 2, None, "step", factor=1.5)]),
+    ("wipe:rank=1,phase=launch", [Fault("wipe", 1, None, "launch")]),
 ])
 def test_fault_specs_name_a_kind_rank_step_and_phase(text, faults):
     assert parse_faults(text) == faults
@@ -34,6 +35,9 @@ def test_fault_specs_name_a_kind_rank_step_and_phase(text, faults):
     ("hang:rank=1,factor=2", "factor=F applies to slow at phase=step and to spike only"),
     ("slow:rank=1,factor=2,phase=health", "factor=F applies to slow at phase=step and to spike only"),
     ("hang:rank=1,phase=health", "phase=health takes only slow or corrupt"),
+    ("wipe:rank=1", "wipe applies to phase=launch only"),
+    ("wipe:rank=1,phase=launch,step=3", "wipe applies to phase=launch only, with rank=N"),
+    ("wipe:rank=1,phase=checkpoint", "wipe applies to phase=launch only"),
 ])
 def test_a_malformed_fault_spec_is_quoted(text, needle):
     with pytest.raises(FaultError, match=needle):
@@ -63,3 +67,10 @@ def test_the_slow_drill_gives_its_factor_to_its_rank_only():
     assert slowdown(0, 7, env) == 1.0
     assert slowdown(1, 7, {}) == 1.0
     assert slowdown(1, 7, {"LLM_RUNTIME_FAULT": "slow:rank=1,phase=health"}) == 1.0
+
+
+def test_the_wipe_drill_takes_only_its_nodes_disk_and_only_in_the_first_attempt():
+    env = {"LLM_RUNTIME_FAULT": "wipe:rank=1,phase=launch"}
+    assert wiped_disk(1, env) and not wiped_disk(0, env)
+    assert not wiped_disk(1, {**env, "TORCHELASTIC_RESTART_COUNT": "1"}) and not wiped_disk(1, {})
+    assert wiped_disk(0, {"LLM_RUNTIME_FAULT": "wipe:phase=launch"})  # no rank: every node
