@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 class Loop:
     """One run of the loop; ``start`` is the step the run resumed from (0: none)."""
 
-    def __init__(self, rt, trainer, loader, accumulation: int, checkpointer, model_config):
+    def __init__(self, rt, trainer, loader, accumulation: int, checkpointer, model_config, evaluator=None):
         self.rt, self.trainer, self.loader, self.accumulation, self.ck = rt, trainer, loader, accumulation, checkpointer
+        self.evaluator = evaluator
+        """evaluation.Evaluator, or None without eval data."""
         self.train = rt.config.train
         self.state = trainer.checkpoint_state() if checkpointer is not None else None
         self.asked = parse_steps(rt.config.data.skip_steps)
@@ -53,6 +55,8 @@ class Loop:
 
     def run(self) -> dict:
         step = self.start
+        if step == 0 and self.rt.config.eval.at_start:
+            self._evaluate(0)
         while step < self.train.steps:
             step += 1
             self._step(step)
@@ -75,7 +79,17 @@ class Loop:
                 self.rt.watchdog.beat(step, "checkpoint")
                 self.stopped = True
                 break
+            if self.evaluator is not None and self.evaluator.due(step):
+                self._evaluate(step)
+        if not self.stopped and self.start < self.train.steps and self.rt.config.eval.at_end:
+            self._evaluate(self.train.steps)  # (not again when the last step's cadence already did)
         return self.metrics
+
+    def _evaluate(self, step: int) -> None:
+        if self.evaluator is not None and step not in self.evaluator.done:
+            started = time.perf_counter()
+            self.evaluator.run(step, self.sink)
+            self.window.eval_s += time.perf_counter() - started
 
     def close(self) -> None:
         self.stragglers.close()
@@ -163,6 +177,8 @@ class Loop:
             return None
         self.skipped = self._skips()
         self.guard.forget_after(restored)
+        if self.evaluator is not None:  # the replayed steps' weights differ: evaluate them again
+            self.evaluator.done = {done for done in self.evaluator.done if done <= restored}
         self.window.reset()
         self.rt.watchdog.pause()
         return restored

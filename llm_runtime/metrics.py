@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["FIELDS", "MetricsWindow", "MetricsSink", "flops_per_token", "format_line",
-           "metric_definitions", "metrics_for_run", "mfu", "peak_tflops"]
+__all__ = ["EVAL_FIELDS", "FIELDS", "MetricsWindow", "MetricsSink", "flops_per_token", "format_line",
+           "format_eval_line", "metric_definitions", "metrics_for_run", "mfu", "peak_tflops"]
 
 log = logging.getLogger(__name__)
 PREFIX = "metrics:"
@@ -53,6 +53,14 @@ FIELDS = (
 OPTIONAL = (
     ("slow_s", ".4f", "train:straggler_slow_s",
      "seconds per step the named straggler (straggler=host:rankN) is slower than the other ranks' median"),
+)
+
+#: The eval line (evaluation.py), ``eval: step=120 loss=3.2011 ppl=24.560``: (key, JSONL key,
+#: format, SageMaker metric name, description).
+EVAL_PREFIX = "eval:"
+EVAL_FIELDS = (
+    ("loss", "eval_loss", ".4f", "eval:loss", "cross-entropy over every held-out token (their sum / their count)"),
+    ("ppl", "eval_ppl", ".3f", "eval:ppl", "perplexity: exp(eval loss)"),
 )
 
 #: Dense bf16 tensor-core peak TFLOP/s per device (vendor datasheets), most specific name first.
@@ -104,10 +112,24 @@ def format_line(record: Mapping[str, float]) -> str:
     return " ".join(parts)
 
 
+def format_eval_line(record: Mapping[str, float]) -> str:
+    """The eval line: ``eval: step=N loss=... ppl=...``."""
+    parts = [EVAL_PREFIX, f"step={int(record['step'])}"]
+    for key, field_name, spec, _, _ in EVAL_FIELDS:
+        value = record.get(field_name)
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        parts.append(f"{key}={format(value, spec) if finite else 'nan'}")
+    return " ".join(parts)
+
+
 def metric_definitions() -> list[dict[str, str]]:
-    """SageMaker ``MetricDefinitions``: one regex per field, reading the value from the line."""
-    return [{"Name": name, "Regex": rf"{PREFIX} .*\b{key}={_NUMBER}"} for key, _, name, _ in FIELDS + OPTIONAL
-            if key != "step"]
+    """SageMaker ``MetricDefinitions``: one regex per field, reading the value from its line."""
+    # Each line starts "<prefix> step=": the logger's name ("llm_runtime.metrics: eval: step=...") cannot
+    # make a train regex read the eval line.
+    return ([{"Name": name, "Regex": rf"{PREFIX} step=.*\b{key}={_NUMBER}"} for key, _, name, _ in FIELDS + OPTIONAL
+             if key != "step"]
+            + [{"Name": name, "Regex": rf"{EVAL_PREFIX} step=.*\b{key}={_NUMBER}"}
+               for key, _, _, name, _ in EVAL_FIELDS])
 
 
 def memory_gb(device) -> float:
@@ -134,11 +156,13 @@ class MetricsWindow:
     compute_s: float = 0.0
     """The model's own time (forward, backward, optimizer, the loss's reduction): the rest of the
     interval, less saves, is the runtime's overhead."""
+    eval_s: float = 0.0
+    """Time spent in evaluations (evaluation.py): not training time, so not in any per-step figure."""
 
     def close(self, *, step: int, loss: float, lr: float, grad_norm: float, memory: float) -> dict[str, float]:
         now = time.perf_counter()
         steps = max(1, self.steps)
-        elapsed = max(now - self.started, 1e-9)
+        elapsed = max(now - self.started - self.eval_s, 1e-9)
         tokens_per_s = self.steps * self.tokens_per_step / elapsed
         per_device = tokens_per_s / max(1, self.world_size)
         record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
@@ -155,7 +179,7 @@ class MetricsWindow:
         """Start the next interval (also after a rollback: the steps before it are dropped)."""
         self.started = time.perf_counter() if now is None else now
         self.steps, self.data_wait_s, self.checkpoint_blocked_s, self.compute_s = 0, 0.0, 0.0, 0.0
-        self.checkpoint_slowdown_s = 0.0
+        self.checkpoint_slowdown_s = self.eval_s = 0.0
 
 
 class MetricsSink:
@@ -177,14 +201,28 @@ class MetricsSink:
 
     def write(self, record: Mapping[str, float]) -> None:
         log.info("%s", format_line(record))
-        if self.jsonl:
-            clean = {k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None) for k, v in record.items()}
-            with open(self.jsonl, "a") as sink:
-                sink.write(json.dumps(clean) + "\n")
+        self._append(record)
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(f"train/{key}", value, int(record["step"]))
+            self.writer.flush()
+
+    def _append(self, record: Mapping[str, float]) -> None:
+        if self.jsonl:  # a value that is not finite is written as null (JSON has no NaN)
+            clean = {k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None) for k, v in record.items()}
+            with open(self.jsonl, "a") as sink:
+                sink.write(json.dumps(clean) + "\n")
+
+    def write_eval(self, record: Mapping[str, float]) -> None:
+        """An evaluation: its own line, a JSONL row ``{step, eval_loss, eval_ppl}``, TensorBoard ``eval/``."""
+        log.info("%s", format_eval_line(record))
+        self._append(record)
+        if self.writer is not None:
+            for key, field_name, _, _, _ in EVAL_FIELDS:
+                value = record.get(field_name)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"eval/{key}", value, int(record["step"]))
             self.writer.flush()
 
     def close(self) -> None:

@@ -55,13 +55,20 @@ def plot(records: list[dict], out: str | Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = latest_per_step(records)
+    evals = latest_per_step([r for r in records if "eval_loss" in r])  # evaluation.py's rows
+    records = latest_per_step([r for r in records if "eval_loss" not in r]) or evals
     fig, (loss_ax, speed_ax, ckpt_ax) = plt.subplots(3, 1, sharex=True, figsize=(9, 8.5), constrained_layout=True)
     steps, loss = _series(records, "loss")
-    loss_ax.plot(steps, loss, color="tab:blue", lw=1.6)
+    loss_ax.plot(steps, loss, color="tab:blue", lw=1.6, label="train")
     loss_ax.set_ylabel("loss")
-    if loss:
-        loss_ax.set_title(f"loss {loss[0]:.3f} -> {loss[-1]:.3f}", loc="right", fontsize=9)
+    title = f"loss {loss[0]:.3f} -> {loss[-1]:.3f}" if loss else ""
+    steps, held_out = _series(evals, "eval_loss")
+    if held_out:
+        loss_ax.plot(steps, held_out, color="tab:orange", lw=1.6, marker="o", ms=3, label="eval")
+        loss_ax.legend(loc="upper right", fontsize=8)
+        title += f"{', ' if title else ''}eval {held_out[-1]:.3f} (ppl {math.exp(min(held_out[-1], 700)):.2f})"
+    if title:
+        loss_ax.set_title(title, loc="right", fontsize=9)
     steps, speed = _series(records, "tokens_per_s")
     speed_ax.plot(steps, speed, color="tab:green", lw=1.6)
     speed_ax.set_ylabel("tokens / s")

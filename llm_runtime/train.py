@@ -24,6 +24,7 @@ from .hf_job import check_hf_model, data_vocab
 from .paths import JobPaths
 from .runtime import Runtime, run_worker
 from .loop import Loop
+from .evaluation import Evaluator, plan_eval
 from .trainers import TorchTrainer, deepspeed_batching, deepspeed_trainer, lr_factor
 
 __all__ = ["batch_layout", "check_job", "deepspeed_batching", "global_batch_starts", "lr_factor", "main", "run"]
@@ -62,6 +63,8 @@ def check_job(config: Config, world_size: int, *, nproc_per_node: int | None = N
     plan = _check_data(config, dims, paths) if data else None
     if data:
         _check_checkpoint_store(config)
+    if data and report:  # the eval data too (each worker reads its plan again: rank 0 logs it)
+        plan_eval(config, dims.dp_size, paths, data_vocab(plan))
     if config.model.hf_path:
         spec = check_hf_model(config, dims, plan, paths, stage_model=stage_model)
         if report:
@@ -158,17 +161,21 @@ def run(rt: Runtime) -> dict[str, float]:
         log.info("data: %s", plan.describe())
     micro, accumulation = batch_layout(train, rt.dp_size)
     per_replica = micro * accumulation
+    evaluation = plan_eval(config, rt.dp_size, rt.paths, data_vocab(plan))
+    if rt.is_main and evaluation is not None:
+        log.info("eval: %s", evaluation.describe())
     if config.data.mode == "stage":  # ranks wait for their host's copy up to data.stage_timeout_s
         rt.watchdog.beat(0, "start", timeout_s=max(config.watchdog.first_timeout_s, config.data.stage_timeout_s + 300))
     loader = build_loader(config, rt.dims, dp_rank=rt.dp_rank, local_rank=rt.local_rank, paths=rt.paths, plan=plan,
                           last_step=train.steps - 1)
     try:
-        return _train(rt, model_config, loader, per_replica, accumulation)
+        return _train(rt, model_config, loader, per_replica, accumulation, evaluation)
     finally:
         loader.close()
 
 
-def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, accumulation: int) -> dict[str, float]:
+def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, accumulation: int,
+           evaluation=None) -> dict[str, float]:
     config, train = rt.config, rt.config.train
     seed = torch.Generator().manual_seed(train.seed)  # identical weights on every rank and layout
     if config.model.hf_path:
@@ -184,8 +191,9 @@ def _train(rt: Runtime, model_config: LlamaConfig, loader, per_replica: int, acc
              per_replica)
 
     checkpointer = _checkpointer(rt, getattr(getattr(model_config, "source", None), "fingerprint", ""))
+    evaluator = Evaluator(rt, trainer, evaluation, accumulation) if evaluation is not None else None
     try:
-        return _loop(rt, trainer, loader, accumulation, checkpointer, model_config)
+        return _loop(rt, trainer, loader, accumulation, checkpointer, model_config, evaluator)
     finally:
         if checkpointer is not None:
             rt.watchdog.beat(train.steps, "checkpoint")
@@ -231,8 +239,8 @@ def _checkpointer(rt: Runtime, model_fingerprint: str = ""):
                         on_stall=rt.watchdog.fail, model_fingerprint=model_fingerprint)
 
 
-def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_config) -> dict[str, float]:
-    loop = Loop(rt, trainer, loader, accumulation, checkpointer, model_config)
+def _loop(rt: Runtime, trainer, loader, accumulation: int, checkpointer, model_config, evaluator) -> dict[str, float]:
+    loop = Loop(rt, trainer, loader, accumulation, checkpointer, model_config, evaluator)
     try:
         metrics = loop.run()
         return metrics if loop.stopped else _finish(rt, trainer, loader, model_config, metrics, loop.start)

@@ -52,6 +52,9 @@ class TorchTrainer:
             scheduler.step()
         return local_loss, grad_norm
 
+    def eval_loss(self, inputs, targets, accumulation: int) -> torch.Tensor:
+        return self.model.eval_loss(inputs, targets, accumulation)
+
     def global_loss(self, local_loss) -> float:
         return self.model.global_loss(local_loss)
 
@@ -73,6 +76,9 @@ class DeepSpeedTrainer:
 
     def step(self, inputs, targets, accumulation: int) -> tuple[torch.Tensor, float]:
         return self.engine.train_step(inputs, targets)  # the engine has its own micro-batching
+
+    def eval_loss(self, inputs, targets, accumulation: int) -> torch.Tensor:
+        return self.engine.eval_loss(inputs, targets)  # the engine has its own micro-batching
 
     def global_loss(self, local_loss) -> float:
         return self.engine.global_loss(local_loss)

@@ -32,7 +32,7 @@ from .workerenv import restart_count
 __all__ = ["Watchdog", "collective_cap", "phase_timeout"]
 
 log = logging.getLogger(__name__)
-_TIMED = ("data", "step")
+_TIMED = ("data", "step", "eval")  # eval: each held-out batch, timed like a step
 
 # The timing of a failure, after watchdog.exchange_s (the records' exchange) has run out:
 COLLECTIVE_MARGIN_S = 20.0

@@ -5,11 +5,11 @@ variables < SageMaker hyperparameters (``section.key``) < command line ``--secti
 """
 from .check import LAYOUT_KEYS, set_by, validate
 from .load import ENV_PREFIX, ConfigError, load_config, parse_cli_overrides, source_of, to_dict
-from .tree import (CheckpointConfig, CommConfig, Config, DataConfig, DeepSpeedConfig, DistConfig, HealthConfig,
+from .tree import (CheckpointConfig, CommConfig, Config, DataConfig, DeepSpeedConfig, DistConfig, EvalConfig, HealthConfig,
                    LaunchConfig, MetricsConfig, ModelConfig, NetenvConfig, ParallelConfig, TrainConfig,
                    WatchdogConfig)
 
 __all__ = ["CheckpointConfig", "CommConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "DistConfig",
-           "ENV_PREFIX", "HealthConfig", "LaunchConfig", "MetricsConfig", "ModelConfig", "NetenvConfig",
+           "ENV_PREFIX", "EvalConfig", "HealthConfig", "LaunchConfig", "MetricsConfig", "ModelConfig", "NetenvConfig",
            "ParallelConfig", "TrainConfig", "WatchdogConfig", "load_config", "parse_cli_overrides", "set_by",
            "source_of", "to_dict", "validate"]

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from .rules import between, ge, gt, not_zero
 
 __all__ = ["CheckpointConfig", "CommConfig", "Config", "DataConfig", "DeepSpeedConfig", "DistConfig",
-           "HealthConfig", "LaunchConfig", "MetricsConfig", "ModelConfig", "NetenvConfig", "ParallelConfig",
+           "EvalConfig", "HealthConfig", "LaunchConfig", "MetricsConfig", "ModelConfig", "NetenvConfig", "ParallelConfig",
            "TrainConfig", "WatchdogConfig"]
 
 
@@ -144,6 +144,24 @@ class DataConfig:
     skip_steps: str = ""
     """Global steps whose batches are read and dropped (no optimizer step, no LR advance), as
     ``7,12,30-32``; added to the run's skipped_batches.json, which a rollback writes."""
+
+
+@dataclass
+class EvalConfig:
+    data_uri: str = ""
+    """Held-out token shards, in the training data's format: a directory, ``s3://bucket/prefix`` or
+    ``channel:NAME``. Empty = the ``validation`` channel when the job has one, else no evaluation."""
+    every_steps: Annotated[int, ge(0)] = 0
+    """Evaluate after every N optimizer steps (0 = only ``at_start`` / ``at_end``)."""
+    steps: Annotated[int, ge(0)] = 0
+    """Global eval batches of train.batch_size sequences per evaluation; 0 = ``samples`` / batch, or
+    every whole batch of the eval data."""
+    samples: Annotated[int, ge(0)] = 0
+    """Sequences per evaluation instead of ``steps`` (a multiple of train.batch_size)."""
+    at_start: bool = False
+    """Also evaluate before the first step (a run that starts from step 0 only)."""
+    at_end: bool = True
+    """Evaluate after the last step (not after a stop request, nor when a resume has nothing left to train)."""
 
 
 @dataclass
@@ -308,6 +326,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     netenv: NetenvConfig = field(default_factory=NetenvConfig)

@@ -109,6 +109,28 @@ class ParallelModel:
             total += loss.detach()
         return total
 
+    @torch.no_grad()
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor, accumulation: int = 1) -> torch.Tensor:
+        """Forward only, in eval mode: this replica's mean loss over its rows (0 off the last stage),
+        in ``accumulation`` micro-batches (the pipeline: its own microbatches)."""
+        modes = [part.training for part in self.parts]
+        for part in self.parts:
+            part.train(False)
+        try:
+            if self.schedule is not None:
+                losses: list[torch.Tensor] = []
+                args = (inputs,) if self.has_first_stage else ()
+                self.schedule.eval(*args, target=targets if self.has_last_stage else None, losses=losses)
+                return torch.stack(losses).float().mean() if self.has_last_stage else torch.zeros((), device=inputs.device)
+            total = torch.zeros((), device=inputs.device)
+            for chunk_in, chunk_out in zip(inputs.chunk(accumulation), targets.chunk(accumulation)):
+                with self._autocast(inputs.device):
+                    total += self.loss_fn(self.parts[0](chunk_in), chunk_out).float() / accumulation
+            return total
+        finally:
+            for part, mode in zip(self.parts, modes):
+                part.train(mode)
+
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()

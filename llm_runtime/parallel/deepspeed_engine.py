@@ -224,6 +224,20 @@ class DeepSpeedModel:
             total += loss.detach().float() / self.accumulation
         return total, self._grad_norm(fallback)
 
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward only, in eval mode: this replica's mean loss (the pipeline engine's is already
+        averaged over the replicas, as its training loss is)."""
+        micro = list(zip(inputs.chunk(self.accumulation), targets.chunk(self.accumulation)))
+        if self.pipeline:
+            return self.engine.eval_batch(data_iter=iter(micro)).detach().float()
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                return sum(self.loss_fn(self.engine(chunk_in), chunk_out).float() for chunk_in, chunk_out in micro) \
+                    / self.accumulation
+        finally:
+            self.engine.train()
+
     def _grad_norm(self, fallback: float | None) -> float:
         norm = self.engine.get_global_grad_norm()
         if norm is None:

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from llm_runtime.metrics import (FIELDS, OPTIONAL, MetricsWindow, format_line,
+from llm_runtime.metrics import (EVAL_FIELDS, FIELDS, OPTIONAL, MetricsWindow, format_eval_line, format_line,
                                  metric_definitions, mfu, peak_tflops)
 from llm_runtime.progress import bar
 
@@ -32,6 +32,9 @@ def test_each_sagemaker_regex_reads_its_value_back_from_the_line():
     line = "[rank 0] INFO llm_runtime.metrics: " + format_line(record)
     got = {}
     for item in metric_definitions():
+        if item["Name"].startswith("eval:"):  # the eval line's (below)
+            assert re.search(item["Regex"], line) is None, item
+            continue
         match = re.search(item["Regex"], line)
         got[item["Name"]] = float(match.group(1))
     expected = {name: float(format(record[key], spec)) for key, spec, name, _ in FIELDS + OPTIONAL if key != "step"}
@@ -41,6 +44,27 @@ def test_each_sagemaker_regex_reads_its_value_back_from_the_line():
     unknown = format_line({**RECORD, "mfu": float("nan")})
     assert re.search(next(d["Regex"] for d in metric_definitions() if d["Name"] == "train:mfu"), unknown) is None
     assert all(re.search(d["Regex"], "step=5 loss=1.0 tokens_per_s=9") is None for d in metric_definitions())
+
+
+def test_the_eval_line_is_its_own_and_sagemaker_reads_loss_and_perplexity_from_it_only():
+    record = {"step": 40, "eval_loss": 3.20114, "eval_ppl": 24.5604}
+    line = "[rank 0] INFO llm_runtime.metrics: " + format_eval_line(record)
+    assert line.endswith("eval: step=40 loss=3.2011 ppl=24.560")
+    got = {d["Name"]: float(m.group(1)) for d in metric_definitions() if (m := re.search(d["Regex"], line))}
+    assert got == {"eval:loss": 3.2011, "eval:ppl": 24.56}
+    assert {name for _, _, _, name, _ in EVAL_FIELDS} == {"eval:loss", "eval:ppl"}
+    assert "ppl=nan" in format_eval_line({**record, "eval_ppl": float("inf")})
+
+
+def test_time_spent_evaluating_is_not_in_the_windows_step_time_or_throughput():
+    window = MetricsWindow(tokens_per_step=100, world_size=1, flops_per_token=1.0, peak=0.0, started=0.0)
+    window.steps, window.compute_s, window.eval_s = 2, 1.0, 8.0
+    import time as clock
+
+    now = clock.perf_counter()
+    record = window.close(step=2, loss=1.0, lr=1.0, grad_norm=0.0, memory=0.0)
+    assert record["step_time_s"] == pytest.approx((now - 8.0) / 2, rel=1e-3)
+    assert window.eval_s == 0.0
 
 
 # Device names as torch.cuda.get_device_name() reports them, and the dense BF16 Tensor Core

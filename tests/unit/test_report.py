@@ -91,3 +91,22 @@ def test_the_report_command_writes_the_image_and_refuses_a_missing_file(tmp_path
     assert (tmp_path / "x.png").exists() and "report: " in capsys.readouterr().out
     assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+EVAL_ORANGE = (255, 127, 14)  # matplotlib's tab:orange
+
+
+def test_eval_rows_draw_the_held_out_loss_in_the_loss_panel_and_leave_the_training_curves_whole(tmp_path):
+    import matplotlib.image
+
+    train = [{"step": s, "loss": 6.0 / s, "tokens_per_s": 1000.0 + s, "checkpoint_blocked_s": 0.5 if s % 10 == 0 else 0.0}
+             for s in range(5, 105, 5)]
+    evals = [{"step": s, "eval_loss": 7.0 / s, "eval_ppl": 1.0} for s in range(10, 105, 10)]  # same steps as train rows
+    image = matplotlib.image.imread(plot(train + evals, tmp_path / "report.png"))
+    frames = _panel_frames(image)
+    assert len(frames) == 3
+    for panel, colour in enumerate((LOSS_BLUE, SPEED_GREEN, STALL_RED)):  # an eval row replaced no training row
+        found = [_pixels_of(image, colour, frame) for frame in frames]
+        assert found[panel] > 100 and sum(found) == found[panel], (colour, found)
+    found = [_pixels_of(image, EVAL_ORANGE, frame) for frame in frames]
+    assert found[0] > 100 and sum(found) == found[0], found
