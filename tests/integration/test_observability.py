@@ -37,7 +37,7 @@ def test_a_jobs_metrics_reach_the_log_the_jsonl_tensorboard_and_the_report_with_
 
     # SageMaker's metric definitions, as the CLI prints them, read every value back from the real log.
     definitions = json.loads(run([str(BIN / "llm-runtime"), "metric-definitions", "--json"], timeout=60).stdout)
-    lines = [line for line in proc.stdout.splitlines() if "metrics:" in line]
+    lines = [line for line in proc.stdout.splitlines() if "metrics: step=" in line]
     assert len(lines) == 3
     for line, record in zip(lines, records):
         for item in definitions:
