@@ -142,8 +142,8 @@ def main() -> None:
     for claim, what, features in (
             ("stragglers_train_steps_per_s_vs_detection_off", "straggler detection (a window every 10 steps)",
              {"watchdog.stragglers": "warn", "watchdog.straggler_every": 10}),
-            ("spike_guard_train_steps_per_s_vs_guard_off", "the bad-batch guard's spike judging (sigma 6, window 100)",
-             {"train.spike_sigma": 6, "train.spike_window": 100})):
+            ("spike_guard_train_steps_per_s_vs_guard_off", "the bad-batch guard's spike judging (sigma 6, window 20: judged from step 21)",
+             {"train.spike_sigma": 6, "train.spike_window": 20})):
         line, more = compare(claim, what, args.repeats, lambda f=features: one_node(args, f), lambda: one_node(args, {}))
         lines.append(line)
         details += more

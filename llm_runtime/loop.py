@@ -42,7 +42,8 @@ class Loop:
         if checkpointer is not None:
             rt.watchdog.beat(0, "checkpoint")
             self.start = checkpointer.restore(self.state, loader)
-        self.window, self.sink = metrics_for_run(rt, model_config)
+        run_store = (checkpointer.store or checkpointer.local) if checkpointer is not None else None
+        self.window, self.sink = metrics_for_run(rt, model_config, run_store)
         self.stragglers = monitor_for_run(rt)
         self.skipped = self._skips()  # once here and after each rollback, not at every step
         self.metrics: dict = {"loss": float("nan"), "tokens_per_s": 0.0, "grad_norm": 0.0}

@@ -185,8 +185,9 @@ class MetricsWindow:
 class MetricsSink:
     """Rank 0's outputs: the log line, the JSON lines file and (optionally) TensorBoard."""
 
-    def __init__(self, jsonl: str, tensorboard_dir: str = ""):
-        self.jsonl = jsonl
+    def __init__(self, jsonl: str, tensorboard_dir: str = "", trackers=()):
+        self.jsonl, self.trackers = jsonl, list(trackers)
+        """trackers.py's MLflow / W&B runs: each record goes to them too, in their own threads."""
         self.writer = None
         if jsonl:
             Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +203,8 @@ class MetricsSink:
     def write(self, record: Mapping[str, float]) -> None:
         log.info("%s", format_line(record))
         self._append(record)
+        for tracker in self.trackers:
+            tracker.log(record)
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -218,6 +221,8 @@ class MetricsSink:
         """An evaluation: its own line, a JSONL row ``{step, eval_loss, eval_ppl}``, TensorBoard ``eval/``."""
         log.info("%s", format_eval_line(record))
         self._append(record)
+        for tracker in self.trackers:
+            tracker.log(record)
         if self.writer is not None:
             for key, field_name, _, _, _ in EVAL_FIELDS:
                 value = record.get(field_name)
@@ -228,10 +233,25 @@ class MetricsSink:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.trackers:
+            artifact = self._report()
+            for tracker in self.trackers:
+                tracker.close(artifact)
+
+    def _report(self) -> str:
+        """The report image beside the JSONL, for the trackers ('' without matplotlib or records)."""
+        from .report import ReportError, load_metrics, plot
+
+        try:
+            return str(plot(load_metrics(self.jsonl), Path(self.jsonl).with_name("report.png"))) if self.jsonl else ""
+        except ReportError as err:
+            log.info("no report image for the trackers: %s", err)
+            return ""
 
 
-def metrics_for_run(rt, model_config) -> tuple[MetricsWindow, MetricsSink | None]:
-    """This run's metrics window (every rank) and sink (rank 0: log line, JSON lines, TensorBoard)."""
+def metrics_for_run(rt, model_config, run_store=None) -> tuple[MetricsWindow, MetricsSink | None]:
+    """This run's metrics window (every rank) and sink (rank 0: log line, JSON lines, TensorBoard,
+    trackers; ``run_store``, the run's checkpoint store, keeps a tracker's run id for a resume)."""
     import torch
 
     config, train = rt.config, rt.config.train
@@ -244,4 +264,7 @@ def metrics_for_run(rt, model_config) -> tuple[MetricsWindow, MetricsSink | None
     tensorboard = rt.paths.tensorboard_dir if config.metrics.tensorboard else ""
     if not window.peak:
         log.info("MFU: the peak FLOP/s of %s is unknown (set metrics.peak_tflops); mfu is logged as nan", device_name)
-    return window, MetricsSink(rt.paths.metrics_jsonl, tensorboard)
+    from .config import to_dict
+    from .trackers import trackers_for_run
+
+    return window, MetricsSink(rt.paths.metrics_jsonl, tensorboard, trackers_for_run(config, to_dict(config), run_store))

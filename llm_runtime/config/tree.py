@@ -263,6 +263,9 @@ class MetricsConfig:
     """The device's peak TFLOP/s for MFU; 0 = from the table of known accelerators (metrics.py)."""
     flops_per_token: Annotated[float, ge(0)] = 0.0
     """Training FLOPs per token for MFU; 0 = the bundled model's approximation (6N + 12 x layers x dim x seq_len)."""
+    mlflow: bool = False
+    """Also log to MLflow (``MLFLOW_TRACKING_URI``; the ``mlflow`` extra): params = the resolved config,
+    metrics = the metrics line and the evaluations, artefact = the report image (trackers.py)."""
 
 
 @dataclass
