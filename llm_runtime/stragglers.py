@@ -137,6 +137,7 @@ class StragglerMonitor:
         self.cuda = getattr(device, "type", "cpu") == "cuda"
         self.device = device
         self._windows = 0  # windows handed off: the same count on every rank (all ranks roll back alike)
+        self._warmed = False
         self.latest: Straggler | None = None
         """Rank 0: the slowest rank named in the last judged window (None: none)."""
         self._compute: list = []
@@ -178,6 +179,10 @@ class StragglerMonitor:
         self._data.append(data_wait_s)
         self._started = None
         if step % self.every == 0:
+            if not self._warmed:  # the first window after start is warm-up (allocator, lazy init, first
+                self._warmed = True  # collectives), and it differs between ranks: every rank drops it alike
+                self._compute, self._data = [], []
+                return
             self._windows += 1  # not step // every: a rollback replays steps, and their keys must not repeat
             window = (self._windows, step, self._compute, self._data)
             self._compute, self._data = [], []

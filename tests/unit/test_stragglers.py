@@ -50,9 +50,9 @@ def config(**overrides):
     return SimpleNamespace(**{**values, **overrides})
 
 
-def run_window(monitors, busy, steps=3):
+def run_window(monitors, busy, steps=3, first=1):
     """``steps`` steps on every monitor in turn; rank r is busy ``busy[r]`` CPU seconds per step."""
-    for step in range(1, steps + 1):
+    for step in range(first, first + steps):
         for monitor in monitors:
             monitor.start()
             spin(busy[monitor.rank], cpu=True)
@@ -72,14 +72,16 @@ def test_rank_0_names_the_busy_rank_from_times_posted_to_the_store(tmp_path):
     monitors = [StragglerMonitor(config(), rank=r, world_size=3, host=f"algo-{r + 1}", store=store, device="cpu",
                                  record_file=str(record)) for r in range(3)]
     try:
-        run_window(monitors, {0: 0.005, 1: 0.04, 2: 0.005})
+        run_window(monitors, {0: 0.005, 1: 0.04, 2: 0.005})  # the warm-up window: dropped, never judged
+        assert not wait_for(lambda: monitors[0].latest is not None, timeout=1.0)
+        run_window(monitors, {0: 0.005, 1: 0.04, 2: 0.005}, first=4)
         assert wait_for(lambda: monitors[0].latest is not None)
         named = monitors[0].latest
         assert (named.name, named.rank) == ("algo-2:rank1", 1)
         assert named.slow_s >= 0.03
         assert monitors[1].latest is None and monitors[2].latest is None  # only rank 0 judges
         (row,) = [json.loads(line) for line in record.read_text().splitlines()]
-        assert (row["straggler"], row["steps"]) == ("algo-2:rank1", [1, 3])
+        assert (row["straggler"], row["steps"]) == ("algo-2:rank1", [4, 6])
         assert wait_for(lambda: not store.check([f"llm_runtime/straggler/0/1/{r}" for r in range(3)]))
     finally:
         for monitor in monitors:
@@ -91,9 +93,10 @@ def test_a_clean_window_names_nobody_and_clears_an_earlier_name(tmp_path):
     monitors = [StragglerMonitor(config(), rank=r, world_size=2, host="algo-1", store=store, device="cpu")
                 for r in range(2)]
     try:
-        run_window(monitors, {0: 0.005, 1: 0.04})
+        run_window(monitors, {0: 0.005, 1: 0.005})  # warm-up
+        run_window(monitors, {0: 0.005, 1: 0.04}, first=4)
         assert wait_for(lambda: monitors[0].latest is not None)
-        run_window(monitors, {0: 0.005, 1: 0.005})
+        run_window(monitors, {0: 0.005, 1: 0.005}, first=7)
         assert wait_for(lambda: monitors[0].latest is None)
     finally:
         for monitor in monitors:
