@@ -226,8 +226,8 @@ class StragglerMonitor:
         if times is None:
             return
         found = find_stragglers(times, self.cfg.straggler_factor, self.cfg.straggler_min_s)
-        self.latest = found[0] if found else None
         self._report(found, step)
+        self.latest = found[0] if found else None  # published after the record: a reader of latest sees it
 
     def _gather(self, window: int) -> list[RankTimes] | None:
         keys = [f"{self._prefix}{window}/{rank}" for rank in range(self.world_size)]
