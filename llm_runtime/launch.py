@@ -22,8 +22,9 @@ __all__ = ["TORCH_FLOOR", "LaunchError", "LaunchPlan", "Target", "mpi_export_nam
 log = logging.getLogger(__name__)
 
 #: Variables every MPI rank needs besides the network plan (names only: values never hit argv).
-_MPI_PASS_PREFIXES = ("SM_", "SAGEMAKER_", "AWS_", "LLM_RUNTIME_", "NCCL_", "FI_", "TORCH_", "OMP_")
-_MPI_PASS_NAMES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "MASTER_PORT")
+_MPI_PASS_PREFIXES = ("SM_", "SAGEMAKER_", "AWS_", "LLM_RUNTIME_", "NCCL_", "FI_", "TORCH_", "OMP_",
+                      "MLFLOW_", "WANDB_")  # the trackers' own variables (metrics.mlflow, metrics.wandb)
+_MPI_PASS_NAMES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "MASTER_PORT", "TRAINING_JOB_NAME")
 
 
 class LaunchError(ValueError):

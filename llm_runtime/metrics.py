@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import time
 from collections.abc import Mapping
@@ -267,4 +268,6 @@ def metrics_for_run(rt, model_config, run_store=None) -> tuple[MetricsWindow, Me
     from .config import to_dict
     from .trackers import trackers_for_run
 
-    return window, MetricsSink(rt.paths.metrics_jsonl, tensorboard, trackers_for_run(config, to_dict(config), run_store))
+    output = os.path.dirname(rt.paths.metrics_jsonl) if rt.paths.metrics_jsonl else rt.paths.output_dir
+    trackers = trackers_for_run(config, to_dict(config), run_store, output_dir=output)
+    return window, MetricsSink(rt.paths.metrics_jsonl, tensorboard, trackers)

@@ -15,13 +15,15 @@ import logging
 import math
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
 
 from .secrets import redact
 
-__all__ = ["Background", "MlflowTracker", "RUN_RECORD", "flat_params", "numeric", "trackers_for_run"]
+__all__ = ["Background", "MlflowTracker", "RUN_RECORD", "WANDB_MODES", "WandbTracker", "flat_params", "numeric",
+           "tracker_problems", "trackers_for_run"]
 
 log = logging.getLogger(__name__)
 RUN_RECORD = "trackers.json"
@@ -29,6 +31,8 @@ RUN_RECORD = "trackers.json"
 QUEUE_SIZE = 10_000
 ATTEMPTS = 3
 CLOSE_TIMEOUT_S = 30.0
+WANDB_MODES = ("online", "offline", "disabled", "shared")
+"""The W&B modes a job may name in ``WANDB_MODE``; the runtime never picks one itself."""
 
 
 def flat_params(config_dict: Mapping[str, Mapping]) -> dict[str, str]:
@@ -144,6 +148,65 @@ class MlflowTracker:
         self.background.close()
 
 
+class WandbTracker:
+    """A W&B run (the ``WANDB_*`` variables; ``WANDB_MODE`` named by the job). Every metric is
+    plotted against the training step (``step``), so a replayed step is logged again rather than
+    refused by W&B's own monotone step counter."""
+
+    name = "wandb"
+
+    def __init__(self, params: dict[str, str], run_store, job_name: str, directory: str):
+        import wandb  # an ImportError here is trackers_for_run's warning
+
+        self.wandb, self.run_store, self.run = wandb, run_store, None
+        self.background = Background(self.name)
+        self.background.submit(self._start, params, job_name or "llm-runtime", directory)
+
+    def _start(self, params: dict[str, str], job_name: str, directory: str) -> None:
+        wandb = self.wandb
+        run_id = _read_record(self.run_store).get("wandb_run_id", "")
+        resumed = bool(run_id)
+        if not run_id:
+            run_id = secrets.token_hex(6)  # W&B's own id alphabet: lower-case letters and digits
+            _write_record(self.run_store, wandb_run_id=run_id)
+        os.makedirs(directory, exist_ok=True)
+        self.run = wandb.init(id=run_id, resume="allow", dir=directory, config=params,
+                              project=os.environ.get("WANDB_PROJECT") or job_name,
+                              name=os.environ.get("WANDB_NAME") or job_name,
+                              settings=wandb.Settings(console="off", save_code=False, disable_git=True,
+                                                      init_timeout=30.0))
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+        log.info("metrics.wandb: %s run %s (%s mode) in %s", "continuing" if resumed else "started", run_id,
+                 os.environ.get("WANDB_MODE"), self.run.dir)
+
+    def log(self, record: Mapping) -> None:
+        self.background.submit(self._log, {**numeric(record), "step": int(record["step"])})
+
+    def _log(self, values: dict[str, float]) -> None:
+        self.run.log(values)
+
+    def close(self, artifact: str = "") -> None:
+        if artifact:
+            self.background.submit(lambda: self.run.save(artifact, base_path=os.path.dirname(artifact), policy="now"))
+        self.background.submit(lambda: self.run.finish())
+        self.background.close()
+
+
+def tracker_problems(metrics, env: Mapping[str, str]) -> list[str]:
+    """What stops the ``[metrics]`` trackers from starting as configured (pure): W&B's mode must be
+    named, since guessing online or offline from the network would send or hide a job's metrics."""
+    problems = []
+    if metrics.wandb:
+        mode = env.get("WANDB_MODE", "")
+        if not mode:
+            problems.append(f"metrics.wandb=true needs WANDB_MODE set explicitly to one of {', '.join(WANDB_MODES)}: "
+                            "the runtime does not guess it from the network")
+        elif mode not in WANDB_MODES:
+            problems.append(f"WANDB_MODE={mode!r} (for metrics.wandb=true) is not one of {', '.join(WANDB_MODES)}")
+    return problems
+
+
 def _read_record(store) -> dict:
     if store is None:
         return {}
@@ -158,8 +221,10 @@ def _write_record(store, **ids: str) -> None:
         store.write_text(RUN_RECORD, json.dumps({**_read_record(store), **ids}))
 
 
-def trackers_for_run(config, config_dict: Mapping, run_store, env: Mapping[str, str] | None = None) -> list:
-    """Rank 0's trackers, as ``[metrics]`` asks; one that cannot start is a warning, not a failure."""
+def trackers_for_run(config, config_dict: Mapping, run_store, output_dir: str = "",
+                     env: Mapping[str, str] | None = None) -> list:
+    """Rank 0's trackers, as ``[metrics]`` asks; one that cannot start is a warning, not a failure.
+    W&B writes its run under ``WANDB_DIR``, else ``output_dir`` (beside the metrics JSONL)."""
     env = os.environ if env is None else env
     job_name = env.get("TRAINING_JOB_NAME", "")
     made = []
@@ -168,4 +233,10 @@ def trackers_for_run(config, config_dict: Mapping, run_store, env: Mapping[str, 
             made.append(MlflowTracker(flat_params(config_dict), run_store, job_name))
         except ImportError as err:
             log.warning("metrics.mlflow needs MLflow (pip install 'llm-runtime[mlflow]'): %s", err)
+    if config.metrics.wandb:
+        try:
+            made.append(WandbTracker(flat_params(config_dict), run_store, job_name,
+                                     env.get("WANDB_DIR") or output_dir or "."))
+        except ImportError as err:
+            log.warning("metrics.wandb needs wandb (pip install 'llm-runtime[wandb]'): %s", err)
     return made

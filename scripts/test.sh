@@ -26,7 +26,7 @@ install_package "[test]"
 python -c "
 import importlib.util, sys
 missing = [m for m in ('pytest', 'deepspeed', 'webdataset', 'boto3', 'moto', 'sagemaker_training', 'tokenizers',
-                          'matplotlib', 'tensorboard', 'tqdm', 'transformers', 'mlflow')
+                          'matplotlib', 'tensorboard', 'tqdm', 'transformers', 'mlflow', 'wandb')
            if importlib.util.find_spec(m) is None]
 sys.exit(f'missing: {missing}' if missing else 0)" || {
   echo "scripts/test.sh: a test dependency failed to install (pip install -e '.[test]')" >&2; exit 1; }

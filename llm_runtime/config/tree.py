@@ -266,6 +266,9 @@ class MetricsConfig:
     mlflow: bool = False
     """Also log to MLflow (``MLFLOW_TRACKING_URI``; the ``mlflow`` extra): params = the resolved config,
     metrics = the metrics line and the evaluations, artefact = the report image (trackers.py)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (the ``WANDB_*`` variables; ``WANDB_MODE`` must be set: online,
+    offline, disabled or shared; the ``wandb`` extra). The run lives in ``WANDB_DIR``, else beside the JSONL."""
 
 
 @dataclass

@@ -160,6 +160,8 @@ SECRET_ENV = {
     "PATH": "/usr/bin", "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzSECRET",
     "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEBkaDTOKENVALUE", "AWS_REGION": "us-west-2",
     "NCCL_DEBUG": "INFO", "HOME": "/root", "SM_CURRENT_HOST": "algo-1", "MASTER_ADDR": "10.0.0.9",
+    "WANDB_MODE": "offline", "WANDB_API_KEY": "wandbkeyVALUE0123456789", "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+    "TRAINING_JOB_NAME": "job-1",
 }
 
 
@@ -182,7 +184,7 @@ def test_mpirun_argv_never_carries_a_secret_value():
     exports = mpi_export_names(SECRET_ENV, [])
     argv = mpirun_argv(SM_NODE0, TARGET, nproc=8, export=exports, python=PY)
     joined = " ".join(argv)
-    for secret in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+    for secret in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY"):
         assert SECRET_ENV[secret] not in joined
         assert secret in exported_names(argv)  # forwarded by name: mpirun reads the value itself
     assert all("=" not in name for name in exported_names(argv) if not name.startswith("MASTER_ADDR="))
@@ -193,6 +195,8 @@ def test_mpi_export_names_are_names_only_and_skip_unrelated_variables():
     assert names == sorted(names)
     assert {"PATH", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "NCCL_DEBUG",
             "SM_CURRENT_HOST", "FI_PROVIDER"} <= set(names)
+    # the trackers' variables reach rank 0 wherever mpirun places it
+    assert {"WANDB_MODE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI", "TRAINING_JOB_NAME"} <= set(names)
     assert "HOME" not in names
     assert "MASTER_ADDR" not in names  # mpirun sets it to the first host explicitly
     assert not set(SECRET_ENV.values()) & set(names)

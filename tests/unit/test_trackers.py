@@ -2,7 +2,10 @@
 import logging
 import threading
 
-from llm_runtime.trackers import Background, flat_params, numeric
+import pytest
+
+from llm_runtime.config import MetricsConfig
+from llm_runtime.trackers import Background, flat_params, numeric, tracker_problems
 
 
 def test_params_are_the_flat_resolved_config_as_strings_with_secrets_masked():
@@ -56,3 +59,17 @@ def test_a_full_queue_drops_records_with_one_warning_and_never_blocks(caplog):
     assert [r.getMessage() for r in caplog.records].count(
         "metrics.test: the tracker failed (its queue is full: it is slower than training); its records are dropped "
         "from now on and training goes on") == 1
+
+
+@pytest.mark.parametrize("wandb, env, problem", [
+    (False, {}, ""),
+    (True, {"WANDB_MODE": "offline"}, ""),
+    (True, {"WANDB_MODE": "online"}, ""),
+    (True, {"WANDB_MODE": "disabled"}, ""),
+    (True, {}, "metrics.wandb=true needs WANDB_MODE set explicitly"),
+    (True, {"WANDB_MODE": ""}, "metrics.wandb=true needs WANDB_MODE set explicitly"),
+    (True, {"WANDB_MODE": "offlin"}, "WANDB_MODE='offlin' (for metrics.wandb=true) is not one of"),
+])
+def test_wandb_refuses_to_start_unless_the_job_names_its_mode(wandb, env, problem):
+    problems = tracker_problems(MetricsConfig(wandb=wandb), env)
+    assert (problems[0] if problems else "").startswith(problem) and len(problems) == (1 if problem else 0)
