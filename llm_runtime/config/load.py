@@ -24,6 +24,9 @@ ENV_PREFIX = "LLM_RUNTIME_"
 #: Keys that were renamed, with their new names (a clear error instead of "unknown key").
 MOVED = {"dist.init_timeout_s": "comm.init_timeout_s", "dist.train_timeout_s": "comm.train_timeout_s",
          "train.metrics_path": "metrics.jsonl"}
+#: Other spellings of a key, accepted as it (``[eval.data] uri`` in TOML is ``eval.data.uri``).
+ALIASES = {"eval.data.uri": "eval.data_uri"}
+_NESTED = {alias.rsplit(".", 1)[0] for alias in ALIASES}  # the TOML tables an alias implies
 
 
 class ConfigError(ValueError):
@@ -89,6 +92,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 
 
 def _set(config: Config, dotted: str, value: Any, source: str) -> None:
+    dotted = ALIASES.get(dotted, dotted)
     by_name = sections(config)
     section_name, _, key = dotted.partition(".")
     if section_name not in by_name or not key:
@@ -138,7 +142,11 @@ def _walk_toml(data: Mapping[str, Any], path: Path) -> list[tuple[str, Any]]:
     for section, body in data.items():
         if not isinstance(body, Mapping):
             raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table")
-        pairs.extend((f"{section}.{key}", value) for key, value in body.items())
+        for key, value in body.items():
+            if isinstance(value, Mapping) and f"{section}.{key}" in _NESTED:  # [eval.data]
+                pairs.extend((f"{section}.{key}.{sub}", inner) for sub, inner in value.items())
+            else:
+                pairs.append((f"{section}.{key}", value))
     return pairs
 
 

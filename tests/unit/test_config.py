@@ -267,6 +267,17 @@ def test_a_renamed_key_says_what_it_is_called_now():
     assert load_config(cli=[("comm.train_timeout_s", "5")]).comm.train_timeout_s == 5.0
 
 
+def test_the_eval_data_can_be_spelled_eval_data_uri_in_every_source(tmp_path):
+    toml = tmp_path / "job.toml"
+    toml.write_text('[eval]\nevery_steps = 5\n[eval.data]\nuri = "channel:validation"\n')
+    assert load_config(toml_path=toml).eval.data_uri == "channel:validation"
+    assert load_config(cli=parse_cli_overrides(["--eval.data.uri=/data/val"])).eval.data_uri == "/data/val"
+    assert load_config(hyperparameters={"eval.data.uri": "s3://b/val"}).eval.data_uri == "s3://b/val"
+    toml.write_text('[train.data]\nuri = "x"\n')  # only the known spellings nest
+    with pytest.raises(ConfigError, match="train.data"):
+        load_config(toml_path=toml)
+
+
 # ------------------------------------------------------------------ one check for every key
 
 RANGE_CASES = [
