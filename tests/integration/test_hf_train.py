@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,6 +57,19 @@ def train(tmp_path, name, *args, nproc=2, steps=2, timeout=240, check=True, **en
     return proc
 
 
+def heldout_loss(model_dir, shards) -> float:
+    """transformers' own next-token loss of the model (in fp32) over every sample of ``shards``."""
+    from llm_runtime.data.shards import INDEX_NAME, read_index, read_shard
+
+    index = read_index((shards / INDEX_NAME).read_text(), str(shards))
+    rows = torch.tensor(np.stack([row for shard in index.shards for row in read_shard(shards / shard.name)])
+                        .astype(np.int64))
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=rows[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1)).item()
+
+
 def prepared_with_tokenizer(tmp_path):
     """Shards of the bundled text tokenized by a small BPE tokenizer.json (its vocab under 300)."""
     from tests.datasets import write_bpe_tokenizer
@@ -78,6 +92,11 @@ def test_an_hf_directory_trained_at_lr_0_exports_exactly_its_weights_in_their_dt
                                                                                      nproc, source):
     src = hf_dir(tmp_path / "src", family, vocab=300 if source == "dir+tokenizer" else 260, fp32_norms=source == "dir")
     args = [f"--model.hf_path={src}"]
+    if source == "dir":  # held-out byte shards: the eval of an HF model, checked against transformers' own loss
+        from tests.datasets import write_dataset
+
+        write_dataset(tmp_path / "heldout", [13, 11], seq_len=32)
+        args += [f"--eval.data_uri={tmp_path / 'heldout'}", "--eval.at_start=true"]
     if source == "dir+tokenizer":
         tokenizer, shards = prepared_with_tokenizer(tmp_path)
         shutil.copy(tokenizer, src / "tokenizer.json")
@@ -114,6 +133,11 @@ def test_an_hf_directory_trained_at_lr_0_exports_exactly_its_weights_in_their_dt
     if source == "s3":
         staged = list((tmp_path / "opt-ml" / "llm-runtime" / "hf-model").iterdir())
         assert len(staged) == 1 and (staged[0] / "config.json").is_file()
+    if source == "dir":
+        evals = {r["step"]: r["eval_loss"] for r in metrics(tmp_path / "roundtrip.jsonl") if "eval_loss" in r}
+        assert sorted(evals) == [0, 2], log[-3000:]
+        assert math.isclose(evals[0], heldout_loss(src, tmp_path / "heldout"), rel_tol=1e-5), evals
+        assert math.isclose(evals[2], evals[0], rel_tol=1e-6)  # lr 0: the weights did not move
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
