@@ -54,6 +54,7 @@ def test_an_offline_wandb_run_holds_the_config_and_its_summary_is_the_last_metri
     assert {"loss", "tokens_per_s", "grad_norm", "lr"} <= set(numbers)
     for key, value in numbers.items():
         assert math.isclose(first["summary"][key], value, rel_tol=1e-6, abs_tol=1e-12), key
+    assert (first_dir / "files" / "report.png").is_file()  # the report image is saved with the run
     shown = json.dumps(first) + proc.stdout + proc.stderr
     assert SECRET not in shown and SECRET not in (first_dir / "run-{}.wandb".format(first["run_id"])).read_text(
         errors="replace")
