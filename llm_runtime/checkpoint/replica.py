@@ -27,7 +27,6 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import threading
 import time
 import urllib.error

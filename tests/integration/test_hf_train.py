@@ -230,6 +230,6 @@ def test_an_s3_model_is_staged_once_with_s5cmd_and_a_same_size_reupload_is_fetch
     s3.client.delete_object(Bucket=s3.bucket, Key="models/tiny/notes.txt")
     caplog.clear()
     stage(uri, target, timeout_s=120)
-    assert f"(1 file(s)" in caplog.text and f"{len(names) - 2} kept" in caplog.text
+    assert "(1 file(s)" in caplog.text and f"{len(names) - 2} kept" in caplog.text
     assert (target / shard.name).read_bytes() == bytes(changed)
     assert not (target / "notes.txt").exists()

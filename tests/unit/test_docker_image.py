@@ -4,9 +4,6 @@ network policy and no keys; tini runs the launcher; torch is the suite's. The CP
 built and run by tests/container."""
 import json
 import re
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest

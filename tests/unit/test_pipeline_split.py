@@ -312,7 +312,7 @@ def test_runnable_pipeline_settings_pass_check(overrides, world):
     ({"parallel.microbatches": 1}, "fewer than the 2 pipeline stages"),
 ])
 def test_pipeline_settings_the_schedule_cannot_run_are_refused_before_launch(overrides, needle):
-    from llm_runtime.config import ConfigError, load_config, validate
+    from llm_runtime.config import ConfigError, load_config
 
     cli = [("parallel.pp", "2"), ("model.layers", "4"), ("train.batch_size", "8")]
     cli += [(key, str(value)) for key, value in overrides.items()]
