@@ -159,7 +159,7 @@ def main() -> None:
                       flush=True)
             results["ours, launched"] = run_launched(work, env, ns)
             print("ours, launched", results["ours, launched"], flush=True)
-            local = work / "dcp_s5cmd" / "dcp_s5cmd" / "step-1"
+            local = work / "dcp_s5cmd" / "restore-dcp_s5cmd"  # the last save, as its last restore fetched it
             raw_s = raw_s5cmd(local, endpoint) if local.exists() else float("nan")
             raw_bytes = sum(p.stat().st_size for p in local.glob("*")) if local.exists() else 0
             node_mb = max(1, round(results.get("ours", {}).get("bytes", 40 << 20) / 2 ** 20))
