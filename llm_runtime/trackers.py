@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from .secrets import redact
 
 __all__ = ["Background", "MlflowTracker", "RUN_RECORD", "WANDB_MODES", "WandbTracker", "flat_params", "numeric",
-           "tracker_problems", "trackers_for_run"]
+           "tracker_problem", "trackers_for_run"]
 
 log = logging.getLogger(__name__)
 RUN_RECORD = "trackers.json"
@@ -164,20 +164,19 @@ class WandbTracker:
 
     def _start(self, params: dict[str, str], job_name: str, directory: str) -> None:
         wandb = self.wandb
-        run_id = _read_record(self.run_store).get("wandb_run_id", "")
-        resumed = bool(run_id)
-        if not run_id:
-            run_id = secrets.token_hex(6)  # W&B's own id alphabet: lower-case letters and digits
-            _write_record(self.run_store, wandb_run_id=run_id)
+        known = _read_record(self.run_store).get("wandb_run_id", "")
+        run_id = known or secrets.token_hex(6)  # W&B's own id alphabet: lower-case letters and digits
         os.makedirs(directory, exist_ok=True)
         self.run = wandb.init(id=run_id, resume="allow", dir=directory, config=params,
                               project=os.environ.get("WANDB_PROJECT") or job_name,
                               name=os.environ.get("WANDB_NAME") or job_name,
                               settings=wandb.Settings(console="off", save_code=False, disable_git=True,
                                                       init_timeout=30.0))
+        if not known:  # recorded once the run exists: a failed init leaves no id behind
+            _write_record(self.run_store, wandb_run_id=run_id)
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
-        log.info("metrics.wandb: %s run %s (%s mode) in %s", "continuing" if resumed else "started", run_id,
+        log.info("metrics.wandb: %s run %s (%s mode) in %s", "continuing" if known else "started", run_id,
                  os.environ.get("WANDB_MODE"), self.run.dir)
 
     def log(self, record: Mapping) -> None:
@@ -193,18 +192,16 @@ class WandbTracker:
         self.background.close()
 
 
-def tracker_problems(metrics, env: Mapping[str, str]) -> list[str]:
-    """What stops the ``[metrics]`` trackers from starting as configured (pure): W&B's mode must be
-    named, since guessing online or offline from the network would send or hide a job's metrics."""
-    problems = []
-    if metrics.wandb:
-        mode = env.get("WANDB_MODE", "")
-        if not mode:
-            problems.append(f"metrics.wandb=true needs WANDB_MODE set explicitly to one of {', '.join(WANDB_MODES)}: "
-                            "the runtime does not guess it from the network")
-        elif mode not in WANDB_MODES:
-            problems.append(f"WANDB_MODE={mode!r} (for metrics.wandb=true) is not one of {', '.join(WANDB_MODES)}")
-    return problems
+def tracker_problem(metrics, env: Mapping[str, str]) -> str:
+    """What stops the ``[metrics]`` trackers from starting as configured, or "" (pure): W&B's mode
+    must be named, since guessing online or offline from the network would send or hide a job's metrics."""
+    mode = env.get("WANDB_MODE", "")
+    if not metrics.wandb or mode in WANDB_MODES:
+        return ""
+    if not mode:
+        return (f"metrics.wandb=true needs WANDB_MODE set explicitly to one of {', '.join(WANDB_MODES)}: "
+                "the runtime does not guess it from the network")
+    return f"WANDB_MODE={mode!r} (for metrics.wandb=true) is not one of {', '.join(WANDB_MODES)}"
 
 
 def _read_record(store) -> dict:

@@ -26,7 +26,7 @@ from .paths import JobPaths
 from .runtime import Runtime, run_worker
 from .loop import Loop
 from .evaluation import Evaluator, plan_eval
-from .trackers import tracker_problems
+from .trackers import tracker_problem
 from .trainers import TorchTrainer, deepspeed_batching, deepspeed_trainer, lr_factor
 
 __all__ = ["batch_layout", "check_job", "deepspeed_batching", "global_batch_starts", "lr_factor", "main", "run"]
@@ -50,9 +50,9 @@ def check_job(config: Config, world_size: int, *, nproc_per_node: int | None = N
     ``stage_model`` (each node's launcher) copies an s3:// model.hf_path to node-local disk.
     The model's vocabulary follows the data's tokenizer."""
     validate(config)
-    problems = tracker_problems(config.metrics, os.environ)
-    if problems:
-        raise ConfigError(problems[0])
+    problem = tracker_problem(config.metrics, os.environ)
+    if problem:
+        raise ConfigError(problem)
     try:
         parse_steps(config.data.skip_steps)
     except ValueError as err:

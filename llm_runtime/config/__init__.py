@@ -10,6 +10,6 @@ from .tree import (CheckpointConfig, CommConfig, Config, DataConfig, DeepSpeedCo
                    WatchdogConfig)
 
 __all__ = ["CheckpointConfig", "CommConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "DistConfig",
-           "ENV_PREFIX", "EvalConfig", "LAYOUT_KEYS", "HealthConfig", "LaunchConfig", "MetricsConfig", "ModelConfig", "NetenvConfig",
-           "ParallelConfig", "TrainConfig", "WatchdogConfig", "load_config", "parse_cli_overrides", "set_by",
-           "source_of", "to_dict", "validate"]
+           "ENV_PREFIX", "EvalConfig", "HealthConfig", "LAYOUT_KEYS", "LaunchConfig", "MetricsConfig", "ModelConfig",
+           "NetenvConfig", "ParallelConfig", "TrainConfig", "WatchdogConfig", "load_config", "parse_cli_overrides",
+           "set_by", "source_of", "to_dict", "validate"]

@@ -21,7 +21,7 @@ def train(tmp_path, name, nproc, *args):
     return {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}, proc
 
 
-def test_the_eval_loss_is_the_same_on_one_rank_fsdp_tp_pp_and_deepspeed_zero3_and_pipeline_before_and_after_training(tmp_path):
+def test_eval_loss_before_and_after_training_is_the_same_on_one_rank_fsdp_tp_pp_and_both_deepspeed_engines(tmp_path):
     write_dataset(tmp_path / "heldout", [13, 11], seq_len=32)  # 24 samples: 3 eval batches of 8
     layouts = {"one rank": (1, ()), "fsdp x2": (2, ()), "fsdp x2 tp x2": (4, ("--parallel.tp=2",)),
                "pp x2": (2, ("--parallel.pp=2",))}

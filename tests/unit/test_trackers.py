@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from llm_runtime.config import MetricsConfig
-from llm_runtime.trackers import Background, flat_params, numeric, tracker_problems
+from llm_runtime.trackers import Background, flat_params, numeric, tracker_problem
 
 
 def test_params_are_the_flat_resolved_config_as_strings_with_secrets_masked():
@@ -71,5 +71,5 @@ def test_a_full_queue_drops_records_with_one_warning_and_never_blocks(caplog):
     (True, {"WANDB_MODE": "offlin"}, "WANDB_MODE='offlin' (for metrics.wandb=true) is not one of"),
 ])
 def test_wandb_refuses_to_start_unless_the_job_names_its_mode(wandb, env, problem):
-    problems = tracker_problems(MetricsConfig(wandb=wandb), env)
-    assert (problems[0] if problems else "").startswith(problem) and len(problems) == (1 if problem else 0)
+    found = tracker_problem(MetricsConfig(wandb=wandb), env)
+    assert found.startswith(problem) and bool(found) == bool(problem)
